@@ -1,0 +1,456 @@
+"""The HTTP API (contract §4) on Litestar: thin handlers over the engine.
+
+Writes need the admin token, reads the read or admin token. Every error is
+``{"error": code, "detail": text}`` with the status the contract names; malformed input is a
+400, never a 500.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import msgspec
+from litestar import Litestar, Request, Response, get, post
+from litestar.connection import ASGIConnection
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
+from litestar.types import ASGIApp, Receive, Scope, Send
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from engine import limits, metrics
+from engine.batcher import Overloaded, TransferResult, Unavailable
+from engine.service import Engine
+from engine.store import TransferRecord
+from ledger.account import Account
+from ledger.status import AccountStatus
+from ledger.transfer import Transfer, user_data_fits
+from ledger.types import INT64_MAX, TransferState, transfer_flag_names
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+log = logging.getLogger(__name__)
+
+
+class ErrorCode(enum.StrEnum):
+    """The ``error`` field of an error response."""
+
+    INVALID_BODY = "invalid_body"
+    INVALID_PARAMETER = "invalid_parameter"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    TOO_LARGE = "too_large"
+    OVERLOADED = "overloaded"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+class Error(msgspec.Struct, frozen=True):
+    """An error answer."""
+
+    error: ErrorCode
+    detail: str
+
+
+class ApiError(Exception):
+    """Raised by handlers to answer an error."""
+
+    def __init__(self, status: int, code: ErrorCode, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+class AccountResult(msgspec.Struct, frozen=True):
+    """The answer for one account."""
+
+    id: int
+    status: AccountStatus
+
+
+class TransferView(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A stored transfer as shown by the API."""
+
+    id: UUID
+    ledger: int
+    debit_account_id: int
+    credit_account_id: int
+    amount: int
+    code: int
+    flags: list[str]
+    timestamp: int
+    state: TransferState
+    pending_id: UUID | None = None
+    timeout_s: int | None = None
+    user_data: str | None = None
+
+
+class Balance(msgspec.Struct, frozen=True):
+    """An account's balance, live or as of an instant."""
+
+    account_id: int
+    ledger: int
+    balance: int
+    available: int
+    debits_posted: int
+    credits_posted: int
+    debits_pending: int
+    credits_pending: int
+    as_of: str
+
+
+class Statement(msgspec.Struct, frozen=True):
+    """A page of an account's transfers, newest first."""
+
+    transfers: list[TransferView]
+    next_before: int | None
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def rfc3339(ns: int) -> str:
+    """Engine nanoseconds as RFC 3339 UTC with microseconds."""
+    dt = EPOCH + timedelta(microseconds=ns // 1000)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_rfc3339(value: str) -> int:
+    """RFC 3339 (with offset) to engine nanoseconds; raises ApiError(400) otherwise."""
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00").replace(" ", "+"))
+    except ValueError:
+        dt = None
+    if dt is None or dt.tzinfo is None:
+        raise ApiError(400, ErrorCode.INVALID_PARAMETER, f"not an RFC 3339 time: {value!r}")
+    return ((dt - EPOCH) // timedelta(microseconds=1)) * 1000 + 999  # through that microsecond
+
+
+def view(rec: TransferRecord) -> TransferView:
+    """API view of a stored transfer."""
+    t = rec.transfer
+    return TransferView(
+        id=t.id,
+        ledger=t.ledger,
+        debit_account_id=t.debit_account_id,
+        credit_account_id=t.credit_account_id,
+        amount=t.amount,
+        code=t.code,
+        flags=[str(f) for f in transfer_flag_names(t.flags)],
+        timestamp=t.timestamp,
+        state=rec.state,
+        pending_id=t.pending_id,
+        timeout_s=t.timeout_s or None,
+        user_data=t.user_data,
+    )
+
+
+def _account_id(raw: str) -> int:
+    if not raw.isdigit() or not 0 < int(raw) <= INT64_MAX:
+        raise ApiError(400, ErrorCode.INVALID_PARAMETER, f"not an account id: {raw!r}")
+    return int(raw)
+
+
+def _int_param(request: Request[Any, Any, Any], name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = lo - 1
+    if not lo <= value <= hi:
+        raise ApiError(400, ErrorCode.INVALID_PARAMETER, f"{name} must be in {lo}..{hi}")
+    return value
+
+
+def _engine(request: Request[Any, Any, Any]) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+async def _submit(engine: Engine, transfers: list[Transfer]) -> list[TransferResult]:
+    try:
+        return await engine.batcher.submit(transfers)
+    except Overloaded as e:
+        raise ApiError(503, ErrorCode.OVERLOADED, str(e)) from e
+    except Unavailable as e:
+        raise ApiError(503, ErrorCode.UNAVAILABLE, str(e)) from e
+
+
+# -- auth ----------------------------------------------------------------------------------------
+
+
+def _token(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    auth = connection.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise ApiError(401, ErrorCode.UNAUTHORIZED, "missing bearer token")
+    return token.strip()
+
+
+def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: the admin token (a valid read token gets 403)."""
+    token = _token(connection).encode()
+    state = connection.app.state
+    if hmac.compare_digest(token, state.admin_token):
+        return
+    if hmac.compare_digest(token, state.read_token):
+        raise ApiError(403, ErrorCode.FORBIDDEN, "the read token cannot write")
+    raise ApiError(401, ErrorCode.UNAUTHORIZED, "bad token")
+
+
+def require_read(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: the read or the admin token."""
+    token = _token(connection).encode()
+    state = connection.app.state
+    # evaluate both comparisons: no timing hint about which token matched
+    ok_admin = hmac.compare_digest(token, state.admin_token)
+    ok_read = hmac.compare_digest(token, state.read_token)
+    if not (ok_admin or ok_read):
+        raise ApiError(401, ErrorCode.UNAUTHORIZED, "bad token")
+
+
+# -- ledger routes -------------------------------------------------------------------------------
+
+
+@post("/v1/accounts", guards=[require_admin], status_code=200)
+async def create_accounts(request: Request[Any, Any, Any], data: list[Account]) -> list[AccountResult]:
+    """Create accounts; one status per account, in request order."""
+    if not data:
+        raise ApiError(400, ErrorCode.INVALID_BODY, "the list of accounts is empty")
+    if len(data) > limits.MAX_ACCOUNTS_PER_REQUEST:
+        raise ApiError(413, ErrorCode.TOO_LARGE, f"at most {limits.MAX_ACCOUNTS_PER_REQUEST}")
+    try:
+        statuses = await _engine(request).store.create_accounts(data)
+    except OSError as e:
+        raise ApiError(503, ErrorCode.UNAVAILABLE, str(e)) from e
+    for s in statuses:
+        metrics.ACCOUNTS.labels(s.value).inc()
+    return [AccountResult(a.id, s) for a, s in zip(data, statuses, strict=True)]
+
+
+@post("/v1/transfers", guards=[require_admin], status_code=200)
+async def create_transfers(
+    request: Request[Any, Any, Any], data: list[Transfer]
+) -> list[TransferResult]:
+    """Post a batch of transfers; one status per transfer, in request order."""
+    if not data:
+        raise ApiError(400, ErrorCode.INVALID_BODY, "the list of transfers is empty")
+    if len(data) > limits.MAX_TRANSFERS_PER_REQUEST:
+        raise ApiError(413, ErrorCode.TOO_LARGE, f"at most {limits.MAX_TRANSFERS_PER_REQUEST}")
+    for i, t in enumerate(data):
+        if not user_data_fits(t.user_data):
+            raise ApiError(400, ErrorCode.INVALID_BODY, f"[{i}].user_data exceeds 256 bytes")
+    return await _submit(_engine(request), data)
+
+
+@get("/v1/transfers/{transfer_id:str}", guards=[require_read])
+async def get_transfer(request: Request[Any, Any, Any], transfer_id: str) -> TransferView:
+    """One transfer with its timestamp and state."""
+    try:
+        tid = UUID(transfer_id)
+    except ValueError:
+        raise ApiError(400, ErrorCode.INVALID_PARAMETER, "not a UUID") from None
+    rec = await _engine(request).store.get_transfer(tid)
+    if rec is None:
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"no transfer {tid}")
+    return view(rec)
+
+
+@get("/v1/accounts/{account_id:str}/balance", guards=[require_read])
+async def get_balance(request: Request[Any, Any, Any], account_id: str) -> Balance:
+    """Live balance, or as of ``at`` (RFC 3339) from snapshots plus later transfers."""
+    aid = _account_id(account_id)
+    store = _engine(request).store
+    rec = await store.get_account(aid)
+    if rec is None:
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"no account {aid}")
+    a = rec.state
+    at = request.query_params.get("at")
+    if at is None:
+        as_of = rfc3339(time.time_ns())
+    else:
+        ns = parse_rfc3339(at)
+        b = await store.balance_at(a.ledger, aid, ns)
+        a.debits_posted, a.credits_posted = b.debits_posted, b.credits_posted
+        a.debits_pending, a.credits_pending = b.debits_pending, b.credits_pending
+        as_of = rfc3339(ns)
+    return Balance(
+        account_id=aid,
+        ledger=a.ledger,
+        balance=a.balance,
+        available=a.available,
+        debits_posted=a.debits_posted,
+        credits_posted=a.credits_posted,
+        debits_pending=a.debits_pending,
+        credits_pending=a.credits_pending,
+        as_of=as_of,
+    )
+
+
+@get("/v1/accounts/{account_id:str}/transfers", guards=[require_read])
+async def get_statement(request: Request[Any, Any, Any], account_id: str) -> Statement:
+    """An account's transfers, newest first, ``limit`` at a time, older than ``before``."""
+    aid = _account_id(account_id)
+    limit = _int_param(
+        request, "limit", limits.DEFAULT_STATEMENT_LIMIT, 1, limits.MAX_STATEMENT_LIMIT
+    )
+    before = _int_param(request, "before", INT64_MAX, 1, INT64_MAX)
+    store = _engine(request).store
+    rec = await store.get_account(aid)
+    if rec is None:
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"no account {aid}")
+    records, more = await store.account_transfers(
+        rec.state.ledger, aid, before=before, limit=limit
+    )
+    views = [view(r) for r in records]
+    return Statement(transfers=views, next_before=views[-1].timestamp if more else None)
+
+
+# -- operations ----------------------------------------------------------------------------------
+
+
+@get("/openapi.json", include_in_schema=False)
+async def openapi_json(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """The OpenAPI document (also at /schema/openapi.json)."""
+    schema: dict[str, Any] = request.app.openapi_schema.to_schema()
+    return schema
+
+
+@get("/healthz")
+async def healthz(request: Request[Any, Any, Any]) -> Response[dict[str, str]]:
+    """200 when the engine can reach its database, 503 otherwise."""
+    if await _engine(request).ready():
+        return Response({"status": "ready"}, status_code=200)
+    return Response(
+        {"status": "not_ready"},
+        status_code=503,
+        headers={"Retry-After": str(limits.RETRY_AFTER_S)},
+    )
+
+
+@get("/metrics", media_type=CONTENT_TYPE_LATEST)
+async def metrics_route(request: Request[Any, Any, Any]) -> bytes:
+    """Prometheus text format."""
+    await _engine(request).ready()  # refreshes the pool gauges
+    return generate_latest(metrics.REGISTRY)
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+_STATUS_CODES = {
+    400: ErrorCode.INVALID_BODY,
+    401: ErrorCode.UNAUTHORIZED,
+    403: ErrorCode.FORBIDDEN,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    413: ErrorCode.TOO_LARGE,
+    503: ErrorCode.UNAVAILABLE,
+}
+
+
+def _error(status: int, code: ErrorCode, detail: str) -> Response[Error]:
+    headers = {"Retry-After": str(limits.RETRY_AFTER_S)} if status == 503 else None
+    return Response(Error(code, detail), status_code=status, headers=headers)
+
+
+def _on_api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[Error]:
+    return _error(exc.status, exc.code, exc.detail)
+
+
+def _on_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Error]:
+    status = exc.status_code
+    code = _STATUS_CODES.get(status, ErrorCode.INVALID_BODY if status < 500 else ErrorCode.UNAVAILABLE)
+    detail = exc.detail
+    if isinstance(exc, ValidationException) and exc.extra:
+        detail = f"{detail}: {exc.extra}"
+    return _error(status, code, str(detail))
+
+
+def _on_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[Error]:
+    # OSError and friends: the database went away under us; anything else is our bug.
+    if isinstance(exc, OSError | TimeoutError | Unavailable):
+        return _error(503, ErrorCode.UNAVAILABLE, str(exc))
+    log.error("unhandled error", exc_info=exc)
+    return Response(Error(ErrorCode.INTERNAL, "internal error"), status_code=500)
+
+
+def _timing(app: ASGIApp) -> ASGIApp:
+    """Middleware: request latency by route template and status."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("path_template") or "unmatched"
+            metrics.HTTP_SECONDS.labels(scope["method"], route, str(status)).observe(
+                time.perf_counter() - t0
+            )
+
+    return middleware
+
+
+ROUTES: list[Callable[..., Awaitable[Any]] | Any] = [
+    create_accounts,
+    create_transfers,
+    get_transfer,
+    get_balance,
+    get_statement,
+    healthz,
+    metrics_route,
+    openapi_json,
+]
+
+
+def create_app(
+    engine: Engine,
+    *,
+    admin_token: str,
+    read_token: str,
+    extra_routes: list[Any] | None = None,
+) -> Litestar:
+    """The Litestar application over a started (or about to be started) engine."""
+    app = Litestar(
+        route_handlers=[*ROUTES, *(extra_routes or [])],
+        exception_handlers={
+            ApiError: _on_api_error,
+            HTTPException: _on_http_exception,
+            Exception: _on_unexpected,
+        },
+        middleware=[_timing],
+        request_max_body_size=limits.MAX_BODY_BYTES,
+        openapi_config=OpenAPIConfig(
+            title="onecard",
+            version="0.1.0",
+            path="/schema",
+            render_plugins=[JsonRenderPlugin(path="/openapi.json")],
+        ),
+        debug=False,
+    )
+    app.state.engine = engine
+    app.state.admin_token = admin_token.encode()
+    app.state.read_token = read_token.encode()
+    return app

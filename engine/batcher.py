@@ -1,0 +1,264 @@
+"""Group commit: every transfer submission goes through one bounded queue.
+
+Callers (HTTP, the terminal gateway, in-process users) ``await submit(transfers)``; a single
+committer task takes whole requests off the queue, up to ``MAX_BATCH_TRANSFERS`` at a time,
+groups them per ledger (one database transaction touches one ledger), and applies each group in
+one transaction. While a transaction is in flight the next requests gather, so the batch grows
+with the load and the cost of a commit is shared. Order within a ledger is arrival order, and
+a request's linked chains never mix with another request's (``request_ends``).
+
+A full queue refuses at once (``Overloaded``: HTTP 503, terminal 96), so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+
+import asyncpg
+import msgspec
+
+from engine import limits, metrics
+from engine.store import Store
+from ledger.apply import BatchOutcome
+from ledger.status import TransferStatus
+from ledger.transfer import Transfer
+from ledger.types import TransferFlags, transfer_flag_bits
+
+log = logging.getLogger(__name__)
+
+# Faults after which the whole batch is safely retried: the transaction either rolled back or
+# committed, and a committed transfer answers `exists` the second time (idempotency).
+RETRYABLE = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    OSError,
+    TimeoutError,
+)
+
+
+class Overloaded(Exception):
+    """The queue is full: try again later."""
+
+
+class Unavailable(Exception):
+    """The database could not be reached: try again later."""
+
+
+class TransferResult(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The answer for one transfer: its status and, when recorded, its timestamp."""
+
+    id: str
+    status: TransferStatus
+    timestamp: int | None = None
+
+
+class _Request:
+    __slots__ = ("future", "transfers")
+
+    def __init__(self, transfers: Sequence[Transfer], future: asyncio.Future[list[TransferResult]]):
+        self.transfers = transfers
+        self.future = future
+
+
+class _Group:
+    """One ledger's share of a batch, with where each transfer's answer goes."""
+
+    __slots__ = ("ends", "places", "transfers")
+
+    def __init__(self) -> None:
+        self.transfers: list[Transfer] = []
+        self.places: list[tuple[int, int]] = []  # (request index, position in request)
+        self.ends: list[int] = []
+
+
+class Batcher:
+    """The bounded queue and its committer."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_batch: int = limits.MAX_BATCH_TRANSFERS,
+        max_queued: int = limits.MAX_QUEUED_TRANSFERS,
+        linger_s: float = limits.BATCH_LINGER_S,
+    ) -> None:
+        assert max_batch >= limits.MAX_TRANSFERS_PER_REQUEST, "a request must fit in a batch"
+        self.store = store
+        self.max_batch = max_batch
+        self.max_queued = max_queued
+        self.linger_s = linger_s
+        self._queue: deque[_Request] = deque()
+        self._queued = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def queued(self) -> int:
+        """Transfers waiting for the committer."""
+        return self._queued
+
+    def start(self) -> None:
+        """Start the committer task."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="onecard-committer")
+
+    async def stop(self) -> None:
+        """Refuse new work, commit what is queued, answer it, then stop."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    async def submit(self, transfers: Sequence[Transfer]) -> list[TransferResult]:
+        """Queue one request's transfers and wait for their answers (in request order)."""
+        n = len(transfers)
+        if n == 0:
+            return []
+        if n > limits.MAX_TRANSFERS_PER_REQUEST:
+            raise ValueError(f"a request holds at most {limits.MAX_TRANSFERS_PER_REQUEST}")
+        if self._closing or self._task is None:
+            raise Unavailable("the engine is shutting down")
+        if self._queued + n > self.max_queued:
+            metrics.OVERLOADED.inc()
+            raise Overloaded(f"{self._queued} transfers queued")
+        fut: asyncio.Future[list[TransferResult]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Request(transfers, fut))
+        self._queued += n
+        metrics.QUEUE_DEPTH.set(self._queued)
+        self._wake.set()
+        return await fut
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wake.clear()
+                continue
+            if self.linger_s and self._queued < self.max_batch and not self._closing:
+                await asyncio.sleep(self.linger_s)
+            taken: list[_Request] = []
+            size = 0
+            while self._queue and size + len(self._queue[0].transfers) <= self.max_batch:
+                r = self._queue.popleft()
+                taken.append(r)
+                size += len(r.transfers)
+            self._queued -= size
+            metrics.QUEUE_DEPTH.set(self._queued)
+            if not self._queue and not self._closing:
+                self._wake.clear()
+            try:
+                await self._commit(taken)
+            except Exception as e:  # answer every waiter; the committer itself carries on
+                log.exception("batch failed")
+                for r in taken:
+                    if not r.future.done():
+                        r.future.set_exception(e)
+
+    async def _commit(self, requests: list[_Request]) -> None:
+        answers: list[list[TransferResult | None]] = [[None] * len(r.transfers) for r in requests]
+        groups = _group(requests, answers)
+        for ledger, g in groups.items():
+            outcome = await self._post_with_retry(ledger, g)
+            for (ri, pos), t, st, ts in zip(
+                g.places, g.transfers, outcome.statuses, outcome.timestamps, strict=True
+            ):
+                answers[ri][pos] = TransferResult(str(t.id), st, ts or None)
+        for r, a in zip(requests, answers, strict=True):
+            done = [x for x in a if x is not None]
+            assert len(done) == len(a), "every transfer gets an answer"
+            for x in done:
+                metrics.TRANSFERS.labels(x.status.value).inc()
+            if not r.future.done():  # the caller may have gone away
+                r.future.set_result(done)
+
+    async def _post_with_retry(self, ledger: int, g: _Group) -> BatchOutcome:
+        for attempt in range(limits.BATCH_RETRIES + 1):
+            t0 = time.perf_counter()
+            try:
+                outcome = await self.store.post_batch(ledger, g.transfers, request_ends=g.ends)
+            except RETRYABLE as e:
+                if attempt == limits.BATCH_RETRIES:
+                    raise Unavailable(f"database unavailable: {e}") from e
+                metrics.BATCH_RETRIES.inc()
+                log.warning("batch attempt %d failed (%s); retrying", attempt + 1, e)
+                await asyncio.sleep(0.05 * 2**attempt)
+                continue
+            metrics.COMMIT_SECONDS.observe(time.perf_counter() - t0)
+            metrics.BATCH_SIZE.observe(len(g.transfers))
+            return outcome
+        raise AssertionError("unreachable")
+
+
+def _group(
+    requests: list[_Request], answers: list[list[TransferResult | None]]
+) -> dict[int, _Group]:
+    """Split requests per ledger, keeping arrival order and request boundaries.
+
+    A linked chain whose transfers name different ledgers cannot commit atomically (it would
+    span two transactions), so it fails here: the first transfer of another ledger answers
+    ``accounts_must_have_the_same_ledger``, the rest of the chain ``linked_event_failed``.
+    """
+    groups: dict[int, _Group] = {}
+    for ri, r in enumerate(requests):
+        ts = r.transfers
+        touched: set[int] = set()
+        i = 0
+        n = len(ts)
+        while i < n:
+            j = i
+            while transfer_flag_bits(ts[j].flags) & TransferFlags.LINKED and j + 1 < n:
+                j += 1
+            ledger = ts[i].ledger
+            mixed = next((k for k in range(i, j + 1) if ts[k].ledger != ledger), None)
+            if mixed is not None:
+                for k in range(i, j + 1):
+                    st = (
+                        TransferStatus.ACCOUNTS_MUST_HAVE_THE_SAME_LEDGER
+                        if k == mixed
+                        else TransferStatus.LINKED_EVENT_FAILED
+                    )
+                    answers[ri][k] = TransferResult(str(ts[k].id), st)
+            else:
+                g = groups.get(ledger)
+                if g is None:
+                    g = groups[ledger] = _Group()
+                for k in range(i, j + 1):
+                    g.transfers.append(ts[k])
+                    g.places.append((ri, k))
+                touched.add(ledger)
+            i = j + 1
+        for ledger in touched:
+            g = groups[ledger]
+            g.ends.append(len(g.transfers))
+    return groups
+
+
+async def run_expirer(store: Store, *, interval_s: float = limits.EXPIRER_INTERVAL_S) -> None:
+    """Release holds whose timeout has passed, in every ledger, forever (cancel to stop).
+
+    It posts empty batches with ``expire_due``: the same transaction shape, clock and locks as
+    any batch, so it cannot race the committer or another engine process.
+    """
+    while True:
+        try:
+            for ledger in await store.ledgers():
+                while True:
+                    outcome = await store.post_batch(ledger, (), expire_due=True)
+                    metrics.HOLDS_EXPIRED.inc(len(outcome.expired))
+                    if len(outcome.expired) < limits.MAX_EXPIRED_PER_RUN:
+                        break
+        except RETRYABLE as e:
+            log.warning("expirer: database unavailable (%s)", e)
+        await asyncio.sleep(interval_s)

@@ -1,0 +1,99 @@
+"""The running engine: database pool, store, batcher and background tasks, started and stopped
+as one unit. The HTTP API and the terminal gateway both talk to an ``Engine``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import asyncpg
+
+from engine import limits, metrics
+from engine.batcher import Batcher, run_expirer
+from engine.migrate import migrate
+from engine.store import Store
+
+log = logging.getLogger(__name__)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # The engine never relies on the server's zone; campus days are computed in Python.
+    await conn.execute("SET TIME ZONE 'UTC'")
+
+
+async def create_pool(dsn: str, *, max_size: int = limits.DB_POOL_MAX) -> asyncpg.Pool:
+    """An asyncpg pool with the engine's limits."""
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min(limits.DB_POOL_MIN, max_size),
+        max_size=max_size,
+        timeout=limits.DB_CONNECT_TIMEOUT_S,
+        command_timeout=limits.DB_COMMAND_TIMEOUT_S,
+        init=_init_connection,
+    )
+    assert pool is not None
+    return pool
+
+
+class Engine:
+    """Pool + store + batcher + hold expirer."""
+
+    def __init__(self, dsn: str, *, expirer_interval_s: float = limits.EXPIRER_INTERVAL_S):
+        self.dsn = dsn
+        self.expirer_interval_s = expirer_interval_s
+        self._pool: asyncpg.Pool | None = None
+        self._store: Store | None = None
+        self._batcher: Batcher | None = None
+        self._expirer: asyncio.Task[None] | None = None
+
+    @property
+    def store(self) -> Store:
+        """The store (only after ``start``)."""
+        assert self._store is not None, "engine not started"
+        return self._store
+
+    @property
+    def batcher(self) -> Batcher:
+        """The batcher (only after ``start``)."""
+        assert self._batcher is not None, "engine not started"
+        return self._batcher
+
+    async def start(self, *, run_migrations: bool = True) -> None:
+        """Connect, migrate, start the committer and the expirer."""
+        self._pool = await create_pool(self.dsn)
+        if run_migrations:
+            async with self._pool.acquire() as conn:
+                applied = await migrate(conn)
+                if applied:
+                    log.info("applied migrations: %s", ", ".join(applied))
+        self._store = Store(self._pool)
+        self._batcher = Batcher(self._store)
+        self._batcher.start()
+        self._expirer = asyncio.create_task(
+            run_expirer(self._store, interval_s=self.expirer_interval_s), name="onecard-expirer"
+        )
+
+    async def stop(self) -> None:
+        """Drain the queue, stop background work, close the pool."""
+        if self._expirer is not None:
+            self._expirer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expirer
+        if self._batcher is not None:
+            await self._batcher.stop()
+        if self._pool is not None:
+            await self._pool.close()
+
+    async def ready(self) -> bool:
+        """True when the database answers within a short time."""
+        if self._pool is None:
+            return False
+        try:
+            async with asyncio.timeout(1.0), self._pool.acquire() as conn:
+                await conn.fetchval("SELECT 1")
+        except Exception:
+            return False
+        metrics.DB_POOL_SIZE.set(self._pool.get_size())
+        metrics.DB_POOL_IDLE.set(self._pool.get_idle_size())
+        return True

@@ -1,0 +1,504 @@
+"""PostgreSQL access: the one place that reads and writes ledger rows.
+
+A batch is one transaction: reserve timestamps on the ledger's clock row (which also serialises
+every writer of that ledger, across engine processes), load and lock what the batch touches
+(accounts in id order), run the pure ``ledger.apply``, write everything back set-based with
+arrays and ``unnest`` in one statement, commit. Six round trips whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from uuid import UUID
+
+import asyncpg
+import msgspec
+
+from engine import limits
+from ledger import audit
+from ledger.account import Account, AccountState, create_accounts
+from ledger.apply import BatchOutcome, apply_transfers, timestamps_needed
+from ledger.status import AccountStatus
+from ledger.transfer import Hold, StoredTransfer, Transfer
+from ledger.types import AccountKind, TransferFlags, TransferState
+
+# -- named statements --------------------------------------------------------------------------
+
+# Reserve `$3` timestamps on the ledger's clock and lock its row for the transaction.
+SQL_RESERVE = """
+INSERT INTO ledgers AS l (ledger, last_timestamp) VALUES ($1, $2::bigint + $3 - 1)
+ON CONFLICT (ledger) DO UPDATE
+    SET last_timestamp = greatest($2::bigint, l.last_timestamp + 1) + $3 - 1
+RETURNING last_timestamp - $3 + 1 AS first, chain_head
+"""
+
+_TRANSFER_COLS = (
+    "t.id, t.ledger, t.debit_account_id, t.credit_account_id, t.amount, t.code, t.flags, "
+    "t.pending_id, t.timeout_s, t.user_data, t.timestamp"
+)
+_HOLD_COLS = (
+    "h.id AS h_id, h.ledger AS h_ledger, h.debit_account_id AS h_debit, "
+    "h.credit_account_id AS h_credit, h.amount AS h_amount, h.code AS h_code, "
+    "h.expires_at, h.created_at AS h_created, h.state, h.resolved_at"
+)
+SQL_LOAD_TRANSFERS = f"""
+SELECT {_TRANSFER_COLS}, {_HOLD_COLS}
+FROM transfers t LEFT JOIN holds h ON h.id = t.id AND h.ledger = t.ledger AND h.ledger = $2
+WHERE t.id = ANY($1::uuid[])
+"""
+SQL_DUE_HOLDS = f"""
+SELECT {_HOLD_COLS} FROM holds h
+WHERE h.ledger = $1 AND h.state = 'pending' AND h.expires_at > 0 AND h.expires_at <= $2
+ORDER BY h.expires_at LIMIT $3
+"""
+_ACCOUNT_COLS = (
+    "id, ledger, kind, code, flags, debits_posted, credits_posted, debits_pending, "
+    "credits_pending"
+)
+SQL_LOCK_ACCOUNTS = f"""
+SELECT {_ACCOUNT_COLS} FROM accounts WHERE ledger = $1 AND id = ANY($2::bigint[])
+ORDER BY id FOR UPDATE
+"""
+# Accounts named by a batch but living in another ledger: read (never written) so the batch
+# can answer accounts_must_have_the_same_ledger rather than *_not_found.
+SQL_FOREIGN_ACCOUNTS = f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE id = ANY($1::bigint[])"
+
+SQL_WRITE_BATCH = """
+WITH ins AS (
+    INSERT INTO transfers (ledger, id, debit_account_id, credit_account_id, amount, pending_id,
+                           code, flags, timeout_s, user_data, timestamp)
+    SELECT $1, * FROM unnest($2::uuid[], $3::bigint[], $4::bigint[], $5::bigint[],
+                             $6::uuid[], $7::int[], $8::int[], $9::int[], $10::text[],
+                             $11::bigint[])
+), acc AS (
+    UPDATE accounts a
+    SET debits_posted = u.dp, credits_posted = u.cp, debits_pending = u.dq,
+        credits_pending = u.cq
+    FROM unnest($12::bigint[], $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[])
+        AS u(id, dp, cp, dq, cq)
+    WHERE a.ledger = $1 AND a.id = u.id
+), hld AS (
+    INSERT INTO holds (ledger, id, debit_account_id, credit_account_id, amount, code,
+                       expires_at, created_at, state, resolved_at)
+    SELECT $1, * FROM unnest($17::uuid[], $18::bigint[], $19::bigint[], $20::bigint[],
+                             $21::int[], $22::bigint[], $23::bigint[], $24::text[],
+                             $25::bigint[])
+    ON CONFLICT (id, ledger) DO UPDATE
+        SET state = EXCLUDED.state, resolved_at = EXCLUDED.resolved_at
+), aud AS (
+    INSERT INTO audit_batches (ledger, first_timestamp, last_timestamp, transfer_count,
+                               prev_head, head)
+    SELECT $1, $26, $27, $28, $29, $30 WHERE $28 > 0
+)
+UPDATE ledgers SET chain_head = $30 WHERE ledger = $1
+"""
+
+SQL_ACCOUNTS_BY_ID = f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE id = ANY($1::bigint[])"
+SQL_LOCK_ACCOUNT_IDS = (
+    "SELECT pg_advisory_xact_lock(x) FROM unnest($1::bigint[]) AS x ORDER BY x"
+)
+SQL_INSERT_ACCOUNTS = """
+INSERT INTO accounts (ledger, id, kind, code, flags, holder_id, name, created_at)
+SELECT * FROM unnest($1::int[], $2::bigint[], $3::text[], $4::int[], $5::int[], $6::text[],
+                     $7::text[], $8::bigint[])
+"""
+SQL_ENSURE_LEDGERS = """
+INSERT INTO ledgers (ledger) SELECT DISTINCT x FROM unnest($1::int[]) AS x
+ON CONFLICT (ledger) DO NOTHING
+"""
+SQL_SET_FLAGS = """
+UPDATE accounts SET flags = (flags | $3) & ~$4 WHERE ledger = $1 AND id = $2
+RETURNING flags
+"""
+
+SQL_GET_TRANSFER = f"""
+SELECT {_TRANSFER_COLS}, h.state FROM transfers t
+LEFT JOIN holds h ON h.id = t.id AND h.ledger = t.ledger
+WHERE t.id = $1 ORDER BY t.ledger LIMIT 1
+"""
+SQL_GET_ACCOUNT = f"SELECT {_ACCOUNT_COLS}, holder_id, name FROM accounts WHERE id = $1"
+SQL_LEDGER_CLOCK = "SELECT last_timestamp FROM ledgers WHERE ledger = $1"
+SQL_ACCOUNT_TRANSFERS = f"""
+SELECT * FROM (
+    (SELECT {_TRANSFER_COLS}, h.state FROM transfers t
+     LEFT JOIN holds h ON h.id = t.id AND h.ledger = t.ledger
+     WHERE t.ledger = $1 AND t.debit_account_id = $2 AND t.timestamp < $3
+     ORDER BY t.timestamp DESC LIMIT $4)
+    UNION ALL
+    (SELECT {_TRANSFER_COLS}, h.state FROM transfers t
+     LEFT JOIN holds h ON h.id = t.id AND h.ledger = t.ledger
+     WHERE t.ledger = $1 AND t.credit_account_id = $2 AND t.timestamp < $3
+     ORDER BY t.timestamp DESC LIMIT $4)
+) x ORDER BY timestamp DESC LIMIT $4
+"""
+
+# Balance as of $3: the latest snapshot at or before it plus what happened since. Posted
+# amounts come from plain and post_pending transfers; pending from holds created minus holds
+# released in the window. Every range is an index range scan bounded by the window.
+_PENDING_FLAG = int(TransferFlags.PENDING)
+_VOID_FLAG = int(TransferFlags.VOID_PENDING)
+SQL_BALANCE_AT = f"""
+WITH s AS (
+    SELECT timestamp, debits_posted, credits_posted, debits_pending, credits_pending
+    FROM balance_snapshots WHERE ledger = $1 AND account_id = $2 AND timestamp <= $3
+    ORDER BY timestamp DESC LIMIT 1
+), w AS (SELECT coalesce((SELECT timestamp FROM s), 0) AS lo)
+SELECT
+  coalesce((SELECT debits_posted FROM s), 0) + coalesce((SELECT sum(amount)::bigint FROM transfers t, w
+    WHERE t.ledger = $1 AND t.debit_account_id = $2 AND t.timestamp > w.lo
+      AND t.timestamp <= $3 AND t.flags & {_PENDING_FLAG | _VOID_FLAG} = 0), 0) AS dp,
+  coalesce((SELECT credits_posted FROM s), 0) + coalesce((SELECT sum(amount)::bigint FROM transfers t, w
+    WHERE t.ledger = $1 AND t.credit_account_id = $2 AND t.timestamp > w.lo
+      AND t.timestamp <= $3 AND t.flags & {_PENDING_FLAG | _VOID_FLAG} = 0), 0) AS cp,
+  coalesce((SELECT debits_pending FROM s), 0)
+    + coalesce((SELECT sum(amount)::bigint FROM transfers t, w
+        WHERE t.ledger = $1 AND t.debit_account_id = $2 AND t.timestamp > w.lo
+          AND t.timestamp <= $3 AND t.flags & {_PENDING_FLAG} <> 0), 0)
+    - coalesce((SELECT sum(amount)::bigint FROM holds h, w
+        WHERE h.ledger = $1 AND h.debit_account_id = $2 AND h.resolved_at > w.lo
+          AND h.resolved_at <= $3), 0) AS dq,
+  coalesce((SELECT credits_pending FROM s), 0)
+    + coalesce((SELECT sum(amount)::bigint FROM transfers t, w
+        WHERE t.ledger = $1 AND t.credit_account_id = $2 AND t.timestamp > w.lo
+          AND t.timestamp <= $3 AND t.flags & {_PENDING_FLAG} <> 0), 0)
+    - coalesce((SELECT sum(amount)::bigint FROM holds h, w
+        WHERE h.ledger = $1 AND h.credit_account_id = $2 AND h.resolved_at > w.lo
+          AND h.resolved_at <= $3), 0) AS cq
+"""
+SQL_SNAPSHOT = """
+WITH snap AS (
+    INSERT INTO balance_snapshots (ledger, account_id, timestamp, debits_posted, credits_posted,
+                                   debits_pending, credits_pending)
+    SELECT ledger, id, $2, debits_posted, credits_posted, debits_pending, credits_pending
+    FROM accounts WHERE ledger = $1
+    RETURNING 1
+)
+INSERT INTO snapshot_runs (ledger, timestamp, accounts) SELECT $1, $2, count(*) FROM snap
+RETURNING accounts
+"""
+SQL_LEDGERS = "SELECT ledger FROM ledgers ORDER BY ledger"
+
+
+class AccountRecord(msgspec.Struct, frozen=True):
+    """An account with its live fields, as read."""
+
+    state: AccountState
+    holder_id: str | None
+    name: str | None
+
+
+class TransferRecord(msgspec.Struct, frozen=True):
+    """A stored transfer with its lifecycle state."""
+
+    transfer: StoredTransfer
+    state: TransferState
+
+
+class BalanceFields(msgspec.Struct, frozen=True):
+    """The four balance fields of an account at some instant."""
+
+    debits_posted: int
+    credits_posted: int
+    debits_pending: int
+    credits_pending: int
+
+
+def _account(r: asyncpg.Record) -> AccountState:
+    return AccountState(
+        id=r["id"],
+        ledger=r["ledger"],
+        kind=AccountKind(r["kind"]),
+        code=r["code"],
+        flags=r["flags"],
+        debits_posted=r["debits_posted"],
+        credits_posted=r["credits_posted"],
+        debits_pending=r["debits_pending"],
+        credits_pending=r["credits_pending"],
+    )
+
+
+def _transfer(r: asyncpg.Record) -> StoredTransfer:
+    return StoredTransfer(
+        id=r["id"],
+        ledger=r["ledger"],
+        debit_account_id=r["debit_account_id"],
+        credit_account_id=r["credit_account_id"],
+        amount=r["amount"],
+        code=r["code"],
+        flags=r["flags"],
+        pending_id=r["pending_id"],
+        timeout_s=r["timeout_s"],
+        user_data=r["user_data"],
+        timestamp=r["timestamp"],
+    )
+
+
+def _hold(r: asyncpg.Record) -> Hold:
+    return Hold(
+        id=r["h_id"],
+        ledger=r["h_ledger"],
+        debit_account_id=r["h_debit"],
+        credit_account_id=r["h_credit"],
+        amount=r["h_amount"],
+        code=r["h_code"],
+        expires_at=r["expires_at"],
+        created_at=r["h_created"],
+        state=TransferState(r["state"]),
+        resolved_at=r["resolved_at"],
+    )
+
+
+def _state(r: asyncpg.Record) -> TransferState:
+    s = r["state"]
+    return TransferState.POSTED if s is None else TransferState(s)
+
+
+def _check_read(a: AccountState) -> None:
+    assert min(a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending) >= 0, a
+
+
+def now_ns() -> int:
+    """Wall clock in ns: the engine clock never runs behind it (but may run ahead of it)."""
+    return time.time_ns()
+
+
+class Store:
+    """The ledger's PostgreSQL store over an asyncpg pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    # -- accounts ------------------------------------------------------------------------------
+
+    async def create_accounts(self, batch: Sequence[Account]) -> list[AccountStatus]:
+        """Create accounts in order; one transaction, set-based."""
+        ids = sorted({a.id for a in batch if a.id})
+        async with self.pool.acquire() as conn, conn.transaction():
+            # Account ids are unique across ledgers; serialise creators of the same ids.
+            await conn.execute(SQL_LOCK_ACCOUNT_IDS, ids)
+            existing = {r["id"]: _account(r) for r in await conn.fetch(SQL_ACCOUNTS_BY_ID, ids)}
+            statuses, created = create_accounts(list(batch), existing)
+            if created:
+                meta = {a.id: a for a in batch}
+                ts = now_ns()
+                await conn.execute(SQL_ENSURE_LEDGERS, [a.ledger for a in created])
+                await conn.execute(
+                    SQL_INSERT_ACCOUNTS,
+                    [a.ledger for a in created],
+                    [a.id for a in created],
+                    [str(a.kind) for a in created],
+                    [a.code for a in created],
+                    [a.flags for a in created],
+                    [meta[a.id].holder_id for a in created],
+                    [meta[a.id].name for a in created],
+                    [ts] * len(created),
+                )
+        return statuses
+
+    async def set_account_flags(self, ledger: int, account_id: int, *, add: int, remove: int) -> int | None:
+        """Set and clear account flag bits at once; returns the new flags, None if unknown."""
+        async with self.pool.acquire() as conn:
+            flags: int | None = await conn.fetchval(SQL_SET_FLAGS, ledger, account_id, add, remove)
+        return flags
+
+    async def get_account(self, account_id: int) -> AccountRecord | None:
+        """The live account, or None."""
+        async with self.pool.acquire() as conn:
+            r = await conn.fetchrow(SQL_GET_ACCOUNT, account_id)
+        if r is None:
+            return None
+        a = _account(r)
+        _check_read(a)
+        return AccountRecord(state=a, holder_id=r["holder_id"], name=r["name"])
+
+    # -- the batch -----------------------------------------------------------------------------
+
+    async def post_batch(
+        self,
+        ledger: int,
+        batch: Sequence[Transfer],
+        *,
+        request_ends: Sequence[int] = (),
+        expire_due: bool = False,
+    ) -> BatchOutcome:
+        """Apply a batch of one ledger's transfers in one transaction.
+
+        With ``expire_due`` the batch also releases up to ``MAX_EXPIRED_PER_RUN`` holds whose
+        timeout has passed (the expirer runs an empty batch this way).
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            return await self._post(conn, ledger, batch, request_ends, expire_due)
+
+    async def _post(
+        self,
+        conn: asyncpg.Connection,
+        ledger: int,
+        batch: Sequence[Transfer],
+        request_ends: Sequence[int],
+        expire_due: bool,
+    ) -> BatchOutcome:
+        slots = timestamps_needed(len(batch))
+        clock = await conn.fetchrow(SQL_RESERVE, ledger, now_ns(), slots)
+        first: int = clock["first"]
+        prev_head: str = clock["chain_head"]
+
+        ids = {t.id for t in batch}
+        ids.update(t.pending_id for t in batch if t.pending_id is not None)
+        transfers: dict[UUID, StoredTransfer] = {}
+        holds: dict[UUID, Hold] = {}
+        for r in await conn.fetch(SQL_LOAD_TRANSFERS, list(ids), ledger):
+            st = _transfer(r)
+            # a uuid collision across ledgers: prefer this ledger's row
+            if st.id not in transfers or st.ledger == ledger:
+                transfers[st.id] = st
+            if r["h_id"] is not None:
+                holds[st.id] = _hold(r)
+        if expire_due:
+            for r in await conn.fetch(SQL_DUE_HOLDS, ledger, first, limits.MAX_EXPIRED_PER_RUN):
+                h = _hold(r)
+                holds.setdefault(h.id, h)
+
+        account_ids = {t.debit_account_id for t in batch} | {t.credit_account_id for t in batch}
+        for h in holds.values():
+            account_ids.add(h.debit_account_id)
+            account_ids.add(h.credit_account_id)
+        account_ids.discard(0)
+        accounts = {
+            r["id"]: _account(r)
+            for r in await conn.fetch(SQL_LOCK_ACCOUNTS, ledger, sorted(account_ids))
+        }
+        missing = account_ids - accounts.keys()
+        if missing:
+            for r in await conn.fetch(SQL_FOREIGN_ACCOUNTS, list(missing)):
+                accounts[r["id"]] = _account(r)
+        for a in accounts.values():
+            _check_read(a)
+        before = {aid: _fields(accounts[aid]) for aid in accounts}
+
+        outcome = apply_transfers(
+            batch,
+            accounts=accounts,
+            transfers=transfers,
+            holds=holds,
+            first_timestamp=first,
+            request_ends=request_ends,
+        )
+        touched = [accounts[aid] for aid in outcome.touched_accounts]
+        _check_zero_sum(before, touched, ledger)
+        if not outcome.created and not outcome.holds_changed:
+            return outcome
+
+        c = outcome.created
+        head = audit.extend(prev_head, (_row(t) for t in c)) if c else prev_head
+        hc = outcome.holds_changed
+        await conn.execute(
+            SQL_WRITE_BATCH,
+            ledger,
+            [t.id for t in c],
+            [t.debit_account_id for t in c],
+            [t.credit_account_id for t in c],
+            [t.amount for t in c],
+            [t.pending_id for t in c],
+            [t.code for t in c],
+            [t.flags for t in c],
+            [t.timeout_s for t in c],
+            [t.user_data for t in c],
+            [t.timestamp for t in c],
+            [a.id for a in touched],
+            [a.debits_posted for a in touched],
+            [a.credits_posted for a in touched],
+            [a.debits_pending for a in touched],
+            [a.credits_pending for a in touched],
+            [h.id for h in hc],
+            [h.debit_account_id for h in hc],
+            [h.credit_account_id for h in hc],
+            [h.amount for h in hc],
+            [h.code for h in hc],
+            [h.expires_at for h in hc],
+            [h.created_at for h in hc],
+            [str(h.state) for h in hc],
+            [h.resolved_at for h in hc],
+            c[0].timestamp if c else 0,
+            c[-1].timestamp if c else 0,
+            len(c),
+            prev_head,
+            head,
+        )
+        return outcome
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def get_transfer(self, transfer_id: UUID) -> TransferRecord | None:
+        """A transfer and its state, or None."""
+        async with self.pool.acquire() as conn:
+            r = await conn.fetchrow(SQL_GET_TRANSFER, transfer_id)
+        return None if r is None else TransferRecord(transfer=_transfer(r), state=_state(r))
+
+    async def account_transfers(
+        self, ledger: int, account_id: int, *, before: int, limit: int
+    ) -> tuple[list[TransferRecord], bool]:
+        """Up to ``limit`` transfers of an account older than ``before``, newest first, and
+        whether older ones exist."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(SQL_ACCOUNT_TRANSFERS, ledger, account_id, before, limit + 1)
+        records = [TransferRecord(transfer=_transfer(r), state=_state(r)) for r in rows]
+        return records[:limit], len(records) > limit
+
+    async def balance_at(self, ledger: int, account_id: int, at: int) -> BalanceFields:
+        """The account's four balance fields as of engine timestamp ``at`` (inclusive)."""
+        async with self.pool.acquire() as conn:
+            r = await conn.fetchrow(SQL_BALANCE_AT, ledger, account_id, at)
+        b = BalanceFields(r["dp"], r["cp"], r["dq"], r["cq"])
+        assert min(b.debits_posted, b.credits_posted, b.debits_pending, b.credits_pending) >= 0
+        return b
+
+    async def ledgers(self) -> list[int]:
+        """Every ledger that has a clock row."""
+        async with self.pool.acquire() as conn:
+            return [r["ledger"] for r in await conn.fetch(SQL_LEDGERS)]
+
+    # -- snapshots -----------------------------------------------------------------------------
+
+    async def snapshot(self, ledger: int) -> tuple[int, int]:
+        """Record every account's balance fields at a fresh timestamp on the ledger's clock.
+
+        Taken under the ledger's clock lock, so it is exactly the state between two batches.
+        Returns (timestamp, accounts recorded).
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            clock = await conn.fetchrow(SQL_RESERVE, ledger, now_ns(), 1)
+            ts: int = clock["first"]
+            count: int = await conn.fetchval(SQL_SNAPSHOT, ledger, ts)
+        return ts, count
+
+
+def _fields(a: AccountState) -> tuple[int, int, int, int]:
+    return (a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending)
+
+
+def _check_zero_sum(
+    before: dict[int, tuple[int, int, int, int]], after: list[AccountState], ledger: int
+) -> None:
+    """Double entry: a batch moves as much onto debits as onto credits, posted and pending."""
+    d = [0, 0, 0, 0]
+    for a in after:
+        for i, (x, y) in enumerate(zip(_fields(a), before[a.id], strict=True)):
+            d[i] += x - y
+    assert d[0] == d[1] and d[2] == d[3], f"ledger {ledger}: batch breaks double entry {d}"
+
+
+def _row(t: StoredTransfer) -> audit.Row:
+    return (
+        t.id,
+        t.ledger,
+        t.debit_account_id,
+        t.credit_account_id,
+        t.amount,
+        t.pending_id,
+        t.code,
+        t.flags,
+        t.timeout_s,
+        t.user_data,
+        t.timestamp,
+    )
