@@ -1,0 +1,64 @@
+"""Terminal MAC and PIN blocks (contract §5): truncated HMAC-SHA256 under the terminal key."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from typing import Final
+
+__all__ = [
+    "KEY_HEX_LEN",
+    "MAC_LEN",
+    "PIN_BLOCK_LEN",
+    "compute_mac",
+    "parse_key",
+    "pin_block",
+    "verify_mac",
+    "verify_pin",
+]
+
+MAC_LEN: Final = 8
+PIN_BLOCK_LEN: Final = 8
+KEY_HEX_LEN: Final = 64
+
+# bytes.fromhex alone would also accept whitespace, so the shape is checked first.
+_KEY_RE: Final = re.compile(r"[0-9A-Fa-f]{64}")
+
+
+def parse_key(hex64: str) -> bytes:
+    """Turn the API form of a terminal key (64 hex chars) into its 32 raw bytes.
+
+    Raises ValueError for anything else.
+    """
+    if not isinstance(hex64, str) or _KEY_RE.fullmatch(hex64) is None:
+        raise ValueError("terminal key must be exactly 64 hex characters")
+    return bytes.fromhex(hex64)
+
+
+def compute_mac(key: bytes, data: bytes) -> bytes:
+    """Return the MAC of ``data``: the first 8 bytes of HMAC-SHA256 keyed by ``key``."""
+    return hmac.new(key, data, hashlib.sha256).digest()[:MAC_LEN]
+
+
+def verify_mac(key: bytes, data: bytes, mac: bytes) -> bool:
+    """Check ``mac`` against ``data`` in constant time."""
+    return hmac.compare_digest(compute_mac(key, data), mac)
+
+
+def pin_block(key: bytes, card_no: str, pin: str) -> bytes:
+    """Return the field 52 PIN block: first 8 bytes of HMAC-SHA256 over ``card_no:pin``.
+
+    Raises UnicodeEncodeError (a ValueError) if either part is not ASCII.
+    """
+    return compute_mac(key, f"{card_no}:{pin}".encode("ascii"))
+
+
+def verify_pin(key: bytes, card_no: str, pin: str, block: bytes) -> bool:
+    """Check a field 52 PIN block against the card's PIN in constant time."""
+    try:
+        expected = pin_block(key, card_no, pin)
+    except UnicodeEncodeError:
+        # A stored PIN is digits; a non-ASCII one can never have produced a valid block.
+        return False
+    return hmac.compare_digest(expected, block)
