@@ -432,9 +432,18 @@ def create_app(
     read_token: str,
     extra_routes: list[Any] | None = None,
 ) -> Litestar:
-    """The Litestar application over a started (or about to be started) engine."""
+    """The Litestar application over a started (or about to be started) engine.
+
+    The campus routes (holders, cards, terminals, rooms) are included when that module exists.
+    """
+    routes: list[Any] = [*ROUTES, *(extra_routes or [])]
+    try:
+        from engine.campus_api import ROUTES as campus_routes
+    except ModuleNotFoundError:
+        campus_routes = []
+    routes.extend(campus_routes)
     app = Litestar(
-        route_handlers=[*ROUTES, *(extra_routes or [])],
+        route_handlers=routes,
         exception_handlers={
             ApiError: _on_api_error,
             HTTPException: _on_http_exception,

@@ -6,8 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-from typing import Any
-
 import uvicorn
 
 from engine.api import create_app
@@ -22,12 +20,7 @@ async def serve(dsn: str, args: argparse.Namespace) -> None:
     admin, read = tokens_from_env(args.data_dir)
     engine = Engine(dsn)
     await engine.start()
-    extra: list[Any] = []
-    with contextlib.suppress(ModuleNotFoundError):
-        from engine.campus_api import ROUTES as campus_routes
-
-        extra.extend(campus_routes)
-    app = create_app(engine, admin_token=admin, read_token=read, extra_routes=extra)
+    app = create_app(engine, admin_token=admin, read_token=read)
     host, port = args.http
     server = uvicorn.Server(
         uvicorn.Config(

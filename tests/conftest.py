@@ -1,0 +1,90 @@
+"""Shared fixtures: one real PostgreSQL database per test session (no mocks).
+
+The server comes from ``ONECARD_TEST_DSN`` (a maintenance DSN such as
+``postgresql://postgres@127.0.0.1:5432/postgres``); ``.ci/run`` sets it, starting the
+embedded PostgreSQL when no server is reachable. Each session creates a fresh database and
+drops it at the end. Tests isolate themselves with fresh ledger and account ids (``ids``):
+transfers are append-only, so nothing is ever truncated.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+
+from engine.migrate import migrate
+from engine.service import Engine
+
+DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _with_database(dsn: str, name: str) -> str:
+    base, _, query = dsn.partition("?")
+    head, _, _ = base.rpartition("/")
+    return f"{head}/{name}" + (f"?{query}" if query else "")
+
+
+@pytest.fixture(scope="session")
+def admin_dsn() -> str:
+    """DSN of the maintenance database on the test server."""
+    return os.environ.get("ONECARD_TEST_DSN", DEFAULT_DSN)
+
+
+@pytest.fixture(scope="session")
+async def dsn(admin_dsn: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test session."""
+    name = f"onecard_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    conn = await asyncpg.connect(admin_dsn)
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    url = _with_database(admin_dsn, name)
+    c = await asyncpg.connect(url)
+    await migrate(c)
+    await c.close()
+    yield url
+    conn = await asyncpg.connect(admin_dsn)
+    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await conn.close()
+
+
+@pytest.fixture(scope="session")
+async def engine(dsn: str) -> AsyncIterator[Engine]:
+    """A started engine (pool, store, batcher, expirer) on the session database."""
+    e = Engine(dsn, expirer_interval_s=0.2)
+    await e.start(run_migrations=False)
+    yield e
+    await e.stop()
+
+
+class Ids:
+    """Fresh ledger and account ids, unique within the session."""
+
+    def __init__(self) -> None:
+        self._ledger = itertools.count(1000)
+        self._account = itertools.count(1_000_000)
+
+    def ledger(self) -> int:
+        """A ledger no other test uses."""
+        return next(self._ledger)
+
+    def account(self) -> int:
+        """An account id no other test uses."""
+        return next(self._account)
+
+    def accounts(self, n: int) -> list[int]:
+        """``n`` fresh account ids, ascending."""
+        return [next(self._account) for _ in range(n)]
+
+
+_IDS = Ids()
+
+
+@pytest.fixture
+def ids() -> Iterator[Ids]:
+    """The session's id source."""
+    yield _IDS
