@@ -148,8 +148,11 @@ async def _serve(args: argparse.Namespace, dsn: str) -> int:
 def _load_plugins() -> None:
     # Subcommands that live with their concept register themselves on import.
     for module in _PLUGIN_MODULES:
-        with contextlib.suppress(ModuleNotFoundError):
+        try:
             __import__(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:  # the module exists but something it needs is missing
+                raise
 
 
 _PLUGIN_MODULES: tuple[str, ...] = (

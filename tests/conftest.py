@@ -9,14 +9,19 @@ transfers are append-only, so nothing is ever truncated.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
+import httpx
+import msgspec
 import pytest
+import uvicorn
 
+from engine.api import create_app
 from engine.migrate import migrate
 from engine.service import Engine
 
@@ -88,3 +93,48 @@ _IDS = Ids()
 def ids() -> Iterator[Ids]:
     """The session's id source."""
     yield _IDS
+
+
+class Api(msgspec.Struct, frozen=True):
+    """A live HTTP API on a real socket."""
+
+    base_url: str
+    admin_token: str
+    read_token: str
+
+    @property
+    def admin(self) -> dict[str, str]:
+        """Headers with the admin token."""
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
+    @property
+    def read(self) -> dict[str, str]:
+        """Headers with the read token."""
+        return {"Authorization": f"Bearer {self.read_token}"}
+
+
+@pytest.fixture(scope="session")
+async def api(engine: Engine) -> AsyncIterator[Api]:
+    """The real HTTP API (Litestar on uvicorn) over the session engine, on a free port."""
+    app = create_app(engine, admin_token="admin-token", read_token="read-token")
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=0, loop="none", lifespan="off", log_level="warning"
+        )
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield Api(f"http://127.0.0.1:{port}", "admin-token", "read-token")
+    server.should_exit = True
+    await task
+
+
+@pytest.fixture
+async def http(api: Api) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client on the live API (no auth header set)."""
+    async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as client:
+        yield client
