@@ -19,6 +19,7 @@ from uuid import UUID
 import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.connection import ASGIConnection
+from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
@@ -225,7 +226,9 @@ def require_read(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHan
 
 
 @post("/v1/accounts", guards=[require_admin], status_code=200)
-async def create_accounts(request: Request[Any, Any, Any], data: list[Account]) -> list[AccountResult]:
+async def create_accounts(
+    request: Request[Any, Any, Any], data: list[Account]
+) -> list[AccountResult]:
     """Create accounts; one status per account, in request order."""
     if not data:
         raise ApiError(400, ErrorCode.INVALID_BODY, "the list of accounts is empty")
@@ -311,9 +314,7 @@ async def get_statement(request: Request[Any, Any, Any], account_id: str) -> Sta
     rec = await store.get_account(aid)
     if rec is None:
         raise ApiError(404, ErrorCode.NOT_FOUND, f"no account {aid}")
-    records, more = await store.account_transfers(
-        rec.state.ledger, aid, before=before, limit=limit
-    )
+    records, more = await store.account_transfers(rec.state.ledger, aid, before=before, limit=limit)
     views = [view(r) for r in records]
     return Statement(transfers=views, next_before=views[-1].timestamp if more else None)
 
@@ -371,7 +372,9 @@ def _on_api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[Error]:
 
 def _on_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Error]:
     status = exc.status_code
-    code = _STATUS_CODES.get(status, ErrorCode.INVALID_BODY if status < 500 else ErrorCode.UNAVAILABLE)
+    code = _STATUS_CODES.get(
+        status, ErrorCode.INVALID_BODY if status < 500 else ErrorCode.UNAVAILABLE
+    )
     detail = exc.detail
     if isinstance(exc, ValidationException) and exc.extra:
         detail = f"{detail}: {exc.extra}"
@@ -390,7 +393,7 @@ def _timing(app: ASGIApp) -> ASGIApp:
     """Middleware: request latency by route template and status."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != ScopeType.HTTP:
             await app(scope, receive, send)
             return
         t0 = time.perf_counter()
@@ -405,8 +408,9 @@ def _timing(app: ASGIApp) -> ASGIApp:
         try:
             await app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("path_template") or "unmatched"
-            metrics.HTTP_SECONDS.labels(scope["method"], route, str(status)).observe(
+            route = str(scope.get("path_template") or "unmatched")
+            method = str(scope.get("method", "-"))
+            metrics.HTTP_SECONDS.labels(method, route, str(status)).observe(
                 time.perf_counter() - t0
             )
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import uvloop
@@ -17,7 +16,7 @@ from engine.config import DEFAULT_DATA_DIR, DEFAULT_HTTP, DEFAULT_ISO, parse_hos
 
 log = logging.getLogger("onecard")
 
-Command = Callable[[argparse.Namespace, str], Awaitable[int]]
+Command = Callable[[argparse.Namespace, str], Coroutine[Any, Any, int]]
 _COMMANDS: dict[str, Command] = {}
 
 
@@ -92,10 +91,14 @@ _EXTRA_HELP: dict[str, str] = {}
 
 def subcommand(
     name: str, help_text: str
-) -> Callable[[Callable[[argparse.ArgumentParser], None]], Callable[[argparse.ArgumentParser], None]]:
+) -> Callable[
+    [Callable[[argparse.ArgumentParser], None]], Callable[[argparse.ArgumentParser], None]
+]:
     """Register the argument parser of a subcommand defined in another module."""
 
-    def register(fn: Callable[[argparse.ArgumentParser], None]) -> Callable[[argparse.ArgumentParser], None]:
+    def register(
+        fn: Callable[[argparse.ArgumentParser], None],
+    ) -> Callable[[argparse.ArgumentParser], None]:
         _EXTRA_PARSERS.append((name, fn))
         _EXTRA_HELP[name] = help_text
         return fn
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     fn = _COMMANDS[args.command]
     try:
         with database(args) as dsn:
-            code: Any = uvloop.run(fn(args, dsn))
+            code = uvloop.run(fn(args, dsn))
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # a clear message, not a traceback, for operators

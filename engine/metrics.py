@@ -12,16 +12,20 @@ TRANSFERS: Final = Counter(
     "onecard_transfers_total", "Transfers answered, by status.", ["status"], registry=REGISTRY
 )
 ACCOUNTS: Final = Counter(
-    "onecard_accounts_total", "Account creations answered, by status.", ["status"],
+    "onecard_accounts_total",
+    "Account creations answered, by status.",
+    ["status"],
     registry=REGISTRY,
 )
 BATCH_SIZE: Final = Histogram(
-    "onecard_batch_transfers", "Transfers per committed batch.",
+    "onecard_batch_transfers",
+    "Transfers per committed batch.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8190),
     registry=REGISTRY,
 )
 COMMIT_SECONDS: Final = Histogram(
-    "onecard_batch_commit_seconds", "Time to apply and commit one batch.",
+    "onecard_batch_commit_seconds",
+    "Time to apply and commit one batch.",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
     registry=REGISTRY,
 )
@@ -32,14 +36,16 @@ QUEUE_DEPTH: Final = Gauge(
     "onecard_queue_transfers", "Transfers waiting for the committer.", registry=REGISTRY
 )
 OVERLOADED: Final = Counter(
-    "onecard_overloaded_total", "Submissions refused because the queue was full.",
+    "onecard_overloaded_total",
+    "Submissions refused because the queue was full.",
     registry=REGISTRY,
 )
 HOLDS_EXPIRED: Final = Counter(
     "onecard_holds_expired_total", "Holds released by their timeout.", registry=REGISTRY
 )
 HTTP_SECONDS: Final = Histogram(
-    "onecard_http_request_seconds", "HTTP request latency by route and status.",
+    "onecard_http_request_seconds",
+    "HTTP request latency by route and status.",
     ["method", "route", "status"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
     registry=REGISTRY,

@@ -10,6 +10,7 @@ import hashlib
 from importlib import resources
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from engine.limits import MIGRATION_LOCK_KEY
 
@@ -30,11 +31,11 @@ class MigrationError(RuntimeError):
 def migration_files() -> list[tuple[str, str]]:
     """(name, sql) of every migration, in order."""
     root = resources.files("migrations")
-    files = sorted(p for p in root.iterdir() if p.name.endswith(".sql"))
+    files = sorted((p for p in root.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name)
     return [(p.name, p.read_text(encoding="utf-8")) for p in files]
 
 
-async def migrate(conn: asyncpg.Connection) -> list[str]:
+async def migrate(conn: asyncpg.Connection | PoolConnectionProxy) -> list[str]:
     """Bring the schema up to date; returns the names applied now."""
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
     try:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+
 import uvicorn
 
 from engine.api import create_app

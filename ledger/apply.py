@@ -202,9 +202,7 @@ class _Batch:
             return S.EXISTS_WITH_DIFFERENT_TIMEOUT
         resolving = bool(bits & _RESOLVING)
         # A post/void may leave accounts, code and amount zero: "as the pending transfer".
-        if t.debit_account_id != e.debit_account_id and not (
-            resolving and t.debit_account_id == 0
-        ):
+        if t.debit_account_id != e.debit_account_id and not (resolving and t.debit_account_id == 0):
             return S.EXISTS_WITH_DIFFERENT_DEBIT_ACCOUNT_ID
         if t.credit_account_id != e.credit_account_id and not (
             resolving and t.credit_account_id == 0
