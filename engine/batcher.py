@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+import weakref
+from collections import Counter, deque
 from collections.abc import Sequence
+from typing import Final, cast
 
 import asyncpg
 import msgspec
@@ -29,6 +31,14 @@ from ledger.transfer import Transfer
 from ledger.types import TransferFlags, transfer_flag_bits
 
 log = logging.getLogger(__name__)
+
+# A plain int: `int & IntFlag` builds a new enum member per call, on the per-transfer path.
+_LINKED: Final = int(TransferFlags.LINKED)
+
+# Queue depth is read when /metrics is scraped (summed over this process's running batchers),
+# not written on every submit: a gauge update takes a lock, per request.
+_RUNNING: Final[weakref.WeakSet[Batcher]] = weakref.WeakSet()
+metrics.QUEUE_DEPTH.set_function(lambda: sum(b.queued for b in list(_RUNNING)))
 
 # Faults after which the whole batch is safely retried: the transaction either rolled back or
 # committed, and a committed transfer answers `exists` the second time (idempotency).
@@ -110,6 +120,7 @@ class Batcher:
         """Start the committer task."""
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="onecard-committer")
+            _RUNNING.add(self)
 
     async def stop(self) -> None:
         """Refuse new work, commit what is queued, answer it, then stop."""
@@ -118,6 +129,7 @@ class Batcher:
         if self._task is not None:
             await self._task
             self._task = None
+        _RUNNING.discard(self)
 
     async def submit(self, transfers: Sequence[Transfer]) -> list[TransferResult]:
         """Queue one request's transfers and wait for their answers (in request order)."""
@@ -134,19 +146,22 @@ class Batcher:
         fut: asyncio.Future[list[TransferResult]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Request(transfers, fut))
         self._queued += n
-        metrics.QUEUE_DEPTH.set(self._queued)
         self._wake.set()
         return await fut
 
     async def _run(self) -> None:
+        idle = True  # nothing gathered during the last commit: a new request lingers for company
         while True:
             await self._wake.wait()
             if not self._queue:
                 if self._closing:
                     return
                 self._wake.clear()
+                idle = True
                 continue
-            if self.linger_s and self._queued < self.max_batch and not self._closing:
+            # Under load the requests that arrived during the previous commit are the company;
+            # lingering then would only add to every batch's latency.
+            if idle and self.linger_s and self._queued < self.max_batch and not self._closing:
                 await asyncio.sleep(self.linger_s)
             taken: list[_Request] = []
             size = 0
@@ -155,7 +170,6 @@ class Batcher:
                 taken.append(r)
                 size += len(r.transfers)
             self._queued -= size
-            metrics.QUEUE_DEPTH.set(self._queued)
             if not self._queue and not self._closing:
                 self._wake.clear()
             try:
@@ -165,6 +179,7 @@ class Batcher:
                 for r in taken:
                     if not r.future.done():
                         r.future.set_exception(e)
+            idle = not self._queue
 
     async def _commit(self, requests: list[_Request]) -> None:
         answers: list[list[TransferResult | None]] = [[None] * len(r.transfers) for r in requests]
@@ -175,13 +190,15 @@ class Batcher:
                 g.places, g.transfers, outcome.statuses, outcome.timestamps, strict=True
             ):
                 answers[ri][pos] = TransferResult(str(t.id), st, ts or None)
+        tally: Counter[TransferStatus] = Counter()
         for r, a in zip(requests, answers, strict=True):
-            done = [x for x in a if x is not None]
-            assert len(done) == len(a), "every transfer gets an answer"
-            for x in done:
-                metrics.TRANSFERS.labels(x.status.value).inc()
+            assert None not in a, "every transfer gets an answer"
+            done = cast(list[TransferResult], a)
+            tally.update([x.status for x in done])
             if not r.future.done():  # the caller may have gone away
                 r.future.set_result(done)
+        for status, n in tally.items():  # one labelled increment per status, not per transfer
+            metrics.TRANSFERS.labels(status.value).inc(n)
 
     async def _post_with_retry(self, ledger: int, g: _Group) -> BatchOutcome:
         for attempt in range(limits.BATCH_RETRIES + 1):
@@ -213,12 +230,23 @@ def _group(
     groups: dict[int, _Group] = {}
     for ri, r in enumerate(requests):
         ts = r.transfers
+        n = len(ts)
+        first = ts[0].ledger
+        if all(t.ledger == first for t in ts):
+            # the common case: the whole request belongs to one ledger, so none of its chains
+            # can be mixed and it goes to that ledger's group as it is
+            g = groups.get(first)
+            if g is None:
+                g = groups[first] = _Group()
+            g.transfers.extend(ts)
+            g.places.extend([(ri, k) for k in range(n)])
+            g.ends.append(len(g.transfers))
+            continue
         touched: set[int] = set()
         i = 0
-        n = len(ts)
         while i < n:
             j = i
-            while transfer_flag_bits(ts[j].flags) & TransferFlags.LINKED and j + 1 < n:
+            while transfer_flag_bits(ts[j].flags) & _LINKED and j + 1 < n:
                 j += 1
             ledger = ts[i].ledger
             mixed = next((k for k in range(i, j + 1) if ts[k].ledger != ledger), None)

@@ -192,4 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Plugin modules register with `engine.cli`, not with this `__main__` copy: use that one.
+    from engine.cli import main as _main
+
+    sys.exit(_main())

@@ -27,3 +27,15 @@ DB_CONNECT_TIMEOUT_S: Final = 5.0
 DB_COMMAND_TIMEOUT_S: Final = 30.0
 DB_ACQUIRE_TIMEOUT_S: Final = 2.0  # a request waits this long for a connection, then 503
 MIGRATION_LOCK_KEY: Final = 0x0C0A4D  # advisory lock serialising concurrent migrators
+
+# -- terminal gateway --------------------------------------------------------------------------
+GATEWAY_MAX_CONNECTIONS: Final = 4096  # beyond it a new connection is closed at once
+GATEWAY_MAX_FRAME_BYTES: Final = 1024  # the largest message of the profile is < 400 bytes
+GATEWAY_IDLE_TIMEOUT_S: Final = 300.0  # no complete frame for this long: the connection closes
+GATEWAY_WRITE_TIMEOUT_S: Final = 10.0  # a peer that does not read its answers is dropped
+GATEWAY_MAX_INFLIGHT_PER_CONNECTION: Final = 16  # pipelined requests; then reading pauses
+GATEWAY_MAX_INFLIGHT: Final = 8192  # requests being processed in total; beyond it 96 at once
+GATEWAY_REQUEST_TIMEOUT_S: Final = 10.0  # an answer not ready by then is 96 (the work goes on)
+GATEWAY_STOP_GRACE_S: Final = 10.0  # graceful stop waits this long for in-flight requests
+GATEWAY_MEMORY_BATCH: Final = 1024  # remembered answers looked up / stored per statement
+GATEWAY_DB_POOL_MAX: Final = 3  # the gateway's own connections (answer memory)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, Final
 
 import asyncpg
 
@@ -15,6 +17,10 @@ from engine.migrate import migrate
 from engine.store import Store
 
 log = logging.getLogger(__name__)
+
+# A background loop that dies of an error it did not expect is restarted after this pause:
+# a dead expirer would leave every hold pending forever.
+BACKGROUND_RESTART_S: Final = 1.0
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -34,6 +40,22 @@ async def create_pool(dsn: str, *, max_size: int = limits.DB_POOL_MAX) -> asyncp
     )
     assert pool is not None
     return pool
+
+
+async def supervise(
+    name: str,
+    loop: Callable[[], Coroutine[Any, Any, None]],
+    *,
+    restart_s: float = BACKGROUND_RESTART_S,
+) -> None:
+    """Run a background loop until it returns or is cancelled; restart it after an error."""
+    while True:
+        try:
+            await loop()
+            return
+        except Exception:
+            log.exception("%s failed; restarting in %.1fs", name, restart_s)
+        await asyncio.sleep(restart_s)
 
 
 class Engine:
@@ -70,8 +92,10 @@ class Engine:
         self._store = Store(self._pool)
         self._batcher = Batcher(self._store)
         self._batcher.start()
+        store = self._store
         self._expirer = asyncio.create_task(
-            run_expirer(self._store, interval_s=self.expirer_interval_s), name="onecard-expirer"
+            supervise("expirer", lambda: run_expirer(store, interval_s=self.expirer_interval_s)),
+            name="onecard-expirer",
         )
 
     async def stop(self) -> None:
