@@ -42,6 +42,7 @@ import msgspec
 
 from engine import limits
 from engine.batcher import RETRYABLE, Overloaded, TransferResult, Unavailable
+from engine.pin import verify_pin
 from engine.service import Engine
 from ledger.account import Account
 from ledger.status import AccountStatus, TransferStatus
@@ -56,7 +57,6 @@ from ledger.types import (
     TransferFlag,
     TransferFlags,
 )
-from terminals.mac import verify_pin
 
 log = logging.getLogger(__name__)
 

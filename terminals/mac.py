@@ -7,6 +7,9 @@ import hmac
 import re
 from typing import Final
 
+# The PIN block is a card rule checked by the engine; the terminal computes it the same way.
+from engine.pin import PIN_BLOCK_LEN, pin_block, verify_pin
+
 __all__ = [
     "KEY_HEX_LEN",
     "MAC_LEN",
@@ -19,7 +22,6 @@ __all__ = [
 ]
 
 MAC_LEN: Final = 8
-PIN_BLOCK_LEN: Final = 8
 KEY_HEX_LEN: Final = 64
 
 # bytes.fromhex alone would also accept whitespace, so the shape is checked first.
@@ -44,21 +46,3 @@ def compute_mac(key: bytes, data: bytes) -> bytes:
 def verify_mac(key: bytes, data: bytes, mac: bytes) -> bool:
     """Check ``mac`` against ``data`` in constant time."""
     return hmac.compare_digest(compute_mac(key, data), mac)
-
-
-def pin_block(key: bytes, card_no: str, pin: str) -> bytes:
-    """Return the field 52 PIN block: first 8 bytes of HMAC-SHA256 over ``card_no:pin``.
-
-    Raises UnicodeEncodeError (a ValueError) if either part is not ASCII.
-    """
-    return compute_mac(key, f"{card_no}:{pin}".encode("ascii"))
-
-
-def verify_pin(key: bytes, card_no: str, pin: str, block: bytes) -> bool:
-    """Check a field 52 PIN block against the card's PIN in constant time."""
-    try:
-        expected = pin_block(key, card_no, pin)
-    except UnicodeEncodeError:
-        # A stored PIN is digits; a non-ASCII one can never have produced a valid block.
-        return False
-    return hmac.compare_digest(expected, block)

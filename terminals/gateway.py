@@ -1,0 +1,868 @@
+"""The ISO 8583 terminal gateway (contract §5): an asyncio TCP server in front of the campus.
+
+Every frame runs the contract's checks in order, the first failure answering: format (``30``),
+terminal and MAC (``63``), merchant id (``03``), then the business rules of
+``engine.campus.Campus``, whose Outcome becomes field 39. Every answer carries a MAC except
+the unknown-terminal ``63`` (and a ``30`` to a frame that names no known terminal).
+
+Idempotency: a request's key is uuid5(KEY_NAMESPACE, terminal id + STAN + field 7). The campus
+derives every transfer id from it, so the ledger never posts a request twice; the gateway
+additionally stores each financial answer (``gateway_responses``) *before* sending it, so a
+retransmission, even after a restart, gets the identical answer (same RRN, same field 54)
+and a different message under the same key gets ``94`` without reaching the campus. Two
+copies of one request in flight at once share one execution (single flight).
+
+Connections: 2-byte length frames, pipelining up to a per-connection bound (answers go back
+in request order), an idle timeout, a write timeout, a connection cap, a global in-flight
+cap. Overload (a full batcher queue or too many requests in flight) answers ``96`` at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import functools
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Final, Generic, TypeVar
+from uuid import UUID, uuid5
+from zoneinfo import ZoneInfo
+
+import msgspec
+from prometheus_client import Counter, Gauge, Histogram
+
+from engine import limits, metrics
+from engine.campus import Campus, Outcome, PaymentResult, Terminal
+from engine.config import DEFAULT_TZ
+from engine.service import Engine, create_pool
+from terminals.framing import FrameError, frame, read_frame
+from terminals.iso8583 import (
+    AccountType,
+    AmountBlock,
+    FormatError,
+    Message,
+    Mti,
+    ProcessingCode,
+    ResponseCode,
+    decode_message,
+    encode_amounts,
+    encode_message,
+    encode_message_unmac,
+    parse_original,
+    response_mti,
+)
+
+if TYPE_CHECKING:
+    import asyncpg
+
+__all__ = [
+    "KEY_NAMESPACE",
+    "Gateway",
+    "Operation",
+    "auth_id_for",
+    "classify",
+    "message_key",
+    "request_digest",
+    "response_code_for",
+    "rrn_for",
+]
+
+log = logging.getLogger(__name__)
+
+KEY_NAMESPACE: Final = UUID("27550517-1e7c-5e53-939a-ff7d64c3588b")
+"""uuid5 namespace of request keys; fixed forever (stored keys and transfer ids depend on it)."""
+
+# An RRN collision inside one ledger (62 bits of a hash) is astronomically rare; each retry
+# derives the next candidate, so a handful of attempts is certainty in practice.
+_RRN_ATTEMPTS: Final = 8
+_RRN_LEN: Final = 12
+_AUTH_ID_LEN: Final = 6
+_BASE36: Final = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+GATEWAY_RESPONSES: Final = Counter(
+    "onecard_gateway_responses_total",
+    "Terminal answers sent, by response MTI and field 39.",
+    ["mti", "code"],
+    registry=metrics.REGISTRY,
+)
+GATEWAY_SECONDS: Final = Histogram(
+    "onecard_gateway_request_seconds",
+    "Time from a complete frame to its answer being ready.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    registry=metrics.REGISTRY,
+)
+GATEWAY_CONNECTIONS: Final = Gauge(
+    "onecard_gateway_connections", "Open terminal connections.", registry=metrics.REGISTRY
+)
+GATEWAY_REFUSED: Final = Counter(
+    "onecard_gateway_refused_connections_total",
+    "Connections closed at once because the gateway was full or stopping.",
+    registry=metrics.REGISTRY,
+)
+
+
+# ---------------------------------------------------------------------------------------
+# Pure helpers: keys, digests, RRNs, classification, field 39 and field 54
+
+
+class Operation(enum.Enum):
+    """What a request message asks for, from its MTI, processing code and fields."""
+
+    SIGN_ON = "sign_on"
+    PURCHASE = "purchase"
+    INQUIRY = "inquiry"
+    ADVICE = "advice"
+    HOLD = "hold"
+    COMPLETION = "completion"
+    ELECTRICITY = "electricity"
+    METER = "meter"
+    REVERSAL = "reversal"
+    UNSUPPORTED = "unsupported"  # a well-formed request the profile does not offer: 12
+
+
+def message_key(terminal_id: str, stan: str, transmission_dt: str) -> UUID:
+    """The idempotency key of a request: uuid5 over terminal id (8) + STAN (6) + field 7 (10).
+
+    The parts have fixed widths, so plain concatenation is unambiguous.
+    """
+    return uuid5(KEY_NAMESPACE, f"{terminal_id}{stan}{transmission_dt}")
+
+
+def request_digest(msg: Message) -> bytes:
+    """SHA-256 of a request's business content (MTI and fields 2, 3, 4, 42, 52, 90, 102).
+
+    Fields 12/13 are left out on purpose: a terminal may restamp its local clock when it
+    retransmits, and that does not make it a different transaction.
+    """
+    content = (
+        msg.mti,
+        msg.card_no,
+        msg.processing_code,
+        msg.amount,
+        msg.merchant_id,
+        msg.pin_data,
+        msg.original_data,
+        msg.room_id,
+    )
+    return hashlib.sha256(msgspec.msgpack.encode(content)).digest()
+
+
+def _base36(data: bytes, length: int) -> str:
+    n = int.from_bytes(data, "big")
+    out = []
+    for _ in range(length):
+        n, r = divmod(n, 36)
+        out.append(_BASE36[r])
+    return "".join(out)
+
+
+def rrn_for(key: UUID, attempt: int = 0) -> str:
+    """Field 37 for the request ``key``: 12 base-36 characters of a hash of key and attempt.
+
+    Deterministic, so even an answer recomputed after a crash carries the same RRN;
+    ``attempt`` moves to another candidate after a (per-ledger) collision.
+    """
+    h = hashlib.sha256(key.bytes + attempt.to_bytes(2, "big")).digest()
+    return _base36(h[:16], _RRN_LEN)
+
+
+def auth_id_for(key: UUID) -> str:
+    """Field 38 (approvals only): 6 base-36 characters derived from the request key."""
+    return _base36(hashlib.sha256(b"auth:" + key.bytes).digest()[:8], _AUTH_ID_LEN)
+
+
+_REQUIRED: Final[dict[Operation, tuple[tuple[str, int], ...]]] = {
+    Operation.SIGN_ON: (),
+    Operation.PURCHASE: (("card_no", 2), ("amount", 4)),
+    Operation.INQUIRY: (("card_no", 2),),
+    Operation.ADVICE: (("card_no", 2), ("amount", 4)),
+    Operation.HOLD: (("card_no", 2), ("amount", 4)),
+    Operation.COMPLETION: (("amount", 4),),
+    Operation.ELECTRICITY: (("card_no", 2), ("amount", 4), ("room_id", 102)),
+    Operation.METER: (("amount", 4), ("room_id", 102)),
+    Operation.REVERSAL: (("original_data", 90),),
+    Operation.UNSUPPORTED: (),
+}
+_COMMON: Final = (("terminal_id", 41), ("stan", 11), ("transmission_dt", 7))
+_BY_CODE: Final[dict[str, dict[str, Operation]]] = {
+    Mti.FINANCIAL: {
+        ProcessingCode.PURCHASE: Operation.PURCHASE,
+        ProcessingCode.INQUIRY: Operation.INQUIRY,
+        ProcessingCode.ELECTRICITY_PURCHASE: Operation.ELECTRICITY,
+    },
+    Mti.ADVICE: {
+        ProcessingCode.PURCHASE: Operation.ADVICE,  # COMPLETION when field 90 is present
+        ProcessingCode.ROOM_METER: Operation.METER,
+    },
+    Mti.AUTHORIZATION: {ProcessingCode.PURCHASE: Operation.HOLD},
+}
+
+
+def classify(msg: Message) -> Operation:
+    """The operation a decoded request asks for.
+
+    Raises FormatError when a field the operation needs is missing (or field 2 is present on a
+    room meter advice); an MTI or processing code outside the profile is UNSUPPORTED (``12``).
+    """
+    for attr, number in _COMMON:
+        if getattr(msg, attr) is None:
+            raise FormatError(f"field {number} is missing")
+    op = _operation(msg)
+    for attr, number in _REQUIRED[op]:
+        if getattr(msg, attr) is None:
+            raise FormatError(f"field {number} is required for {op.value}")
+    if op is Operation.METER and msg.card_no is not None:
+        raise FormatError("a room meter advice carries no field 2")
+    if op is Operation.COMPLETION:
+        assert msg.original_data is not None
+        parse_original(msg.original_data)  # decode_message checked it; keep classify total
+    return op
+
+
+def _operation(msg: Message) -> Operation:
+    if msg.mti == Mti.NETWORK:
+        return Operation.SIGN_ON
+    if msg.mti == Mti.REVERSAL:
+        return Operation.REVERSAL
+    codes = _BY_CODE.get(msg.mti)
+    if codes is None:
+        return Operation.UNSUPPORTED
+    if msg.processing_code is None:
+        raise FormatError("field 3 is missing")
+    op = codes.get(msg.processing_code, Operation.UNSUPPORTED)
+    if op is Operation.ADVICE and msg.original_data is not None:
+        return Operation.COMPLETION
+    return op
+
+
+_OUTCOME_CODES: Final[dict[Outcome, ResponseCode]] = {
+    Outcome.APPROVED: ResponseCode.APPROVED,
+    Outcome.INSUFFICIENT_FUNDS: ResponseCode.INSUFFICIENT_FUNDS,
+    Outcome.LOST_CARD: ResponseCode.LOST_CARD,
+    Outcome.CARD_NOT_ACTIVE: ResponseCode.CARD_NOT_ACTIVE,
+    Outcome.INVALID_CARD: ResponseCode.INVALID_CARD,
+    Outcome.INCORRECT_PIN: ResponseCode.INCORRECT_PIN,
+    Outcome.DAILY_LIMIT_EXCEEDED: ResponseCode.EXCEEDS_DAILY_LIMIT,
+    Outcome.INVALID_AMOUNT: ResponseCode.INVALID_AMOUNT,
+    Outcome.ORIGINAL_NOT_FOUND: ResponseCode.ORIGINAL_NOT_FOUND,
+    Outcome.INVALID_TRANSACTION: ResponseCode.INVALID_TRANSACTION,
+    Outcome.DUPLICATE_DIFFERENT: ResponseCode.DUPLICATE_DIFFERENT,
+    Outcome.OVERLOADED: ResponseCode.SYSTEM_ERROR,
+    Outcome.UNAVAILABLE: ResponseCode.SYSTEM_ERROR,
+}
+
+# Answers that are not remembered: 96 asks the terminal to try again, and a campus-level 94
+# means the ledger already holds a different transaction under this key that this gateway
+# has no answer for, so no answer can be the "identical" one yet.
+_NOT_REMEMBERED: Final = frozenset({ResponseCode.SYSTEM_ERROR, ResponseCode.DUPLICATE_DIFFERENT})
+
+
+def response_code_for(outcome: Outcome) -> ResponseCode:
+    """Field 39 for a campus Outcome."""
+    return _OUTCOME_CODES[outcome]
+
+
+# Which field 54 blocks an answer carries (contract §5).
+_PURSE_BLOCKS: Final = frozenset(
+    {
+        Operation.PURCHASE,
+        Operation.ADVICE,
+        Operation.HOLD,
+        Operation.COMPLETION,
+        Operation.INQUIRY,
+    }
+)
+
+
+def _amounts(op: Operation, result: PaymentResult) -> str | None:
+    blocks: list[AmountBlock] = []
+    purses = result.purses
+    if op in _PURSE_BLOCKS and purses is not None:
+        blocks = [
+            AmountBlock(account_type=AccountType.ALL, amount=purses.cash + purses.subsidy),
+            AmountBlock(account_type=AccountType.CASH, amount=purses.cash),
+            AmountBlock(account_type=AccountType.SUBSIDY, amount=purses.subsidy),
+        ]
+    elif op is Operation.ELECTRICITY:
+        if purses is not None:
+            blocks.append(AmountBlock(account_type=AccountType.CASH, amount=purses.cash))
+        if result.room_balance is not None:
+            blocks.append(AmountBlock(account_type=AccountType.ROOM, amount=result.room_balance))
+    elif op is Operation.METER and result.room_balance is not None:
+        blocks.append(AmountBlock(account_type=AccountType.ROOM, amount=result.room_balance))
+    return encode_amounts(blocks) if blocks else None
+
+
+# Operations that move money need a positive amount (a completion's amount is the campus's
+# business: it knows the hold).
+_POSITIVE_AMOUNT: Final = frozenset(
+    {Operation.PURCHASE, Operation.ADVICE, Operation.HOLD, Operation.ELECTRICITY, Operation.METER}
+)
+
+
+def _is_request_mti(head: bytes) -> bool:
+    return len(head) == 4 and head.isdigit() and head[:1] == b"0" and int(head[2:3]) % 2 == 0
+
+
+# ---------------------------------------------------------------------------------------
+# The answer memory: gateway_responses, looked up and written set-based
+
+
+SQL_LOOKUP_ANSWERS: Final = """
+SELECT key, request_digest, response
+FROM gateway_responses
+WHERE ledger = $1 AND key = ANY($2::uuid[])
+"""
+SQL_STORE_ANSWERS: Final = """
+INSERT INTO gateway_responses (ledger, key, terminal_id, request_digest, rrn, response)
+SELECT $1, u.key, u.terminal_id, u.digest, u.rrn, u.response
+FROM unnest($2::uuid[], $3::text[], $4::bytea[], $5::text[], $6::bytea[])
+     AS u(key, terminal_id, digest, rrn, response)
+ON CONFLICT DO NOTHING
+RETURNING key
+"""
+
+
+class _Answer(msgspec.Struct, frozen=True):
+    """A decided answer: the digest of the request it answers, the answer, and whether it is
+    stored (so a retransmission gets it again)."""
+
+    digest: bytes
+    response: Message
+    remembered: bool
+
+
+class _Row(msgspec.Struct, frozen=True):
+    key: UUID
+    terminal_id: str
+    digest: bytes
+    rrn: str
+    response: bytes
+
+
+_I = TypeVar("_I")
+_R = TypeVar("_R")
+
+
+class _Coalescer(Generic[_I, _R]):
+    """Turns concurrent one-row requests into one set-based statement per ledger.
+
+    While a statement runs the next requests gather (the batcher's group commit, in small),
+    so the cost per request falls as the load rises and one connection suffices.
+    """
+
+    def __init__(
+        self, run: Callable[[int, list[_I]], Awaitable[list[_R]]], *, max_batch: int
+    ) -> None:
+        self._run = run
+        self._max = max_batch
+        self._pending: dict[int, list[tuple[_I, asyncio.Future[_R]]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, ledger: int, item: _I) -> _R:
+        """Queue ``item`` for ``ledger`` and wait for its result."""
+        fut: asyncio.Future[_R] = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(ledger, []).append((item, fut))
+        if self._task is None:
+            self._task = asyncio.create_task(self._flush(), name="onecard-gateway-memory")
+        return await fut
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                ledger = next(iter(self._pending))
+                queue = self._pending.pop(ledger)
+                batch, rest = queue[: self._max], queue[self._max :]
+                if rest:  # back of the line: other ledgers go first
+                    self._pending[ledger] = rest + self._pending.pop(ledger, [])
+                try:
+                    results = await self._run(ledger, [item for item, _ in batch])
+                except Exception as e:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(e)
+                    continue
+                for (_, fut), r in zip(batch, results, strict=True):
+                    if not fut.done():
+                        fut.set_result(r)
+        finally:
+            self._task = None
+
+
+class AnswerMemory:
+    """Remembered answers in ``gateway_responses`` (see migrations/0003_gateway.sql)."""
+
+    def __init__(self, pool: asyncpg.Pool, *, max_batch: int = limits.GATEWAY_MEMORY_BATCH):
+        self._pool = pool
+        self._lookups: _Coalescer[UUID, _Answer | None] = _Coalescer(
+            self._lookup_batch, max_batch=max_batch
+        )
+        self._stores: _Coalescer[_Row, bool] = _Coalescer(self._store_batch, max_batch=max_batch)
+
+    async def lookup(self, ledger: int, key: UUID) -> _Answer | None:
+        """The remembered answer for ``key``, or None."""
+        return await self._lookups.submit(ledger, key)
+
+    async def remember(
+        self, ledger: int, key: UUID, terminal_id: str, digest: bytes, response: Message
+    ) -> _Answer:
+        """Store ``response`` (with its RRN) unless an answer for ``key`` exists already;
+        return the answer that is stored (this one, or the earlier one that won)."""
+        for attempt in range(_RRN_ATTEMPTS):
+            answer = msgspec.structs.replace(response, rrn=rrn_for(key, attempt))
+            row = _Row(key, terminal_id, digest, answer.rrn or "", msgspec.json.encode(answer))
+            if await self._stores.submit(ledger, row):
+                return _Answer(digest, answer, True)
+            stored = await self.lookup(ledger, key)
+            if stored is not None:
+                return stored
+            # neither inserted nor present: the RRN is taken in this ledger; next candidate
+        raise RuntimeError(f"no free RRN for {key} after {_RRN_ATTEMPTS} attempts")
+
+    async def _lookup_batch(self, ledger: int, keys: list[UUID]) -> list[_Answer | None]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(SQL_LOOKUP_ANSWERS, ledger, list(set(keys)))
+        found = {
+            r["key"]: _Answer(
+                bytes(r["request_digest"]),
+                msgspec.json.decode(r["response"], type=Message),
+                True,
+            )
+            for r in rows
+        }
+        return [found.get(k) for k in keys]
+
+    async def _store_batch(self, ledger: int, rows: list[_Row]) -> list[bool]:
+        async with self._pool.acquire() as conn:
+            inserted = await conn.fetch(
+                SQL_STORE_ANSWERS,
+                ledger,
+                [r.key for r in rows],
+                [r.terminal_id for r in rows],
+                [r.digest for r in rows],
+                [r.rrn for r in rows],
+                [r.response for r in rows],
+            )
+        done = {r["key"] for r in inserted}
+        return [r.key in done for r in rows]
+
+
+# ---------------------------------------------------------------------------------------
+# The gateway
+
+
+class _Reply(msgspec.Struct, frozen=True):
+    """An answer to send: the message and the key to MAC it with (None: no MAC)."""
+
+    message: Message
+    mac_key: bytes | None
+
+
+class Gateway:
+    """The terminal gateway over a started Engine. ``start``/``stop`` bracket its life."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        campus: Campus | None = None,
+        tz: str | None = None,
+        max_connections: int = limits.GATEWAY_MAX_CONNECTIONS,
+        max_frame_bytes: int = limits.GATEWAY_MAX_FRAME_BYTES,
+        idle_timeout_s: float = limits.GATEWAY_IDLE_TIMEOUT_S,
+        write_timeout_s: float = limits.GATEWAY_WRITE_TIMEOUT_S,
+        max_inflight_per_connection: int = limits.GATEWAY_MAX_INFLIGHT_PER_CONNECTION,
+        max_inflight: int = limits.GATEWAY_MAX_INFLIGHT,
+        request_timeout_s: float = limits.GATEWAY_REQUEST_TIMEOUT_S,
+    ) -> None:
+        """Configure the gateway; ``campus`` defaults to a Campus over ``engine`` in ``tz``
+        (default ``$ONECARD_TZ``, else Asia/Shanghai)."""
+        self.engine = engine
+        self.tz = tz or os.environ.get("ONECARD_TZ") or DEFAULT_TZ
+        self._zone = ZoneInfo(self.tz)
+        if campus is None:
+            campus = Campus(engine, tz=self.tz)
+        self.campus = campus
+        self.max_connections = max_connections
+        self.max_frame_bytes = max_frame_bytes
+        self.idle_timeout_s = idle_timeout_s
+        self.write_timeout_s = write_timeout_s
+        self.max_inflight_per_connection = max_inflight_per_connection
+        self.max_inflight = max_inflight
+        self.request_timeout_s = request_timeout_s
+        self._server: asyncio.Server | None = None
+        self._pool: asyncpg.Pool | None = None
+        self._memory: AnswerMemory | None = None
+        self._connections: dict[asyncio.Task[None], _Connection] = {}
+        self._flights: dict[UUID, asyncio.Task[_Answer]] = {}
+        self._inflight = 0
+        self._stopping = False
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 8583) -> None:
+        """Open the answer memory's pool and start listening on ``host:port`` (0: any)."""
+        self._pool = await create_pool(self.engine.dsn, max_size=limits.GATEWAY_DB_POOL_MAX)
+        self._memory = AnswerMemory(self._pool)
+        self._stopping = False
+        self._server = await asyncio.start_server(
+            self._on_connect, host, port, backlog=min(self.max_connections, 4096)
+        )
+
+    @property
+    def port(self) -> int:
+        """The TCP port listened on (after ``start``)."""
+        assert self._server is not None, "gateway not started"
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def connections(self) -> int:
+        """Open terminal connections."""
+        return len(self._connections)
+
+    async def stop(self, *, grace_s: float = limits.GATEWAY_STOP_GRACE_S) -> None:
+        """Stop accepting, stop reading, answer what was read, then close everything."""
+        self._stopping = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._connections.values()):
+            conn.stop_reading()
+        tasks = list(self._connections)
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=grace_s)
+            for t in late:
+                self._connections[t].abort()
+                t.cancel()
+            if late:
+                await asyncio.wait(late)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        if self._flights:  # work whose connection went away still finishes and is stored
+            await asyncio.wait(list(self._flights.values()), timeout=grace_s)
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._stopping or len(self._connections) >= self.max_connections:
+            GATEWAY_REFUSED.inc()
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        conn = _Connection(self, reader, writer)
+        self._connections[task] = conn
+        GATEWAY_CONNECTIONS.set(len(self._connections))
+        try:
+            await conn.run()
+        finally:
+            self._connections.pop(task, None)
+            GATEWAY_CONNECTIONS.set(len(self._connections))
+
+    # -- one frame -------------------------------------------------------------------------
+
+    async def answer(self, payload: bytes) -> bytes | None:
+        """The framed-payload answer to one request payload, or None to close the connection.
+
+        Never raises for anything a peer can send.
+        """
+        t0 = time.perf_counter()
+        try:
+            reply = await self._decide(payload)
+        except Exception:
+            log.exception("gateway: unexpected error; closing the connection")
+            return None
+        if reply is None:
+            return None
+        msg = reply.message
+        data = (
+            encode_message_unmac(msg)
+            if reply.mac_key is None
+            else encode_message(msg, reply.mac_key)
+        )
+        GATEWAY_RESPONSES.labels(msg.mti, msg.response_code or "").inc()
+        GATEWAY_SECONDS.observe(time.perf_counter() - t0)
+        return data
+
+    async def _decide(self, payload: bytes) -> _Reply | None:
+        try:
+            decoded = decode_message(payload)
+        except FormatError as e:
+            log.debug("gateway: undecodable frame (%s)", e.reason)
+            if not _is_request_mti(payload[:4]):
+                return None  # nothing to pair an answer with: a clean close
+            mti = response_mti(payload[:4].decode())
+            return _Reply(Message(mti=mti, response_code=ResponseCode.FORMAT_ERROR), None)
+        msg = decoded.message
+        if not _is_request_mti(msg.mti.encode()):
+            return None  # an answer MTI sent to us: a confused peer
+        try:
+            op = classify(msg)
+        except FormatError as e:
+            log.debug("gateway: format error (%s)", e.reason)
+            return await self._format_error(msg)
+        assert msg.terminal_id is not None
+        try:
+            term = await self.campus.terminal(msg.terminal_id)
+        except Exception:
+            # Without the terminal there is no key to MAC a 96 with; closing tells the
+            # terminal to try again just as well.
+            log.warning("gateway: terminal lookup failed", exc_info=True)
+            return None
+        if term is None:
+            return _Reply(self._reply(msg, ResponseCode.MAC_FAILURE), None)
+        if not decoded.verify(term.mac_key):
+            return _Reply(self._reply(msg, ResponseCode.MAC_FAILURE), term.mac_key)
+        if msg.merchant_id != term.merchant_id:
+            return _Reply(self._reply(msg, ResponseCode.INVALID_MERCHANT), term.mac_key)
+        if op is Operation.SIGN_ON:
+            return _Reply(self._reply(msg, ResponseCode.APPROVED), term.mac_key)
+        if self._overloaded():
+            return _Reply(self._reply(msg, ResponseCode.SYSTEM_ERROR), term.mac_key)
+        return _Reply(await self._once(term, op, msg), term.mac_key)
+
+    async def _format_error(self, msg: Message) -> _Reply:
+        key = None
+        if msg.terminal_id is not None:
+            # MAC the 30 when the terminal is known so it can trust the answer; best effort.
+            with contextlib.suppress(Exception):
+                term = await self.campus.terminal(msg.terminal_id)
+                key = None if term is None else term.mac_key
+        return _Reply(self._reply(msg, ResponseCode.FORMAT_ERROR), key)
+
+    def _overloaded(self) -> bool:
+        batcher = self.engine.batcher
+        return self._inflight >= self.max_inflight or batcher.queued >= batcher.max_queued
+
+    # -- idempotency -----------------------------------------------------------------------
+
+    async def _once(self, term: Terminal, op: Operation, msg: Message) -> Message:
+        assert msg.stan is not None and msg.transmission_dt is not None
+        key = message_key(term.terminal_id, msg.stan, msg.transmission_dt)
+        digest = request_digest(msg)
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = asyncio.create_task(self._execute(term, op, key, digest, msg))
+            self._flights[key] = flight
+            flight.add_done_callback(functools.partial(self._landed, key))
+        self._inflight += 1
+        try:
+            # shield: a timed-out or disconnected caller must not cancel posting half-way;
+            # the flight finishes and stores its answer for the retransmission.
+            answer = await asyncio.wait_for(asyncio.shield(flight), self.request_timeout_s)
+        except TimeoutError:
+            log.warning("gateway: no answer for %s within %.1f s", key, self.request_timeout_s)
+            return self._reply(msg, ResponseCode.SYSTEM_ERROR)
+        except Exception:  # logged once, by _landed
+            return self._reply(msg, ResponseCode.SYSTEM_ERROR)
+        finally:
+            self._inflight -= 1
+        if answer.digest != digest:
+            return self._reply(msg, ResponseCode.DUPLICATE_DIFFERENT)
+        return answer.response
+
+    def _landed(self, key: UUID, task: asyncio.Task[_Answer]) -> None:
+        self._flights.pop(key, None)
+        # Retrieved here, not by the waiters: they may all have timed out or gone away.
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            log.error("gateway: request %s failed", key, exc_info=exc)
+
+    async def _execute(
+        self, term: Terminal, op: Operation, key: UUID, digest: bytes, msg: Message
+    ) -> _Answer:
+        assert self._memory is not None, "gateway not started"
+        stored = await self._memory.lookup(term.ledger, key)
+        if stored is not None:
+            return stored
+        result: PaymentResult | None = None
+        if op is Operation.UNSUPPORTED:
+            code = ResponseCode.INVALID_TRANSACTION
+        elif op in _POSITIVE_AMOUNT and not msg.amount:
+            code = ResponseCode.INVALID_AMOUNT
+        else:
+            try:
+                result = await self._business(term, op, key, msg)
+            except Exception:
+                log.exception("gateway: campus failed on %s %s", op.value, key)
+                return _Answer(digest, self._reply(msg, ResponseCode.SYSTEM_ERROR), False)
+            code = response_code_for(result.outcome)
+        response = self._reply(
+            msg,
+            code,
+            auth_id=auth_id_for(key) if code == ResponseCode.APPROVED else None,
+            amounts=None if result is None else _amounts(op, result),
+            timestamp=None if result is None else result.timestamp,
+        )
+        if code in _NOT_REMEMBERED:
+            return _Answer(digest, response, False)
+        return await self._memory.remember(term.ledger, key, term.terminal_id, digest, response)
+
+    async def _business(
+        self, term: Terminal, op: Operation, key: UUID, msg: Message
+    ) -> PaymentResult:
+        campus = self.campus
+        card, amount, pin = msg.card_no or "", msg.amount or 0, msg.pin_data
+        match op:
+            case Operation.PURCHASE:
+                return await campus.purchase(
+                    term, card_no=card, amount=amount, key=key, pin_block=pin
+                )
+            case Operation.ADVICE:
+                return await campus.purchase(
+                    term, card_no=card, amount=amount, key=key, pin_block=pin, force=True
+                )
+            case Operation.INQUIRY:
+                return await campus.balance(term, card_no=card, pin_block=pin)
+            case Operation.HOLD:
+                return await campus.hold(term, card_no=card, amount=amount, key=key, pin_block=pin)
+            case Operation.COMPLETION:
+                return await campus.complete(
+                    term,
+                    hold_key=self._original_key(term, msg),
+                    amount=amount,
+                    key=key,
+                    card_no=msg.card_no,
+                )
+            case Operation.ELECTRICITY:
+                return await campus.buy_electricity(
+                    term,
+                    card_no=card,
+                    room_id=msg.room_id or "",
+                    amount=amount,
+                    key=key,
+                    pin_block=pin,
+                )
+            case Operation.METER:
+                return await campus.meter_usage(
+                    term, room_id=msg.room_id or "", amount=amount, key=key
+                )
+            case Operation.REVERSAL:
+                return await campus.reverse(
+                    term, original_key=self._original_key(term, msg), key=key
+                )
+        raise AssertionError(f"no business rule for {op}")
+
+    @staticmethod
+    def _original_key(term: Terminal, msg: Message) -> UUID:
+        # A terminal can only name its own messages: the key embeds its terminal id.
+        assert msg.original_data is not None
+        original = parse_original(msg.original_data)
+        return message_key(term.terminal_id, original.stan, original.transmission_dt)
+
+    # -- answers ---------------------------------------------------------------------------
+
+    def _reply(
+        self,
+        msg: Message,
+        code: ResponseCode,
+        *,
+        auth_id: str | None = None,
+        amounts: str | None = None,
+        timestamp: int | None = None,
+    ) -> Message:
+        """The answer to ``msg``: its identifying fields echoed, fields 12/13 in campus time."""
+        ns = time.time_ns() if timestamp is None else timestamp
+        local = datetime.fromtimestamp(ns // 1_000_000_000, self._zone)
+        return Message(
+            mti=response_mti(msg.mti),
+            card_no=msg.card_no,
+            processing_code=msg.processing_code,
+            amount=msg.amount,
+            transmission_dt=msg.transmission_dt,
+            stan=msg.stan,
+            local_time=local.strftime("%H%M%S"),
+            local_date=local.strftime("%m%d"),
+            auth_id=auth_id,
+            response_code=code,
+            terminal_id=msg.terminal_id,
+            merchant_id=msg.merchant_id,
+            additional_amounts=amounts,
+            original_data=msg.original_data,
+            room_id=msg.room_id,
+        )
+
+
+class _Connection:
+    """One terminal connection: a reader that dispatches frames and a writer that sends the
+    answers in request order; at most ``max_inflight_per_connection`` unanswered frames."""
+
+    def __init__(
+        self, gateway: Gateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.gateway = gateway
+        self.reader = reader
+        self.writer = writer
+        self._slots = asyncio.Semaphore(gateway.max_inflight_per_connection)
+        self._out: asyncio.Queue[asyncio.Task[bytes | None] | None] = asyncio.Queue()
+        self._read_task: asyncio.Task[None] | None = None
+
+    def stop_reading(self) -> None:
+        """Read no further frame; answers to frames already read are still sent."""
+        if self._read_task is not None:
+            self._read_task.cancel()
+
+    def abort(self) -> None:
+        """Drop the connection now (a stop whose grace ran out)."""
+        self.writer.transport.abort()
+
+    async def run(self) -> None:
+        """Serve the connection until EOF, an error, the idle timeout or the gateway's stop."""
+        self._read_task = asyncio.create_task(self._read_loop())
+        write_task = asyncio.create_task(self._write_loop())
+        try:
+            await asyncio.wait({self._read_task})
+            self._out.put_nowait(None)
+            await write_task
+        finally:
+            self._read_task.cancel()
+            write_task.cancel()
+            while not self._out.empty():
+                pending = self._out.get_nowait()
+                if pending is not None:
+                    pending.cancel()  # the shielded flight behind it still finishes
+            self.writer.close()
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                async with asyncio.timeout(self.gateway.write_timeout_s):
+                    await self.writer.wait_closed()
+
+    async def _read_loop(self) -> None:
+        gw = self.gateway
+        while True:
+            await self._slots.acquire()
+            try:
+                async with asyncio.timeout(gw.idle_timeout_s):
+                    payload = await read_frame(self.reader, max_len=gw.max_frame_bytes)
+            except (TimeoutError, FrameError, ConnectionError) as e:
+                # FrameError leaves the stream position unknown: only closing is safe.
+                log.debug("gateway: closing connection (%s)", type(e).__name__)
+                return
+            if payload is None:
+                return
+            self._out.put_nowait(asyncio.create_task(gw.answer(payload)))
+
+    async def _write_loop(self) -> None:
+        while (task := await self._out.get()) is not None:
+            try:
+                data = await task
+            finally:
+                self._slots.release()
+            if data is None:
+                break  # the answer is "close": nothing after it is sent
+            try:
+                self.writer.write(frame(data))
+                async with asyncio.timeout(self.gateway.write_timeout_s):
+                    await self.writer.drain()
+            except (ConnectionError, TimeoutError):
+                break
+        if self._read_task is not None:
+            self._read_task.cancel()
