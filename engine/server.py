@@ -8,14 +8,89 @@ import contextlib
 import logging
 import signal
 from collections.abc import Generator
+from typing import Final
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from engine.api import create_app
 from engine.config import tokens_from_env
 from engine.service import Engine
+from engine.snapshots import run_alongside
 
 log = logging.getLogger(__name__)
+
+# -- HTTP edge limits ----------------------------------------------------------------------------
+# Open connections; beyond it a request is answered 503 at once (bounds sockets and memory).
+MAX_HTTP_CONNECTIONS: Final = 1024
+# A whole request (head and body) must arrive within this of the connection opening or of the
+# previous answer; a silent, trickling or stalled client is then disconnected.
+REQUEST_READ_TIMEOUT_S: Final = 10.0
+# A peer that stops reading its answers (send buffer full) for this long is dropped.
+WRITE_STALL_TIMEOUT_S: Final = 10.0
+# An idle keep-alive connection is closed after this.
+KEEP_ALIVE_S: Final = 5
+# In-flight requests are answered for at most this long after SIGTERM, then cancelled.
+GRACEFUL_SHUTDOWN_S: Final = 10
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 connection with the deadlines it lacks.
+
+    uvicorn only times out idle keep-alive connections: a client that connects and sends
+    nothing, trickles its head a byte at a time, stalls in its body or never reads its answers
+    would hold its connection (and with enough of them, the connection cap) forever. Pipelined
+    requests are already read one at a time (h11 pauses reading while one is in flight).
+    """
+
+    _read_timer: asyncio.TimerHandle | None = None
+    _stall_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_read()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        cycle = self.cycle
+        if cycle is not None and not cycle.more_body and not cycle.response_complete:
+            self._disarm_read()  # the request is complete: from here on the time is ours
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_read()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stall_timer is None:
+            self._stall_timer = self.loop.call_later(WRITE_STALL_TIMEOUT_S, self._drop)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_read()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        super().connection_lost(exc)
+
+    def _arm_read(self) -> None:
+        self._disarm_read()
+        self._read_timer = self.loop.call_later(REQUEST_READ_TIMEOUT_S, self._drop)
+
+    def _disarm_read(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _drop(self) -> None:
+        # abort, not close: a graceful close would wait for a stalled peer to read its buffer
+        self.transport.abort()
 
 
 class _Server(uvicorn.Server):
@@ -51,7 +126,10 @@ async def serve(dsn: str, args: argparse.Namespace) -> None:
             lifespan="off",
             access_log=False,
             log_level="warning",
-            timeout_graceful_shutdown=10,
+            http=GuardedH11Protocol,
+            limit_concurrency=MAX_HTTP_CONNECTIONS,
+            timeout_keep_alive=KEEP_ALIVE_S,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )
     )
     gateway = None
@@ -63,13 +141,24 @@ async def serve(dsn: str, args: argparse.Namespace) -> None:
             await gateway.start(*args.iso)
             log.info("terminal gateway on %s:%d", *args.iso)
     log.info("HTTP API on http://%s:%d (OpenAPI at /openapi.json)", host, port)
+    # Both doors close at once on a signal: the gateway stops accepting and answers what it
+    # has read while uvicorn does the same; the engine drains its queue after both.
+    stopping: list[asyncio.Task[None]] = []
+
+    def on_signal() -> None:
+        server.request_exit()
+        if gateway is not None and not stopping:
+            stopping.append(asyncio.create_task(gateway.stop(), name="onecard-gateway-stop"))
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, server.request_exit)
+        loop.add_signal_handler(sig, on_signal)
     try:
-        await server.serve()
+        await run_alongside(server.serve(), engine.store)  # + end-of-day snapshots
     finally:
-        if gateway is not None:
+        if stopping:
+            await stopping[0]
+        elif gateway is not None:
             await gateway.stop()
         await engine.stop()
         await asyncio.sleep(0)

@@ -15,7 +15,7 @@ from uuid import UUID
 
 import asyncpg
 import msgspec
-from asyncpg.pool import PoolConnectionProxy
+from asyncpg.pool import PoolAcquireContext, PoolConnectionProxy
 
 from engine import limits
 from ledger import audit
@@ -137,7 +137,10 @@ SELECT * FROM (
 
 # Balance as of $3: the latest snapshot at or before it plus what happened since. Posted
 # amounts come from plain and post_pending transfers; pending from holds created minus holds
-# released in the window. Every range is an index range scan bounded by the window.
+# released in the window. Every range is an index range scan bounded by the window: the lower
+# bound is a scalar subquery (an InitPlan parameter the index condition can use; joining `w`
+# only filters after scanning from the start of history), and `resolved_at > 0` repeats the
+# holds indexes' partial predicate so the planner may use them.
 _PENDING_FLAG = int(TransferFlags.PENDING)
 _VOID_FLAG = int(TransferFlags.VOID_PENDING)
 SQL_BALANCE_AT = f"""
@@ -148,26 +151,28 @@ WITH s AS (
 ), w AS (SELECT coalesce((SELECT timestamp FROM s), 0) AS lo)
 SELECT
   coalesce((SELECT debits_posted FROM s), 0)
-    + coalesce((SELECT sum(amount)::bigint FROM transfers t, w
-    WHERE t.ledger = $1 AND t.debit_account_id = $2 AND t.timestamp > w.lo
+    + coalesce((SELECT sum(amount)::bigint FROM transfers t
+    WHERE t.ledger = $1 AND t.debit_account_id = $2 AND t.timestamp > (SELECT lo FROM w)
       AND t.timestamp <= $3 AND t.flags & {_PENDING_FLAG | _VOID_FLAG} = 0), 0) AS dp,
   coalesce((SELECT credits_posted FROM s), 0)
-    + coalesce((SELECT sum(amount)::bigint FROM transfers t, w
-    WHERE t.ledger = $1 AND t.credit_account_id = $2 AND t.timestamp > w.lo
+    + coalesce((SELECT sum(amount)::bigint FROM transfers t
+    WHERE t.ledger = $1 AND t.credit_account_id = $2 AND t.timestamp > (SELECT lo FROM w)
       AND t.timestamp <= $3 AND t.flags & {_PENDING_FLAG | _VOID_FLAG} = 0), 0) AS cp,
   coalesce((SELECT debits_pending FROM s), 0)
-    + coalesce((SELECT sum(amount)::bigint FROM transfers t, w
-        WHERE t.ledger = $1 AND t.debit_account_id = $2 AND t.timestamp > w.lo
+    + coalesce((SELECT sum(amount)::bigint FROM transfers t
+        WHERE t.ledger = $1 AND t.debit_account_id = $2 AND t.timestamp > (SELECT lo FROM w)
           AND t.timestamp <= $3 AND t.flags & {_PENDING_FLAG} <> 0), 0)
-    - coalesce((SELECT sum(amount)::bigint FROM holds h, w
-        WHERE h.ledger = $1 AND h.debit_account_id = $2 AND h.resolved_at > w.lo
+    - coalesce((SELECT sum(amount)::bigint FROM holds h
+        WHERE h.ledger = $1 AND h.debit_account_id = $2 AND h.resolved_at > 0
+          AND h.resolved_at > (SELECT lo FROM w)
           AND h.resolved_at <= $3), 0) AS dq,
   coalesce((SELECT credits_pending FROM s), 0)
-    + coalesce((SELECT sum(amount)::bigint FROM transfers t, w
-        WHERE t.ledger = $1 AND t.credit_account_id = $2 AND t.timestamp > w.lo
+    + coalesce((SELECT sum(amount)::bigint FROM transfers t
+        WHERE t.ledger = $1 AND t.credit_account_id = $2 AND t.timestamp > (SELECT lo FROM w)
           AND t.timestamp <= $3 AND t.flags & {_PENDING_FLAG} <> 0), 0)
-    - coalesce((SELECT sum(amount)::bigint FROM holds h, w
-        WHERE h.ledger = $1 AND h.credit_account_id = $2 AND h.resolved_at > w.lo
+    - coalesce((SELECT sum(amount)::bigint FROM holds h
+        WHERE h.ledger = $1 AND h.credit_account_id = $2 AND h.resolved_at > 0
+          AND h.resolved_at > (SELECT lo FROM w)
           AND h.resolved_at <= $3), 0) AS cq
 """
 SQL_SNAPSHOT = """
@@ -268,12 +273,17 @@ class Store:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
+    def _acquire(self) -> PoolAcquireContext:
+        # Every wait is bounded: a pool exhausted for this long answers 503 (or, for a batch,
+        # counts as a retryable fault) instead of queueing without end.
+        return self.pool.acquire(timeout=limits.DB_ACQUIRE_TIMEOUT_S)
+
     # -- accounts ------------------------------------------------------------------------------
 
     async def create_accounts(self, batch: Sequence[Account]) -> list[AccountStatus]:
         """Create accounts in order; one transaction, set-based."""
         ids = sorted({a.id for a in batch if a.id})
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._acquire() as conn, conn.transaction():
             # Account ids are unique across ledgers; serialise creators of the same ids.
             await conn.execute(SQL_LOCK_ACCOUNT_IDS, ids)
             existing = {r["id"]: _account(r) for r in await conn.fetch(SQL_ACCOUNTS_BY_ID, ids)}
@@ -299,13 +309,13 @@ class Store:
         self, ledger: int, account_id: int, *, add: int, remove: int
     ) -> int | None:
         """Set and clear account flag bits at once; returns the new flags, None if unknown."""
-        async with self.pool.acquire() as conn:
+        async with self._acquire() as conn:
             flags: int | None = await conn.fetchval(SQL_SET_FLAGS, ledger, account_id, add, remove)
         return flags
 
     async def get_account(self, account_id: int) -> AccountRecord | None:
         """The live account, or None."""
-        async with self.pool.acquire() as conn:
+        async with self._acquire() as conn:
             r = await conn.fetchrow(SQL_GET_ACCOUNT, account_id)
         if r is None:
             return None
@@ -328,7 +338,7 @@ class Store:
         With ``expire_due`` the batch also releases up to ``MAX_EXPIRED_PER_RUN`` holds whose
         timeout has passed (the expirer runs an empty batch this way).
         """
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._acquire() as conn, conn.transaction():
             return await self._post(conn, ledger, batch, request_ends, expire_due)
 
     async def _post(
@@ -432,7 +442,7 @@ class Store:
 
     async def get_transfer(self, transfer_id: UUID) -> TransferRecord | None:
         """A transfer and its state, or None."""
-        async with self.pool.acquire() as conn:
+        async with self._acquire() as conn:
             r = await conn.fetchrow(SQL_GET_TRANSFER, transfer_id)
         return None if r is None else TransferRecord(transfer=_transfer(r), state=_state(r))
 
@@ -441,14 +451,14 @@ class Store:
     ) -> tuple[list[TransferRecord], bool]:
         """Up to ``limit`` transfers of an account older than ``before``, newest first, and
         whether older ones exist."""
-        async with self.pool.acquire() as conn:
+        async with self._acquire() as conn:
             rows = await conn.fetch(SQL_ACCOUNT_TRANSFERS, ledger, account_id, before, limit + 1)
         records = [TransferRecord(transfer=_transfer(r), state=_state(r)) for r in rows]
         return records[:limit], len(records) > limit
 
     async def balance_at(self, ledger: int, account_id: int, at: int) -> BalanceFields:
         """The account's four balance fields as of engine timestamp ``at`` (inclusive)."""
-        async with self.pool.acquire() as conn:
+        async with self._acquire() as conn:
             r = await conn.fetchrow(SQL_BALANCE_AT, ledger, account_id, at)
         assert r is not None, "an aggregate query answers one row"
         b = BalanceFields(r["dp"], r["cp"], r["dq"], r["cq"])
@@ -457,7 +467,7 @@ class Store:
 
     async def ledgers(self) -> list[int]:
         """Every ledger that has a clock row."""
-        async with self.pool.acquire() as conn:
+        async with self._acquire() as conn:
             return [r["ledger"] for r in await conn.fetch(SQL_LEDGERS)]
 
     # -- snapshots -----------------------------------------------------------------------------
@@ -468,7 +478,7 @@ class Store:
         Taken under the ledger's clock lock, so it is exactly the state between two batches.
         Returns (timestamp, accounts recorded).
         """
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._acquire() as conn, conn.transaction():
             clock = await conn.fetchrow(SQL_RESERVE, ledger, now_ns(), 1)
             assert clock is not None, "an upsert with RETURNING answers one row"
             ts: int = clock["first"]
