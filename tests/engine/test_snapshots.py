@@ -302,10 +302,11 @@ async def test_balance_at_reads_only_the_window_after_the_snapshot(
     assert (b.debits_posted, b.credits_posted, b.debits_pending) == (
         live.state.debits_posted, live.state.credits_posted, live.state.debits_pending
     ) == (history + 15 + 30, 10_000, 0)
-    # the 5 debits of the window (3 meals, the hold, its post) read by the posted and the
-    # pending sums, plus the released hold: the same 11 rows whether 40 or 2,000 transfers
-    # precede the snapshot
-    assert _touched(nodes) == 11
+    # The window holds 5 debits (3 meals, the hold, its post) and 1 released hold: read by
+    # four transfer sums and two hold sums that is 11 rows with plain index scans; a bitmap
+    # plan may recheck a few more. Either way it is bounded by the window, not by the history
+    # (40 or 2,000 transfers precede the snapshot), while without the snapshot it is not.
+    assert _touched(nodes) <= 4 * 6
     assert _touched(early) >= history
     snap = [n for n in nodes if n.get("Relation Name") == "balance_snapshots"]
     assert snap and all(n["Actual Rows"] <= 1 for n in snap)
