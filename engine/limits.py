@@ -20,6 +20,24 @@ MAX_STATEMENT_LIMIT: Final = 1000
 DEFAULT_STATEMENT_LIMIT: Final = 100
 RETRY_AFTER_S: Final = 1
 
+# -- HTTP edge (engine/server.py) ----------------------------------------------------------
+# Open connections; beyond it a request is answered 503 at once (bounds sockets and memory).
+MAX_HTTP_CONNECTIONS: Final = 1024
+# A whole request (head and body) must arrive within this of the connection opening or of the
+# previous answer; a silent, trickling or stalled client is then disconnected.
+REQUEST_READ_TIMEOUT_S: Final = 10.0
+# A peer that stops reading its answers (send buffer full) for this long is dropped.
+WRITE_STALL_TIMEOUT_S: Final = 10.0
+# An idle keep-alive connection is closed after this.
+KEEP_ALIVE_S: Final = 5
+# In-flight requests are answered for at most this long after SIGTERM, then cancelled.
+GRACEFUL_SHUTDOWN_S: Final = 10
+
+# -- background work ---------------------------------------------------------------------------
+# A background loop that dies of an error it did not expect is restarted after this pause:
+# a dead expirer would leave every hold pending forever.
+BACKGROUND_RESTART_S: Final = 1.0
+
 # -- database ----------------------------------------------------------------------------------
 DB_POOL_MIN: Final = 2
 DB_POOL_MAX: Final = 10

@@ -8,11 +8,11 @@ import contextlib
 import logging
 import signal
 from collections.abc import Generator
-from typing import Final
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from engine import limits
 from engine.api import create_app
 from engine.config import tokens_from_env
 from engine.service import Engine
@@ -20,18 +20,6 @@ from engine.snapshots import run_alongside
 
 log = logging.getLogger(__name__)
 
-# -- HTTP edge limits ----------------------------------------------------------------------------
-# Open connections; beyond it a request is answered 503 at once (bounds sockets and memory).
-MAX_HTTP_CONNECTIONS: Final = 1024
-# A whole request (head and body) must arrive within this of the connection opening or of the
-# previous answer; a silent, trickling or stalled client is then disconnected.
-REQUEST_READ_TIMEOUT_S: Final = 10.0
-# A peer that stops reading its answers (send buffer full) for this long is dropped.
-WRITE_STALL_TIMEOUT_S: Final = 10.0
-# An idle keep-alive connection is closed after this.
-KEEP_ALIVE_S: Final = 5
-# In-flight requests are answered for at most this long after SIGTERM, then cancelled.
-GRACEFUL_SHUTDOWN_S: Final = 10
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -64,7 +52,7 @@ class GuardedH11Protocol(H11Protocol):
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._stall_timer is None:
-            self._stall_timer = self.loop.call_later(WRITE_STALL_TIMEOUT_S, self._drop)
+            self._stall_timer = self.loop.call_later(limits.WRITE_STALL_TIMEOUT_S, self._drop)
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -81,7 +69,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def _arm_read(self) -> None:
         self._disarm_read()
-        self._read_timer = self.loop.call_later(REQUEST_READ_TIMEOUT_S, self._drop)
+        self._read_timer = self.loop.call_later(limits.REQUEST_READ_TIMEOUT_S, self._drop)
 
     def _disarm_read(self) -> None:
         if self._read_timer is not None:
@@ -127,9 +115,9 @@ async def serve(dsn: str, args: argparse.Namespace) -> None:
             access_log=False,
             log_level="warning",
             http=GuardedH11Protocol,
-            limit_concurrency=MAX_HTTP_CONNECTIONS,
-            timeout_keep_alive=KEEP_ALIVE_S,
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            limit_concurrency=limits.MAX_HTTP_CONNECTIONS,
+            timeout_keep_alive=limits.KEEP_ALIVE_S,
+            timeout_graceful_shutdown=limits.GRACEFUL_SHUTDOWN_S,
         )
     )
     gateway = None

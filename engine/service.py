@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any, Final
+from typing import Any
 
 import asyncpg
 
@@ -18,9 +18,6 @@ from engine.store import Store
 
 log = logging.getLogger(__name__)
 
-# A background loop that dies of an error it did not expect is restarted after this pause:
-# a dead expirer would leave every hold pending forever.
-BACKGROUND_RESTART_S: Final = 1.0
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -46,7 +43,7 @@ async def supervise(
     name: str,
     loop: Callable[[], Coroutine[Any, Any, None]],
     *,
-    restart_s: float = BACKGROUND_RESTART_S,
+    restart_s: float = limits.BACKGROUND_RESTART_S,
 ) -> None:
     """Run a background loop until it returns or is cancelled; restart it after an error."""
     while True:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from engine import limits
-from engine.server import (
+from engine.limits import (
     KEEP_ALIVE_S,
     MAX_HTTP_CONNECTIONS,
     REQUEST_READ_TIMEOUT_S,
