@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Generator
 
@@ -14,6 +15,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from engine import limits
 from engine.api import create_app
+from engine.campus import DEFAULT_TZ, Campus
 from engine.config import tokens_from_env
 from engine.service import Engine
 from engine.snapshots import run_alongside
@@ -103,7 +105,11 @@ async def serve(dsn: str, args: argparse.Namespace) -> None:
     admin, read = tokens_from_env(args.data_dir)
     engine = Engine(dsn)
     await engine.start()
+    # One Campus for both doors: its card and terminal caches must see a report-lost made over
+    # HTTP before the next swipe at a terminal.
+    campus = Campus(engine, tz=os.environ.get("ONECARD_TZ") or DEFAULT_TZ)
     app = create_app(engine, admin_token=admin, read_token=read)
+    app.state.campus = campus
     host, port = args.http
     server = _Server(
         uvicorn.Config(
@@ -122,12 +128,12 @@ async def serve(dsn: str, args: argparse.Namespace) -> None:
     )
     gateway = None
     if not args.no_iso:
-        with contextlib.suppress(ModuleNotFoundError):
-            from terminals.gateway import Gateway
+        # The composition root is the one place the engine reaches up to the terminal edge.
+        from terminals.gateway import Gateway
 
-            gateway = Gateway(engine)
-            await gateway.start(*args.iso)
-            log.info("terminal gateway on %s:%d", *args.iso)
+        gateway = Gateway(engine, campus=campus)
+        await gateway.start(*args.iso)
+        log.info("terminal gateway on %s:%d", *args.iso)
     log.info("HTTP API on http://%s:%d (OpenAPI at /openapi.json)", host, port)
     # Both doors close at once on a signal: the gateway stops accepting and answers what it
     # has read while uvicorn does the same; the engine drains its queue after both.
