@@ -33,7 +33,16 @@ A chain still open at the end of its request answers ``linked_event_chain_open``
 event and ``linked_event_failed`` on the others, without evaluating them. An ``exists`` inside
 a chain counts as success, so a retried chain answers ``exists`` for every event.
 
-Holds whose timeout has passed at the batch's timestamp are expired before any event runs.
+Holds whose timeout has passed at the batch's timestamp are expired before any event runs —
+every hold the caller passed in, that is: the store passes the holds the batch names (by id or
+``pending_id``), so a post or void of an overdue hold always answers
+``pending_transfer_expired``; other overdue holds are released by the expirer's next pass (each
+second), until which they keep their money reserved.
+
+Two corner cases follow from the order above: debit and credit both 0 is not
+``accounts_must_be_different`` but falls to ``code_must_not_be_zero`` /
+``debit_account_not_found``; a ``pending_id`` naming another ledger's plain transfer answers
+``pending_transfer_has_different_ledger``.
 """
 
 from __future__ import annotations
