@@ -24,14 +24,9 @@ import uvicorn
 from engine.api import create_app
 from engine.migrate import migrate
 from engine.service import Engine
+from tests.databases import with_database
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-def _with_database(dsn: str, name: str) -> str:
-    base, _, query = dsn.partition("?")
-    head, _, _ = base.rpartition("/")
-    return f"{head}/{name}" + (f"?{query}" if query else "")
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +42,7 @@ async def dsn(admin_dsn: str) -> AsyncIterator[str]:
     conn = await asyncpg.connect(admin_dsn)
     await conn.execute(f'CREATE DATABASE "{name}"')
     await conn.close()
-    url = _with_database(admin_dsn, name)
+    url = with_database(admin_dsn, name)
     c = await asyncpg.connect(url)
     await migrate(c)
     await c.close()

@@ -29,6 +29,7 @@ from engine.store import Store
 from ledger.account import Account
 from ledger.transfer import Transfer
 from ledger.types import AccountKind
+from tests.databases import scratch_database
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 PYTHON: Final = sys.executable
@@ -43,29 +44,11 @@ PROMPT_S: Final = 5.0  # an idle server exits in well under a second; allow for 
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def _with_database(dsn: str, name: str) -> str:
-    base, _, query = dsn.partition("?")
-    head, _, _ = base.rpartition("/")
-    return f"{head}/{name}" + (f"?{query}" if query else "")
-
-
 @pytest.fixture
 async def scratch(admin_dsn: str) -> AsyncIterator[str]:
     """A fresh, empty database, dropped afterwards."""
-    name = f"onecard_cli_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    try:
-        yield _with_database(admin_dsn, name)
-    finally:
-        conn = await asyncpg.connect(admin_dsn)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+    async with scratch_database(admin_dsn, prefix="onecard_cli") as url:
+        yield url
 
 
 def _env(**extra: str) -> dict[str, str]:

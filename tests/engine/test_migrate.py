@@ -13,31 +13,14 @@ import pytest
 
 from engine.limits import MIGRATION_LOCK_KEY
 from engine.migrate import MigrationError, migrate, migration_files
-
-
-def _with_database(dsn: str, name: str) -> str:
-    base, _, query = dsn.partition("?")
-    head, _, _ = base.rpartition("/")
-    return f"{head}/{name}" + (f"?{query}" if query else "")
+from tests.databases import scratch_database
 
 
 @pytest.fixture
 async def scratch(admin_dsn: str) -> AsyncIterator[str]:
     """A fresh, empty database (no migrations), dropped afterwards."""
-    name = f"onecard_migrate_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    try:
-        yield _with_database(admin_dsn, name)
-    finally:
-        conn = await asyncpg.connect(admin_dsn)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+    async with scratch_database(admin_dsn, prefix="onecard_migrate") as url:
+        yield url
 
 
 async def _tables(conn: asyncpg.Connection) -> set[str]:

@@ -27,6 +27,7 @@ import httpx
 import uvicorn
 
 from ledger import audit
+from tests import databases
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 # Distinctive values so a test can prove they never reach a log.
@@ -78,36 +79,11 @@ def free_port() -> int:
         return port
 
 
-def with_database(dsn: str, name: str) -> str:
-    """``dsn`` pointing at database ``name``."""
-    base, _, query = dsn.partition("?")
-    head, _, _ = base.rpartition("/")
-    return f"{head}/{name}" + (f"?{query}" if query else "")
-
-
-def database_name(dsn: str) -> str:
-    """The database a DSN names."""
-    return dsn.partition("?")[0].rpartition("/")[2]
-
-
 @contextlib.asynccontextmanager
 async def scratch_database(admin_dsn: str) -> AsyncIterator[str]:
     """A fresh, empty database on the test server (the engine migrates it), dropped after."""
-    name = f"onecard_faults_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        # DDL takes no parameters; the name is ours (digits and hex only).
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    try:
-        yield with_database(admin_dsn, name)
-    finally:
-        conn = await asyncpg.connect(admin_dsn)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+    async with databases.scratch_database(admin_dsn, prefix="onecard_faults") as url:
+        yield url
 
 
 async def terminate_backends(admin_dsn: str, database: str) -> int:

@@ -20,6 +20,7 @@ import pytest
 
 from engine.embedded import EmbeddedPostgres
 from terminals.client import TerminalClient
+from tests.databases import database_name
 from tests.faults.harness import (
     ADMIN,
     READ,
@@ -29,7 +30,6 @@ from tests.faults.harness import (
     campus_problems,
     check_books,
     check_ledger,
-    database_name,
     new_book,
     open_book,
     open_campus,

@@ -15,6 +15,7 @@ import httpx
 
 from terminals.client import TerminalClient
 from terminals.iso8583 import decode_message, encode_message
+from tests.databases import database_name, with_database
 from tests.faults.conftest import IsoTarget, Target
 from tests.faults.harness import (
     ADMIN,
@@ -24,11 +25,9 @@ from tests.faults.harness import (
     REPO_ROOT,
     Pos,
     ServerProcess,
-    database_name,
     free_port,
     scratch_database,
     terminate_backends,
-    with_database,
 )
 
 SOURCE_DIRS = ("engine", "ledger", "terminals")
