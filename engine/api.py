@@ -25,6 +25,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
+from litestar.params import FromPath
 from litestar.types import ASGIApp, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -304,7 +305,7 @@ async def create_transfers(
 
 
 @get("/v1/transfers/{transfer_id:str}", guards=[require_read])
-async def get_transfer(request: Request[Any, Any, Any], transfer_id: str) -> TransferView:
+async def get_transfer(request: Request[Any, Any, Any], transfer_id: FromPath[str]) -> TransferView:
     """One transfer with its timestamp and state."""
     try:
         tid = UUID(transfer_id)
@@ -317,7 +318,7 @@ async def get_transfer(request: Request[Any, Any, Any], transfer_id: str) -> Tra
 
 
 @get("/v1/accounts/{account_id:str}/balance", guards=[require_read])
-async def get_balance(request: Request[Any, Any, Any], account_id: str) -> Balance:
+async def get_balance(request: Request[Any, Any, Any], account_id: FromPath[str]) -> Balance:
     """Live balance, or as of ``at`` (RFC 3339) from snapshots plus later transfers."""
     aid = _account_id(account_id)
     store = _engine(request).store
@@ -348,7 +349,7 @@ async def get_balance(request: Request[Any, Any, Any], account_id: str) -> Balan
 
 
 @get("/v1/accounts/{account_id:str}/transfers", guards=[require_read])
-async def get_statement(request: Request[Any, Any, Any], account_id: str) -> Statement:
+async def get_statement(request: Request[Any, Any, Any], account_id: FromPath[str]) -> Statement:
     """An account's transfers, newest first, ``limit`` at a time, older than ``before``."""
     aid = _account_id(account_id)
     limit = _int_param(
