@@ -7,6 +7,11 @@ one transaction. While a transaction is in flight the next requests gather, so t
 with the load and the cost of a commit is shared. Order within a ledger is arrival order, and
 a request's linked chains never mix with another request's (``request_ends``).
 
+Under load a committed batch is answered while the next batch's write is on the server (never
+before its own commit, never later than ``BATCH_ANSWER_DEFER_MAX_S``): the callers' Python
+work then overlaps with PostgreSQL's instead of alternating with it. With nothing queued the
+answer goes out at once.
+
 A full queue refuses at once (``Overloaded``: HTTP 503, terminal 96), so memory stays bounded.
 """
 
@@ -17,7 +22,7 @@ import logging
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final, cast
 
 import asyncpg
@@ -45,10 +50,13 @@ metrics.QUEUE_DEPTH.set_function(lambda: sum(b.queued for b in list(_RUNNING)))
 RETRYABLE = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # protocol state left behind by a terminated backend
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
     OSError,
     TimeoutError,
 )
@@ -151,60 +159,92 @@ class Batcher:
 
     async def _run(self) -> None:
         idle = True  # nothing gathered during the last commit: a new request lingers for company
-        while True:
-            await self._wake.wait()
-            if not self._queue:
-                if self._closing:
-                    return
-                self._wake.clear()
-                idle = True
-                continue
-            # Under load the requests that arrived during the previous commit are the company;
-            # lingering then would only add to every batch's latency.
-            if idle and self.linger_s and self._queued < self.max_batch and not self._closing:
-                await asyncio.sleep(self.linger_s)
-            taken: list[_Request] = []
-            size = 0
-            while self._queue and size + len(self._queue[0].transfers) <= self.max_batch:
-                r = self._queue.popleft()
-                taken.append(r)
-                size += len(r.transfers)
-            self._queued -= size
-            if not self._queue and not self._closing:
-                self._wake.clear()
-            try:
-                await self._commit(taken)
-            except Exception as e:  # answer every waiter; the committer itself carries on
-                log.exception("batch failed")
-                for r in taken:
-                    if not r.future.done():
-                        r.future.set_exception(e)
-            idle = not self._queue
+        pending: _Answers | None = None  # committed, answered once the next batch's write is out
+        try:
+            while True:
+                if pending is not None and (not self._queue or self._closing):
+                    pending.deliver()  # nothing to overlap with: never sit on answers
+                    pending = None
+                await self._wake.wait()
+                if not self._queue:
+                    if self._closing:
+                        return
+                    self._wake.clear()
+                    idle = True
+                    continue
+                # Under load the requests that arrived during the previous commit are the
+                # company; lingering then would only add to every batch's latency.
+                if idle and self.linger_s and self._queued < self.max_batch and not self._closing:
+                    await asyncio.sleep(self.linger_s)
+                taken: list[_Request] = []
+                size = 0
+                while self._queue and size + len(self._queue[0].transfers) <= self.max_batch:
+                    r = self._queue.popleft()
+                    taken.append(r)
+                    size += len(r.transfers)
+                self._queued -= size
+                if not self._queue and not self._closing:
+                    self._wake.clear()
+                answers: _Answers | None = None
+                try:
+                    answers = await self._commit(
+                        taken, on_write=None if pending is None else pending.deliver
+                    )
+                except Exception as e:  # answer every waiter; the committer itself carries on
+                    if isinstance(e, Unavailable) or len(taken) == 1:
+                        log.exception("batch failed")
+                        _fail(taken, e)
+                    else:
+                        # Not a database outage: one request may be poison (an error only it
+                        # causes). Commit each alone so only the guilty one fails; a request
+                        # whose ledger did commit answers `exists` the second time.
+                        log.warning("batch of %d requests failed (%s); one by one", len(taken), e)
+                        for r in taken:
+                            try:
+                                (await self._commit([r])).deliver()
+                            except Exception as e1:
+                                log.exception("request failed")
+                                _fail([r], e1)
+                if pending is not None:
+                    pending.deliver()  # if this batch wrote nothing, its hook never ran
+                    pending = None
+                if answers is not None:
+                    if self._queue and not self._closing:
+                        # Under load, answer while the next batch's write is on the server:
+                        # the callers' work (HTTP, gateway) then overlaps with PostgreSQL's.
+                        pending = answers
+                        pending.deliver_by(limits.BATCH_ANSWER_DEFER_MAX_S)
+                    else:
+                        answers.deliver()
+                idle = not self._queue
+        finally:
+            if pending is not None:
+                pending.deliver()
 
-    async def _commit(self, requests: list[_Request]) -> None:
+    async def _commit(
+        self, requests: list[_Request], *, on_write: Callable[[], None] | None = None
+    ) -> _Answers:
+        """Post the requests (per ledger); return their answers, not yet delivered.
+
+        ``on_write`` runs once the first ledger's write has been sent to the server.
+        """
         answers: list[list[TransferResult | None]] = [[None] * len(r.transfers) for r in requests]
         groups = _group(requests, answers)
+        posted: list[tuple[_Group, BatchOutcome]] = []
         for ledger, g in groups.items():
-            outcome = await self._post_with_retry(ledger, g)
-            for (ri, pos), t, st, ts in zip(
-                g.places, g.transfers, outcome.statuses, outcome.timestamps, strict=True
-            ):
-                answers[ri][pos] = TransferResult(str(t.id), st, ts or None)
-        tally: Counter[TransferStatus] = Counter()
-        for r, a in zip(requests, answers, strict=True):
-            assert None not in a, "every transfer gets an answer"
-            done = cast(list[TransferResult], a)
-            tally.update([x.status for x in done])
-            if not r.future.done():  # the caller may have gone away
-                r.future.set_result(done)
-        for status, n in tally.items():  # one labelled increment per status, not per transfer
-            metrics.TRANSFERS.labels(status.value).inc(n)
+            posted.append((g, await self._post_with_retry(ledger, g, on_write=on_write)))
+            on_write = None
+        return _Answers(requests, answers, posted)
 
-    async def _post_with_retry(self, ledger: int, g: _Group) -> BatchOutcome:
+    async def _post_with_retry(
+        self, ledger: int, g: _Group, *, on_write: Callable[[], None] | None
+    ) -> BatchOutcome:
         for attempt in range(limits.BATCH_RETRIES + 1):
             t0 = time.perf_counter()
             try:
-                outcome = await self.store.post_batch(ledger, g.transfers, request_ends=g.ends)
+                outcome = await self.store.post_batch(
+                    ledger, g.transfers, request_ends=g.ends, on_write=on_write
+                )
             except RETRYABLE as e:
                 if attempt == limits.BATCH_RETRIES:
                     raise Unavailable(f"database unavailable: {e}") from e
@@ -216,6 +256,78 @@ class Batcher:
             metrics.BATCH_SIZE.observe(len(g.transfers))
             return outcome
         raise AssertionError("unreachable")
+
+
+class _Answers:
+    """A committed batch's answers, delivered once (results built, futures resolved, counted)."""
+
+    __slots__ = ("_answers", "_done", "_posted", "_requests", "_timer")
+
+    def __init__(
+        self,
+        requests: list[_Request],
+        answers: list[list[TransferResult | None]],
+        posted: list[tuple[_Group, BatchOutcome]],
+    ) -> None:
+        self._requests = requests
+        self._answers = answers
+        self._posted = posted
+        self._done = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def deliver_by(self, delay_s: float) -> None:
+        """Deliver at the latest ``delay_s`` from now (at the next await after it)."""
+        self._timer = asyncio.get_running_loop().call_later(delay_s, self.deliver)
+
+    def deliver(self) -> None:
+        """Answer every caller of the batch (idempotent; never raises: it also runs as a hook
+        inside the next batch's write)."""
+        if self._done:
+            return
+        self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
+        try:
+            self._resolve()
+        except Exception as e:  # a bug here must not leave callers waiting forever
+            log.exception("answering a batch failed")
+            for r in self._requests:
+                if not r.future.done():
+                    r.future.set_exception(e)
+
+    def _resolve(self) -> None:
+        answers = self._answers
+        for g, outcome in self._posted:
+            for (ri, pos), tid, st, ts in zip(
+                g.places, _id_strings(g.transfers), outcome.statuses, outcome.timestamps,
+                strict=True,
+            ):
+                answers[ri][pos] = TransferResult(tid, st, ts or None)
+        tally: Counter[TransferStatus] = Counter()
+        for r, a in zip(self._requests, answers, strict=True):
+            assert None not in a, "every transfer gets an answer"
+            done = cast(list[TransferResult], a)
+            tally.update([x.status for x in done])
+            if not r.future.done():  # the caller may have gone away
+                r.future.set_result(done)
+        for status, n in tally.items():  # one labelled increment per status, not per transfer
+            metrics.TRANSFERS.labels(status.value).inc(n)
+
+
+_encode_ids = msgspec.json.Encoder().encode
+_decode_strs = msgspec.json.Decoder(list[str]).decode
+
+
+def _id_strings(transfers: list[Transfer]) -> list[str]:
+    """The canonical string of every transfer id: one C round trip through msgspec for the
+    whole batch rather than a Python-level ``UUID.__str__`` per transfer."""
+    return _decode_strs(_encode_ids([t.id for t in transfers]))
+
+
+def _fail(requests: list[_Request], e: BaseException) -> None:
+    for r in requests:
+        if not r.future.done():
+            r.future.set_exception(e)
 
 
 def _group(

@@ -13,6 +13,9 @@ MAX_QUEUED_TRANSFERS: Final = 65_520  # 8 full batches; beyond it callers get 50
 MAX_EXPIRED_PER_RUN: Final = 8190  # holds released per expirer transaction
 EXPIRER_INTERVAL_S: Final = 1.0
 BATCH_RETRIES: Final = 3  # a batch whose connection broke is retried (idempotent) this often
+# Under load a committed batch is answered while the next batch's write is on the server; if
+# that write has not gone out by then (a clock lock held elsewhere), it is answered anyway.
+BATCH_ANSWER_DEFER_MAX_S: Final = 0.25
 
 # -- HTTP --------------------------------------------------------------------------------------
 MAX_BODY_BYTES: Final = 4 * 1024 * 1024  # 8190 transfers of ~400 bytes each

@@ -64,17 +64,19 @@ from ledger.types import (
     transfer_flag_bits,
 )
 
-_LINKED = TransferFlags.LINKED
-_PENDING = TransferFlags.PENDING
-_POST = TransferFlags.POST_PENDING
-_VOID = TransferFlags.VOID_PENDING
-_FORCE = TransferFlags.FORCE
+# Plain ints, not IntFlag members: `int & IntFlag` goes through Flag.__and__ and builds a new
+# enum member each time, about ten times per transfer; with ints apply() costs a third as much.
+_LINKED = int(TransferFlags.LINKED)
+_PENDING = int(TransferFlags.PENDING)
+_POST = int(TransferFlags.POST_PENDING)
+_VOID = int(TransferFlags.VOID_PENDING)
+_FORCE = int(TransferFlags.FORCE)
 _RESOLVING = _POST | _VOID
 _EXCLUSIVE = _PENDING | _POST | _VOID
-_CLOSED = AccountFlags.CLOSED
-_FROZEN = AccountFlags.FROZEN
-_DMNEC = AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS
-_CMNED = AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS
+_CLOSED = int(AccountFlags.CLOSED)
+_FROZEN = int(AccountFlags.FROZEN)
+_DMNEC = int(AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)
+_CMNED = int(AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS)
 _NS_PER_S = 1_000_000_000
 
 

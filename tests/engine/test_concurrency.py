@@ -343,12 +343,6 @@ async def test_two_engines_conflicting_work(
     assert len(stamps) == 1 + len(moves) + 10
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a non-retryable database error caused by one request (here user_data with "
-    "U+0000, which Batcher.submit accepts from any in-process caller) fails the whole merged "
-    "batch: every other caller's request in it gets the exception too, not just the guilty one",
-)
 async def test_one_bad_request_does_not_fail_its_batch_neighbours(
     engine: Engine, api: Api, http: httpx.AsyncClient, ids: Ids
 ) -> None:

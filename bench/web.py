@@ -1,0 +1,194 @@
+"""``http``: the HTTP API in its own process (``onecard serve --no-iso``), driven over real
+sockets by concurrent keep-alive clients: batched POSTs, single-transfer POSTs as fast as they
+go, and single-transfer POSTs offered at a fixed rate (the latency a terminal would see)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Final
+
+import msgspec
+
+from bench.common import (
+    Campus,
+    CpuMeter,
+    CpuProbe,
+    Machine,
+    Mix,
+    Stats,
+    campus_ids,
+    children_peak_rss_mb,
+    database_of,
+    load_campus,
+    machine,
+    now_stamp,
+    peak_rss_mb,
+    scratch_database,
+)
+from bench.loop import Bar, BatchProbe, Request, closed_loop, open_loop
+from bench.options import DEFAULT_SINGLE_RATE, Options
+from bench.report import Result, target
+from bench.server import Http, HttpError, Server, rss_mb, serve, server_batch_probe
+from engine.service import create_pool
+from engine.store import Store
+from ledger.transfer import Transfer
+
+LEDGER: Final = 1
+BATCHED_CLIENTS: Final = 8
+PACED_WORKERS: Final = 256  # connections available to the open loop
+TARGET_BATCHED_TPS: Final = 20_000
+TARGET_SINGLE_RPS: Final = 2_000
+TARGET_SINGLE_P99_MS: Final = 25.0
+
+
+class ResultView(msgspec.Struct):
+    """One element of a POST /v1/transfers answer."""
+
+    id: str
+    status: str
+    timestamp: int | None = None
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_results = msgspec.json.Decoder(list[ResultView]).decode
+
+
+@contextlib.asynccontextmanager
+async def campus_server(
+    o: Options, tag: str, *, iso: bool = False
+) -> AsyncIterator[tuple[str, Campus, Server]]:
+    """A scratch database with the campus fixture loaded, served by ``onecard serve``."""
+    async with scratch_database(o.dsn, tag, keep=o.keep) as dsn:
+        campus = campus_ids(LEDGER, o.purses, base=0)
+        pool = await create_pool(dsn, max_size=2)
+        try:
+            await load_campus(Store(pool), campus, seed=o.seed)
+        finally:
+            await pool.close()
+        async with serve(dsn, iso=iso) as server:
+            yield dsn, campus, server
+
+
+def transfer_worker(server: Server, mix: Mix, size: int, conns: list[Http]) -> Request:
+    """A client that POSTs ``size`` transfers per request on its own connection."""
+    h = Http(server.host, server.http_port)
+    conns.append(h)
+
+    async def one() -> tuple[int, list[str]]:
+        req: list[Transfer] = mix.request(size)
+        try:
+            body = await h.post_json("/v1/transfers", _encode(req))
+        except HttpError:
+            mix.replay(req)  # 503: the client retries the same transfers later
+            raise
+        return len(req), [r.status for r in _decode_results(body)]
+
+    return one
+
+
+async def close_all(conns: list[Http]) -> None:
+    """Close every client connection."""
+    for h in conns:
+        await h.close()
+
+
+def server_cpu(dsn: str, server: Server) -> CpuProbe:
+    """CPU of the load generator, the server process and the database's backends."""
+    return CpuProbe(database=database_of(dsn), pids={"server (python)": server.pid},
+                    own="load generator")
+
+
+def probe(server: Server) -> BatchProbe:
+    """The server's batch-size histogram, for mean batch sizes."""
+
+    async def p() -> tuple[float, float]:
+        return await server_batch_probe(server.host, server.http_port)
+
+    return p
+
+
+async def run(o: Options, bar: Bar) -> Result:
+    """Batched, single closed-loop and single paced phases, plus a concurrency sweep."""
+    m: Machine = await machine(o.dsn)
+    cpu = CpuMeter()
+    rate = o.rate or DEFAULT_SINGLE_RATE
+    phases: list[Stats] = []
+    sweep: list[Stats] = []
+    async with campus_server(o, "http") as (dsn, campus, server):
+        cpu.start()
+        conns: list[Http] = []
+        stream = 0
+
+        def workers(n: int, size: int) -> list[Request]:
+            nonlocal stream
+            out = []
+            for _ in range(n):
+                stream += 1
+                out.append(transfer_worker(server, Mix(campus, seed=o.seed, stream=stream),
+                                           size, conns))
+            return out
+
+        try:
+            batched = await closed_loop(
+                f"http batched {o.http_batch}/request c={BATCHED_CLIENTS}",
+                workers(BATCHED_CLIENTS, o.http_batch),
+                duration=o.duration, warmup=o.warmup, bar=bar, batch_probe=probe(server),
+                cpu=server_cpu(dsn, server),
+            )
+            single = await closed_loop(
+                f"http single c={o.concurrency}",
+                workers(o.concurrency, 1),
+                duration=o.duration, warmup=o.warmup, bar=bar, batch_probe=probe(server),
+                cpu=server_cpu(dsn, server),
+            )
+            paced = await open_loop(
+                f"http single paced {rate:g}/s",
+                workers(PACED_WORKERS, 1),
+                rate=rate, duration=o.duration, warmup=o.warmup, bar=bar,
+                cpu=server_cpu(dsn, server),
+            )
+            phases += [batched, single, paced]
+            for c in o.sweep:
+                sweep.append(
+                    await closed_loop(
+                        f"sweep single c={c}", workers(c, 1), duration=o.sweep_duration,
+                        warmup=min(o.warmup, 0.5), bar=bar, batch_probe=probe(server),
+                        cpu=server_cpu(dsn, server),
+                    )
+                )
+        finally:
+            await close_all(conns)
+        server_rss = rss_mb(server.pid)
+    cpu.stop(m)
+    paced_ok = paced.requests_per_s >= 0.98 * TARGET_SINGLE_RPS and not paced.errors
+    return Result(
+        workload="http",
+        started_at=now_stamp(),
+        seed=o.seed,
+        config={
+            "duration_s": o.duration, "warmup_s": o.warmup, "http_batch": o.http_batch,
+            "batched_clients": BATCHED_CLIENTS, "single_clients": o.concurrency,
+            "paced_rate": rate, "paced_workers": PACED_WORKERS, "purses": o.purses,
+            "sweep": o.sweep, "server": "onecard serve --no-iso (separate process)",
+        },
+        machine=m,
+        transfers_per_s=batched.transfers_per_s,
+        p50_ms=batched.p50_ms,
+        p99_ms=batched.p99_ms,
+        peak_rss_mb={
+            "server": server_rss or children_peak_rss_mb(),
+            "load generator": peak_rss_mb(),
+        },
+        phases=phases,
+        sweep=sweep,
+        targets=[
+            target("http batched transfers/s", f">= {TARGET_BATCHED_TPS:,}",
+                   batched.transfers_per_s, batched.transfers_per_s >= TARGET_BATCHED_TPS),
+            target("http single requests/s (closed loop)", f">= {TARGET_SINGLE_RPS:,}",
+                   single.requests_per_s, single.requests_per_s >= TARGET_SINGLE_RPS),
+            target(f"http single p99 at {rate:g} requests/s offered",
+                   f"<= {TARGET_SINGLE_P99_MS} ms", paced.p99_ms,
+                   paced_ok and paced.p99_ms <= TARGET_SINGLE_P99_MS),
+        ],
+    )
