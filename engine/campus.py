@@ -20,6 +20,16 @@ return their result or a :class:`Refused` with the reason.
 Reversals are remembered in ``reversals`` before anything else happens, and every original
 re-reads that memory after it posted: whichever of the two comes second sees the other, so an
 original and its reversal racing on two connections (or two processes) always net to zero.
+
+The hot path makes no database round trip of its own per request. Every read a terminal
+operation needs (the card, the purses, today's spending, the reversal memory, an earlier
+attempt's transfers, the balances after) goes through a :class:`Coalescer`: the requests that
+arrive while one statement runs share the next one, exactly as the batcher's group commit
+shares a transaction, so the reads grow with the load in rows, not in round trips. Card
+numbers map to holders and purses through a cache (that mapping never changes); the card's
+state itself is read fresh in the shared statement, so a report-lost, replacement or closure
+takes effect at once, from any process. Today's spending is remembered per holder after a
+first read (see :class:`_SpendMemory`).
 """
 
 from __future__ import annotations
@@ -29,16 +39,19 @@ import contextlib
 import enum
 import hashlib
 import logging
+import re
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from datetime import UTC, datetime, timedelta
 from datetime import time as dtime
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 from uuid import UUID, uuid5
 from zoneinfo import ZoneInfo
 
 import asyncpg
 import msgspec
+from asyncpg.pool import PoolConnectionProxy
 
 from engine import limits
 from engine.batcher import RETRYABLE, Overloaded, TransferResult, Unavailable
@@ -66,6 +79,20 @@ DEFAULT_HOLD_TIMEOUT_S: Final = 1800  # a shower is paid or released within half
 MAX_CACHED_TERMINALS: Final = 65_536  # terminals never change once registered
 MAX_CACHED_CARDS: Final = 262_144  # card -> holder never changes either
 UNDO_ATTEMPTS: Final = 3  # a reversal racing a completion re-reads and tries again
+# Requests one shared read statement serves at most (rows of its unnest arrays): bounds the
+# statement's size and how long the requests behind it wait for the next one.
+COALESCE_MAX_BATCH: Final = 2048
+# A coalescer whose queue ran dry keeps its connection this long for the next request before
+# it gives it back (giving it back costs a reset round trip; under load work comes every ms).
+COALESCE_LINGER_S: Final = 0.05
+# Run once on each connection a campus coalescer takes (the pool's reset undoes it). A shared
+# read of a large batch can be costed past jit_above_cost; compiling it takes ~40 ms, many
+# times what running it takes.
+COALESCE_SESSION: Final = "SET jit = off"
+# Today's spending of a holder is re-read from the ledger at least this often, so spending
+# through another process (which this one cannot see) is counted within this long.
+SPEND_MEMORY_TTL_S: Final = 5.0
+MAX_REMEMBERED_HOLDERS: Final = 262_144  # holders whose spending today is remembered
 
 # Account codes of the accounts the campus creates (the chart mirrors field 54's types).
 PURSE_CODE: Final = 10
@@ -82,6 +109,9 @@ _PENDING: Final = int(TransferFlags.PENDING)
 _POST: Final = int(TransferFlags.POST_PENDING)
 _VOID: Final = int(TransferFlags.VOID_PENDING)
 _SPENDING_CODES: Final = (TransferCode.MEAL, TransferCode.HOT_WATER, TransferCode.ELECTRICITY)
+_CARD_NO: Final = re.compile(r"[0-9]{8,19}")  # the cards table's CHECK
+_ANY_LEDGER: Final = 0  # coalescing key of reads that find their ledger (terminals by id)
+TERMINAL_ID_LEN: Final = 8  # field 41 (ans8); the terminals table's CHECK
 EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -360,6 +390,8 @@ def outcome_of(results: Sequence[TransferResult]) -> tuple[Outcome, int | None]:
 
 def _chain(transfers: list[Transfer]) -> list[Transfer]:
     """Link every transfer to the next: the operation commits whole or not at all."""
+    if len(transfers) < 2:
+        return transfers
     linked = (TransferFlag.LINKED,)
     return [
         msgspec.structs.replace(t, flags=(*t.flags, *linked)) if i < len(transfers) - 1 else t
@@ -387,68 +419,97 @@ _CARD_COLS = (
     "c.card_no, c.ledger, c.holder_id, c.status, c.daily_limit, c.pin, c.pin_threshold, "
     "c.replaced_by"
 )
-SQL_CARD_REF = """
-SELECT c.holder_id, h.purse_account_id, h.subsidy_account_id
+# The hot-path reads below each serve a whole batch of requests of one ledger (see
+# Coalescer): one row per request in, found by its ordinal, never a statement per request.
+
+SQL_CARD_REFS = """
+SELECT c.card_no, c.holder_id, h.purse_account_id, h.subsidy_account_id
 FROM cards c JOIN holders h ON h.ledger = c.ledger AND h.id = c.holder_id
-WHERE c.ledger = $1 AND c.card_no = $2
+WHERE c.ledger = $1 AND c.card_no = ANY($2::text[])
 """
-# Everything a card payment decides on, in one round trip. Today's spending is summed from
-# the ledger itself: spending codes debiting the holder's purses within the local day, a hold
-# while it still holds (its post counts once settled), nothing that was reversed (a reversal
-# carries the reversed transfer's id in user_data).
-SQL_CARD_STATE = f"""
-SELECT c.status, c.daily_limit, c.pin, c.pin_threshold,
+# Everything a card payment decides on. Today's spending is summed from the ledger itself
+# (only where it is asked for and the card has a limit): spending codes debiting the holder's
+# purses within the local day, a hold while it still holds (its post counts once settled),
+# nothing that was reversed (a reversal carries the reversed transfer's id in user_data);
+# with it the earliest timeout of the holds it counted, after which the sum falls by itself.
+# The sum walks transfers_debit per purse (and transfers_credit for the reversal check), never
+# the ledger's whole day: the ranges are row comparisons on (account, timestamp), which no other
+# index can serve, so even stale statistics (a fresh ledger) cannot turn a limited payment into
+# a scan of every transfer of the day.
+SQL_CARD_STATES = f"""
+SELECT q.i, c.status, c.daily_limit, c.pin, c.pin_threshold,
        p.credits_posted - p.debits_posted - p.debits_pending AS cash,
        s.credits_posted - s.debits_posted - s.debits_pending AS subsidy,
-       CASE WHEN $7::bool AND c.daily_limit IS NOT NULL THEN (
-           SELECT coalesce(sum(t.amount), 0)::bigint FROM transfers t
-           LEFT JOIN holds hd ON hd.ledger = t.ledger AND hd.id = t.id
-           WHERE t.ledger = $1 AND t.debit_account_id IN (p.id, s.id)
-             AND t.timestamp >= $3 AND t.timestamp < $4
-             AND t.code IN ({", ".join(str(int(c)) for c in _SPENDING_CODES)})
-             AND t.flags & {_VOID} = 0
-             AND (t.flags & {_PENDING} = 0 OR hd.state = 'pending')
-             AND NOT EXISTS (
-                 SELECT 1 FROM transfers r
-                 WHERE r.ledger = t.ledger AND r.credit_account_id = t.debit_account_id
-                   AND r.timestamp > t.timestamp AND r.code = {int(TransferCode.REVERSAL)}
-                   AND r.user_data = t.id::text)
-       ) ELSE 0 END AS spent,
-       EXISTS (SELECT 1 FROM reversals v WHERE v.ledger = $1 AND v.original_key = $5)
+       d.spent, d.hold_expiry,
+       EXISTS (SELECT 1 FROM reversals v WHERE v.ledger = $1 AND v.original_key = q.key)
            AS reversed,
-       EXISTS (SELECT 1 FROM transfers e WHERE e.ledger = $1 AND e.id = ANY($6::uuid[]))
+       EXISTS (SELECT 1 FROM transfers e WHERE e.ledger = $1 AND e.id IN (q.part_a, q.part_b))
            AS existing
-FROM cards c
-JOIN holders h ON h.ledger = c.ledger AND h.id = c.holder_id
-JOIN accounts p ON p.ledger = c.ledger AND p.id = h.purse_account_id
-JOIN accounts s ON s.ledger = c.ledger AND s.id = h.subsidy_account_id
-WHERE c.ledger = $1 AND c.card_no = $2
+FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::uuid[], $6::uuid[], $7::uuid[],
+            $8::bool[], $9::bigint[], $10::bigint[])
+     WITH ORDINALITY AS q(card_no, purse_id, subsidy_id, key, part_a, part_b, want_spent,
+                          day_start, day_end, i)
+JOIN cards c ON c.ledger = $1 AND c.card_no = q.card_no
+JOIN accounts p ON p.ledger = $1 AND p.id = q.purse_id
+JOIN accounts s ON s.ledger = $1 AND s.id = q.subsidy_id
+LEFT JOIN LATERAL (
+    SELECT coalesce(sum(t.amount), 0)::bigint AS spent,
+           min(hd.expires_at) FILTER (WHERE hd.state = 'pending' AND hd.expires_at > 0)
+               AS hold_expiry
+    FROM unnest(ARRAY[q.purse_id, q.subsidy_id]) AS a(id)
+    CROSS JOIN LATERAL (
+        SELECT t.id, t.ledger, t.debit_account_id, t.amount, t.flags, t.timestamp
+        FROM transfers t
+        WHERE t.ledger = $1 AND t.debit_account_id = a.id
+          AND (t.debit_account_id, t.timestamp) >= (a.id, q.day_start)
+          AND (t.debit_account_id, t.timestamp) < (a.id, q.day_end)
+          AND t.code IN ({", ".join(str(int(c)) for c in _SPENDING_CODES)})
+          AND t.flags & {_VOID} = 0
+        OFFSET 0  -- kept a subquery: scanned per purse, never hoisted into a ledger scan
+    ) t
+    LEFT JOIN holds hd ON hd.ledger = t.ledger AND hd.id = t.id
+    WHERE q.want_spent AND c.daily_limit IS NOT NULL
+      AND (t.flags & {_PENDING} = 0 OR hd.state = 'pending')
+      AND NOT EXISTS (
+          SELECT 1 FROM transfers r
+          WHERE r.ledger = $1 AND r.credit_account_id = t.debit_account_id
+            AND (r.credit_account_id, r.timestamp) > (t.debit_account_id, t.timestamp)
+            AND r.code = {int(TransferCode.REVERSAL)} AND r.user_data = t.id::text)
+) d ON q.want_spent AND c.daily_limit IS NOT NULL
 """
-# Balances after an operation, and whether a reversal of it has been remembered meanwhile.
+# Balances after operations ($2: every account asked about), and which of the operations
+# ($3: their keys) a reversal has been remembered for meanwhile.
 SQL_AFTER = """
 SELECT a.id, a.credits_posted - a.debits_posted - a.debits_pending AS available,
-       EXISTS (SELECT 1 FROM reversals v WHERE v.ledger = $1 AND v.original_key = $3)
-           AS reversed
+       NULL::uuid AS reversed
 FROM accounts a WHERE a.ledger = $1 AND a.id = ANY($2::bigint[])
+UNION ALL
+SELECT NULL, NULL, v.original_key FROM reversals v
+WHERE v.ledger = $1 AND v.original_key = ANY($3::uuid[])
 """
+# Transfers earlier operations posted ($2: their ids), with the hold state and the purses of
+# the holder they debit; and the reversals remembered for $3 (rows with only `reversed`).
 SQL_PARTS = """
-SELECT t.id, t.debit_account_id, t.credit_account_id, t.amount, t.code, t.flags, t.pending_id,
-       t.timestamp, hd.state
-FROM transfers t LEFT JOIN holds hd ON hd.ledger = t.ledger AND hd.id = t.id
+SELECT t.id, t.debit_account_id, t.credit_account_id, t.amount, t.code, t.flags,
+       t.pending_id, t.timestamp, hd.state, h.purse_account_id, h.subsidy_account_id,
+       NULL::uuid AS reversed
+FROM transfers t
+LEFT JOIN holds hd ON hd.ledger = t.ledger AND hd.id = t.id
+LEFT JOIN accounts a ON a.ledger = t.ledger AND a.id = t.debit_account_id
+LEFT JOIN holders h ON h.ledger = a.ledger AND h.id = a.holder_id
 WHERE t.ledger = $1 AND t.id = ANY($2::uuid[])
-ORDER BY t.timestamp
-"""
-SQL_REVERSED = """
-SELECT original_key FROM reversals WHERE ledger = $1 AND original_key = ANY($2::uuid[])
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, v.original_key
+FROM reversals v WHERE v.ledger = $1 AND v.original_key = ANY($3::uuid[])
 """
 SQL_REMEMBER_REVERSAL = """
 INSERT INTO reversals (ledger, original_key, key, terminal_id, created_at)
 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (ledger, original_key) DO NOTHING
 """
-SQL_HOLDER_OF_ACCOUNT = """
-SELECT h.purse_account_id, h.subsidy_account_id
-FROM accounts a JOIN holders h ON h.ledger = a.ledger AND h.id = a.holder_id
-WHERE a.ledger = $1 AND a.id = $2
+# Terminal ids are unique across ledgers; should two ledgers ever hold one, the lowest wins.
+SQL_TERMINALS = """
+SELECT DISTINCT ON (terminal_id) terminal_id, merchant_id, ledger, kind, account_id, mac_key
+FROM terminals WHERE terminal_id = ANY($1::text[]) ORDER BY terminal_id, ledger
 """
 SQL_TERMINAL = """
 SELECT terminal_id, merchant_id, ledger, kind, account_id, mac_key
@@ -534,6 +595,18 @@ class _CardRef(msgspec.Struct, frozen=True):
     subsidy_id: int
 
 
+class _StateQuery(msgspec.Struct, frozen=True):
+    """One request's row of SQL_CARD_STATES."""
+
+    ref: _CardRef
+    key: UUID
+    part_a: UUID
+    part_b: UUID
+    want_spent: bool
+    day_start: int
+    day_end: int
+
+
 class _CardState(msgspec.Struct, frozen=True):
     status: CardStatus
     daily_limit: int | None
@@ -541,13 +614,15 @@ class _CardState(msgspec.Struct, frozen=True):
     pin_threshold: int | None
     cash: int
     subsidy: int
-    spent: int
+    spent: int | None  # None: not summed (not asked for, or the card has no limit)
+    hold_expiry: int | None  # earliest timeout of the holds ``spent`` counts
     reversed: bool
     existing: bool
 
 
 class _Part(msgspec.Struct, frozen=True):
-    """A transfer some earlier operation posted, with its hold state if it is a hold."""
+    """A transfer some earlier operation posted, with its hold state if it is a hold, and the
+    purses of the holder it debits (None when it debits no holder, e.g. a room)."""
 
     id: UUID
     debit_account_id: int
@@ -558,9 +633,11 @@ class _Part(msgspec.Struct, frozen=True):
     pending_id: UUID | None
     timestamp: int
     state: str | None
+    purses: tuple[int, int] | None
 
 
 def _part(r: asyncpg.Record) -> _Part:
+    purse, subsidy = r["purse_account_id"], r["subsidy_account_id"]
     return _Part(
         id=r["id"],
         debit_account_id=r["debit_account_id"],
@@ -571,7 +648,244 @@ def _part(r: asyncpg.Record) -> _Part:
         pending_id=r["pending_id"],
         timestamp=r["timestamp"],
         state=r["state"],
+        purses=None if purse is None else (purse, subsidy),
     )
+
+
+class _PartsQuery(msgspec.Struct, frozen=True):
+    """Transfers by id, and reversal memory by original key, for one request."""
+
+    ids: tuple[UUID, ...]
+    keys: tuple[UUID, ...] = ()
+
+
+class _PartsAnswer(msgspec.Struct, frozen=True):
+    parts: list[_Part]  # in timestamp order
+    reversed: frozenset[UUID]
+
+
+class _AfterQuery(msgspec.Struct, frozen=True):
+    key: UUID
+    accounts: tuple[int, ...]
+
+
+class _AfterAnswer(msgspec.Struct, frozen=True):
+    available: dict[int, int]
+    reversed: bool
+
+
+_I = TypeVar("_I")
+_R = TypeVar("_R")
+Connection = asyncpg.Connection | PoolConnectionProxy
+
+
+class Coalescer(Generic[_I, _R]):
+    """Turns concurrent one-item requests into one set-based statement per ledger.
+
+    ``run(conn, ledger, items)`` answers a batch of items in order. While one statement runs,
+    the next items gather (the batcher's group commit, in small), so under load one round trip
+    serves many requests and the cost per request falls as the load rises. Only one statement
+    is in flight per coalescer, on one pool connection that is held while work keeps coming
+    and ``linger_s`` after: a pool release costs a round trip of its own (asyncpg resets the
+    session). ``session`` (if any) runs once on each connection taken.
+
+    A failed statement answers its batch with the exception; a connection that failed is
+    released and the next batch takes a fresh one; when no connection can be had, everything
+    waiting is answered with that error.
+    """
+
+    def __init__(
+        self,
+        pool: Callable[[], asyncpg.Pool],
+        run: Callable[[Connection, int, list[_I]], Awaitable[list[_R]]],
+        *,
+        max_batch: int = COALESCE_MAX_BATCH,
+        acquire_timeout_s: float | None = limits.DB_ACQUIRE_TIMEOUT_S,
+        linger_s: float = COALESCE_LINGER_S,
+        session: str | None = None,
+        name: str = "onecard-coalescer",
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be positive")
+        self._pool = pool
+        self._run = run
+        self._max = max_batch
+        self._acquire_timeout_s = acquire_timeout_s
+        self._linger_s = linger_s
+        self._session = session
+        self._name = name
+        self._pending: dict[int, list[tuple[_I, asyncio.Future[_R]]]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()  # set when work arrives while the flush task lingers
+        self.statements = 0  # statements run (tests and metrics read it)
+        self.acquired = 0  # connections taken from the pool (tests read it)
+
+    async def submit(self, ledger: int, item: _I) -> _R:
+        """Queue ``item`` for ``ledger`` and wait for its result."""
+        fut: asyncio.Future[_R] = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(ledger, []).append((item, fut))
+        if self._task is None:
+            self._wake = asyncio.Event()  # of the running loop, whichever that is now
+            self._task = asyncio.create_task(self._flush(), name=self._name)
+        else:
+            self._wake.set()
+        return await fut
+
+    async def _more(self) -> bool:
+        """Whether there is work, waiting up to the linger for some when there is none."""
+        if not self._pending and self._linger_s > 0:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._linger_s):
+                    await self._wake.wait()
+        return bool(self._pending)
+
+    def _take(self) -> tuple[int, list[tuple[_I, asyncio.Future[_R]]]]:
+        ledger = next(iter(self._pending))
+        queue = self._pending.pop(ledger)
+        if len(queue) > self._max:
+            # the rest goes to the back of the line: other ledgers' requests go first
+            self._pending[ledger] = queue[self._max :]
+            queue = queue[: self._max]
+        return ledger, queue
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                try:
+                    async with self._pool().acquire(timeout=self._acquire_timeout_s) as conn:
+                        self.acquired += 1
+                        if self._session is not None:
+                            await conn.execute(self._session)
+                        while await self._more():
+                            ledger, batch = self._take()
+                            try:
+                                self.statements += 1
+                                results = await self._run(conn, ledger, [i for i, _ in batch])
+                            except Exception as e:
+                                _settle(batch, exc=e)
+                                if isinstance(e, asyncpg.PostgresError) and not conn.is_closed():
+                                    continue  # the statement failed, the connection did not
+                                break
+                            _settle(batch, results=results)
+                except Exception as e:  # no connection to be had: everyone waiting hears why
+                    waiting, self._pending = self._pending, {}
+                    for queue in waiting.values():
+                        _settle(queue, exc=e)
+        finally:
+            self._task = None
+
+
+def _settle(
+    batch: list[tuple[Any, asyncio.Future[Any]]],
+    *,
+    results: Sequence[Any] | None = None,
+    exc: BaseException | None = None,
+) -> None:
+    """Answer every future of ``batch`` (a caller that went away has a done future)."""
+    if results is not None and len(results) != len(batch):
+        exc, results = AssertionError("a coalesced statement answered the wrong count"), None
+    for n, (_, fut) in enumerate(batch):
+        if fut.done():
+            continue
+        if results is not None:
+            fut.set_result(results[n])
+        else:
+            fut.set_exception(exc or RuntimeError("no result"))
+
+
+class _HolderSpend:
+    """One holder's remembered spending: day start -> (fen, good until (monotonic s), earliest
+    hold timeout it counts (engine ns, 0: none)); ``dropped``: tick of the last drop."""
+
+    __slots__ = ("accounts", "days", "dropped")
+
+    def __init__(self, accounts: tuple[int, int], dropped: int) -> None:
+        self.accounts = accounts
+        self.days: dict[int, tuple[int, float, int]] = {}
+        self.dropped = dropped
+
+
+class _SpendMemory:
+    """Today's spending per holder (for daily limits), remembered after a first read.
+
+    The ledger's own sum is read on first touch (in the shared card-state statement); this
+    process's spending is added as it commits; anything that lowers spending (a completion,
+    a reversal, a hold reaching its timeout) drops the holder's entry, and the next payment
+    reads the sum again. Dropping is always safe (the re-read is exact), and a remembered sum
+    is never lower than the ledger's as far as this process knows: between a completion or a
+    reversal committing and the drop it may still count the higher amount for a moment.
+
+    Spending through *another* process is not seen until the entry ages out (``ttl_s``); the
+    limit is a per-process guarantee (see :class:`Campus`), the money is not: the ledger
+    refuses every overdraft and every debit of a frozen purse whoever submits it.
+
+    A read racing a drop (a completion committed while the sum was being read) must not store
+    what it read: every drop takes a new tick, and a read stores only if no drop of its holder
+    happened since it started (see ``store`` for a holder's very first read).
+    """
+
+    def __init__(self, *, ttl_s: float, max_holders: int) -> None:
+        self._ttl_s = ttl_s
+        self._max = max_holders
+        # (ledger, purse id) and (ledger, subsidy id) both name the holder's one record
+        self._holders: dict[tuple[int, int], _HolderSpend] = {}
+        self._tick = 0
+
+    def lookup(self, ledger: int, purse: int, subsidy: int, day: int) -> tuple[int | None, int]:
+        """(remembered spending of the local day starting at ``day``, or None; the token a
+        read started now passes to ``store``)."""
+        rec = self._holders.get((ledger, purse))
+        entry = None if rec is None else rec.days.get(day)
+        if entry is not None:
+            assert rec is not None
+            spent, until, hold_expiry = entry
+            if time.monotonic() < until and (not hold_expiry or time.time_ns() < hold_expiry):
+                return spent, self._tick
+            del rec.days[day]
+        return None, self._tick
+
+    def store(self, ledger: int, purse: int, subsidy: int, day: int, spent: int,
+              hold_expiry: int | None, token: int) -> None:
+        """Remember ``spent`` as read by a read that started at ``token``.
+
+        Records are made here, for holders whose card has a limit, not for every payer. A
+        holder's first read can therefore miss a drop that raced it; what it stores is then
+        too high (the drop lowered spending), never too low, until the entry ages out."""
+        rec = self._holders.get((ledger, purse))
+        if rec is None:
+            if len(self._holders) >= 2 * self._max:
+                oldest = next(iter(self._holders))  # dicts keep insertion order
+                for aid in self._holders[oldest].accounts:
+                    self._holders.pop((oldest[0], aid), None)
+            rec = _HolderSpend((purse, subsidy), token)
+            self._holders[(ledger, purse)] = rec
+            self._holders[(ledger, subsidy)] = rec
+        elif rec.dropped > token:
+            return
+        now = time.monotonic()
+        for d in [d for d, (_, until, _) in rec.days.items() if until <= now]:
+            del rec.days[d]
+        rec.days[day] = (spent, now + self._ttl_s, hold_expiry or 0)
+
+    def add(self, ledger: int, account: int, day: int, amount: int, hold_expiry: int = 0) -> None:
+        """This process committed ``amount`` of spending debiting ``account`` on ``day``."""
+        rec = self._holders.get((ledger, account))
+        entry = None if rec is None else rec.days.get(day)
+        if rec is None or entry is None:
+            return  # nothing remembered: the next read sums it from the ledger
+        spent, until, expiry = entry
+        if hold_expiry and (not expiry or hold_expiry < expiry):
+            expiry = hold_expiry
+        rec.days[day] = (spent + amount, until, expiry)
+
+    def drop(self, ledger: int, account: int) -> None:
+        """Forget the spending of the holder owning ``account`` (any account: no-op)."""
+        self._tick += 1
+        rec = self._holders.get((ledger, account))
+        if rec is not None:
+            rec.days.clear()
+            rec.dropped = self._tick
 
 
 def _card(r: asyncpg.Record) -> Card:
@@ -619,27 +933,55 @@ def _matches(parts: Sequence[_Part], *, credit: int, code: int, amount: int, fla
 
 
 class _KeyedLocks:
-    """asyncio locks created on demand per key and dropped when nobody holds or awaits them."""
+    """Mutual exclusion per key (FIFO), free for a key nobody else holds: waiters are queued
+    only when the key is contended, and the key's entry goes with its last user."""
 
     def __init__(self) -> None:
-        self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}
+        self._queues: dict[Hashable, deque[asyncio.Future[None]]] = {}
 
-    @contextlib.asynccontextmanager
-    async def hold(self, key: Hashable) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
-        self._locks[key] = (lock, users + 1)
+    def hold(self, key: Hashable) -> _Held:
+        """``async with locks.hold(key):`` runs the block while holding ``key``."""
+        return _Held(self, key)
+
+    async def acquire(self, key: Hashable) -> None:
+        queue = self._queues.get(key)
+        if queue is None:
+            self._queues[key] = deque()
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue.append(fut)
         try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
+            await fut
+        except asyncio.CancelledError:
+            if not fut.cancelled():  # the key was handed over just as we were cancelled
+                self.release(key)
+            raise
+
+    def release(self, key: Hashable) -> None:
+        queue = self._queues[key]
+        while queue:
+            fut = queue.popleft()
+            if not fut.done():  # a waiter that was cancelled meanwhile is skipped
+                fut.set_result(None)  # the key passes to it without ever being free
+                return
+        del self._queues[key]
 
     def __len__(self) -> int:
-        return len(self._locks)
+        return len(self._queues)
+
+
+class _Held:
+    __slots__ = ("_key", "_locks")
+
+    def __init__(self, locks: _KeyedLocks, key: Hashable) -> None:
+        self._locks = locks
+        self._key = key
+
+    async def __aenter__(self) -> None:
+        await self._locks.acquire(self._key)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._locks.release(self._key)
 
 
 def _bounded_put(cache: dict[Any, Any], key: Any, value: Any, limit: int) -> None:
@@ -655,11 +997,14 @@ class Campus:
     """Holders, cards, terminals and rooms of every ledger, over one started :class:`Engine`.
 
     Daily limits are race-free within this process: a per-holder asyncio lock is held from
-    reading today's spending until the batcher has answered, and nothing else is awaited in
-    between. Two engine *processes* do not share that lock, so a holder paying at two of them
-    in the same instant can exceed the daily limit by at most one payment per extra process;
-    the money itself stays safe across processes because the ledger refuses any overdraft and
-    any debit of a frozen purse inside the batch transaction.
+    reading today's spending until the batcher has answered, and this process's spending is
+    remembered per holder (re-read from the ledger at least every ``spend_ttl_s``). Two engine
+    *processes* share neither, so spending through another process counts here only once the
+    remembered sum is re-read: a holder paying through two processes within that window can
+    exceed the limit by what the other process let through meanwhile. The money itself stays
+    safe across processes because the ledger refuses any overdraft and any debit of a frozen
+    purse inside the batch transaction. Card states are never remembered: each payment reads
+    the card in the same shared statement as its purses.
 
     ``clock`` (default: the wall clock) only decides which campus-local day it is now; each
     transfer counts towards the local day of its engine timestamp. Operations are tied to
@@ -675,6 +1020,8 @@ class Campus:
         tz: str = DEFAULT_TZ,
         hold_timeout_s: int = DEFAULT_HOLD_TIMEOUT_S,
         clock: Callable[[], datetime] | None = None,
+        spend_ttl_s: float = SPEND_MEMORY_TTL_S,
+        max_batch: int = COALESCE_MAX_BATCH,
     ) -> None:
         if not 0 < hold_timeout_s <= MAX_TIMEOUT_S:
             raise ValueError(f"hold_timeout_s must be in 1..{MAX_TIMEOUT_S}")
@@ -685,6 +1032,30 @@ class Campus:
         self._terminals: dict[str, Terminal] = {}
         self._cards: dict[tuple[int, str], _CardRef] = {}
         self._holder_locks = _KeyedLocks()
+        self._spent = _SpendMemory(ttl_s=spend_ttl_s, max_holders=MAX_REMEMBERED_HOLDERS)
+        self._day: tuple[int, int] = (0, 0)  # the local day _day_of answered last: [start, end)
+
+        def pool() -> asyncpg.Pool:
+            return self.engine.store.pool
+
+        def reads(name: str, run: Callable[[Connection, int, list[_I]], Awaitable[list[_R]]]
+                  ) -> Coalescer[_I, _R]:
+            return Coalescer(pool, run, max_batch=max_batch, session=COALESCE_SESSION,
+                             name=f"onecard-campus-{name}")
+
+        self._ref_reads: Coalescer[str, _CardRef | None] = reads("cards", self._read_card_refs)
+        self._state_reads: Coalescer[_StateQuery, _CardState | None] = reads(
+            "states", self._read_states)
+        self._part_reads: Coalescer[_PartsQuery, _PartsAnswer] = reads("parts", self._read_parts)
+        self._after_reads: Coalescer[_AfterQuery, _AfterAnswer] = reads("after", self._read_after)
+        self._terminal_reads: Coalescer[str, Terminal | None] = reads(
+            "terminals", self._read_terminals)
+
+    @property
+    def statements(self) -> int:
+        """Shared hot-path read statements run so far (each serves a batch of requests)."""
+        return sum(c.statements for c in (self._ref_reads, self._state_reads, self._part_reads,
+                                          self._after_reads, self._terminal_reads))
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -716,51 +1087,141 @@ class Campus:
 
     def today(self) -> tuple[int, int]:
         """[start, end) of the current campus-local day in engine ns (per the clock)."""
-        return local_day_bounds(self._clock(), self.tz)
+        now = self._clock()
+        return self._day_bounds(_ns(now), now)
+
+    def _day_of(self, ns: int) -> int:
+        """Start (engine ns) of the campus-local day containing engine timestamp ``ns``."""
+        return self._day_bounds(ns)[0]
+
+    def _day_bounds(self, ns: int, at: datetime | None = None) -> tuple[int, int]:
+        start, end = self._day
+        if not start <= ns < end:  # one zone lookup per local day, not per request
+            at = at or EPOCH + timedelta(microseconds=ns // 1000)
+            start, end = self._day = local_day_bounds(at, self.tz)
+        return start, end
+
+    # -- shared reads (one statement per batch of requests, see Coalescer) ----------------------
 
     async def _card_ref(self, ledger: int, card_no: str) -> _CardRef | None:
         ref = self._cards.get((ledger, card_no))
         if ref is None:
-            async with self._conn() as conn:
-                r = await conn.fetchrow(SQL_CARD_REF, ledger, card_no)
-            if r is None:
-                return None
-            ref = _CardRef(ledger, card_no, r["holder_id"], r["purse_account_id"],
-                           r["subsidy_account_id"])
+            if not _CARD_NO.fullmatch(card_no):
+                return None  # cannot be stored (cards CHECK); must not fail a shared read
+            ref = await self._ref_reads.submit(ledger, card_no)
+            if ref is None:
+                return None  # not cached: the card may be issued a moment later
             _bounded_put(self._cards, (ledger, card_no), ref, MAX_CACHED_CARDS)
         return ref
 
-    async def _card_state(
-        self, ref: _CardRef, key: UUID, parts: Sequence[UUID], *, check_limit: bool
-    ) -> _CardState:
-        start, end = self.today()
-        async with self._conn() as conn:
-            r = await conn.fetchrow(
-                SQL_CARD_STATE, ref.ledger, ref.card_no, start, end, key, list(parts), check_limit
-            )
-        assert r is not None, "cards and holders are never deleted"
-        return _CardState(
-            status=CardStatus(r["status"]),
-            daily_limit=r["daily_limit"],
-            pin=r["pin"],
-            pin_threshold=r["pin_threshold"],
-            cash=r["cash"],
-            subsidy=r["subsidy"],
-            spent=r["spent"],
-            reversed=r["reversed"],
-            existing=r["existing"],
-        )
+    async def _read_card_refs(
+        self, conn: Connection, ledger: int, card_nos: list[str]
+    ) -> list[_CardRef | None]:
+        rows = await conn.fetch(SQL_CARD_REFS, ledger, list(set(card_nos)))
+        found = {
+            r["card_no"]: _CardRef(ledger, r["card_no"], r["holder_id"], r["purse_account_id"],
+                                   r["subsidy_account_id"])
+            for r in rows
+        }
+        return [found.get(c) for c in card_nos]
 
-    async def _parts(self, ledger: int, ids: Sequence[UUID]) -> list[_Part]:
-        async with self._conn() as conn:
-            return [_part(r) for r in await conn.fetch(SQL_PARTS, ledger, list(ids))]
+    async def _card_state(
+        self,
+        ref: _CardRef,
+        key: UUID,
+        parts: Sequence[UUID],
+        *,
+        day: tuple[int, int],
+        want_spent: bool,
+    ) -> _CardState:
+        a = parts[0] if parts else NIL_UUID
+        b = parts[1] if len(parts) > 1 else a
+        st = await self._state_reads.submit(
+            ref.ledger, _StateQuery(ref, key, a, b, want_spent, day[0], day[1])
+        )
+        assert st is not None, "cards, holders and accounts are never deleted"
+        return st
+
+    async def _read_states(
+        self, conn: Connection, ledger: int, qs: list[_StateQuery]
+    ) -> list[_CardState | None]:
+        rows = await conn.fetch(
+            SQL_CARD_STATES,
+            ledger,
+            [q.ref.card_no for q in qs],
+            [q.ref.purse_id for q in qs],
+            [q.ref.subsidy_id for q in qs],
+            [q.key for q in qs],
+            [q.part_a for q in qs],
+            [q.part_b for q in qs],
+            [q.want_spent for q in qs],
+            [q.day_start for q in qs],
+            [q.day_end for q in qs],
+        )
+        out: list[_CardState | None] = [None] * len(qs)
+        for r in rows:
+            out[r["i"] - 1] = _CardState(
+                status=CardStatus(r["status"]),
+                daily_limit=r["daily_limit"],
+                pin=r["pin"],
+                pin_threshold=r["pin_threshold"],
+                cash=r["cash"],
+                subsidy=r["subsidy"],
+                spent=r["spent"],
+                hold_expiry=r["hold_expiry"],
+                reversed=r["reversed"],
+                existing=r["existing"],
+            )
+        return out
+
+    async def _parts(
+        self, ledger: int, ids: Sequence[UUID], keys: Sequence[UUID] = ()
+    ) -> _PartsAnswer:
+        """The transfers ``ids`` that exist (timestamp order) and which of ``keys`` have a
+        remembered reversal."""
+        return await self._part_reads.submit(ledger, _PartsQuery(tuple(ids), tuple(keys)))
+
+    async def _read_parts(
+        self, conn: Connection, ledger: int, qs: list[_PartsQuery]
+    ) -> list[_PartsAnswer]:
+        ids = list({i for q in qs for i in q.ids})
+        keys = list({k for q in qs for k in q.keys})
+        parts: dict[UUID, _Part] = {}
+        reversed_: set[UUID] = set()
+        for r in await conn.fetch(SQL_PARTS, ledger, ids, keys):
+            if r["reversed"] is not None:
+                reversed_.add(r["reversed"])
+            else:
+                parts[r["id"]] = _part(r)
+        out = []
+        for q in qs:
+            mine = sorted((parts[i] for i in set(q.ids) if i in parts), key=lambda p: p.timestamp)
+            out.append(_PartsAnswer(mine, frozenset(k for k in q.keys if k in reversed_)))
+        return out
 
     async def _after(
         self, ledger: int, key: UUID, accounts: Sequence[int]
     ) -> tuple[dict[int, int], bool]:
-        async with self._conn() as conn:
-            rows = await conn.fetch(SQL_AFTER, ledger, list(accounts), key)
-        return {r["id"]: r["available"] for r in rows}, any(r["reversed"] for r in rows)
+        a = await self._after_reads.submit(ledger, _AfterQuery(key, tuple(accounts)))
+        return a.available, a.reversed
+
+    async def _read_after(
+        self, conn: Connection, ledger: int, qs: list[_AfterQuery]
+    ) -> list[_AfterAnswer]:
+        accounts = list({a for q in qs for a in q.accounts})
+        keys = list({q.key for q in qs})
+        available: dict[int, int] = {}
+        reversed_: set[UUID] = set()
+        for r in await conn.fetch(SQL_AFTER, ledger, accounts, keys):
+            if r["reversed"] is not None:
+                reversed_.add(r["reversed"])
+            else:
+                available[r["id"]] = r["available"]
+        return [
+            _AfterAnswer({a: available[a] for a in q.accounts if a in available},
+                         q.key in reversed_)
+            for q in qs
+        ]
 
     async def _finish(
         self,
@@ -790,6 +1251,44 @@ class Campus:
             timestamp=timestamp,
         )
 
+    # -- daily spending --------------------------------------------------------------------------
+
+    def _spending(
+        self, ref: _CardRef, day: tuple[int, int], st: _CardState, remembered: int | None,
+        token: int,
+    ) -> int:
+        """Today's spending for the limit check: remembered, or as just read (and then
+        remembered)."""
+        if remembered is not None:
+            return remembered
+        spent = st.spent or 0
+        if st.spent is not None:
+            self._spent.store(ref.ledger, ref.purse_id, ref.subsidy_id, day[0], spent,
+                              st.hold_expiry, token)
+        return spent
+
+    def _count(
+        self, ledger: int, transfers: Sequence[Transfer], results: Sequence[TransferResult]
+    ) -> None:
+        """Add what this process just posted to the remembered spending of its holder."""
+        for t, r in zip(transfers, results, strict=True):
+            if r.status is TransferStatus.CREATED and r.timestamp:
+                expiry = r.timestamp + t.timeout_s * 1_000_000_000 if t.timeout_s else 0
+                self._spent.add(ledger, t.debit_account_id, self._day_of(r.timestamp), t.amount,
+                                expiry)
+
+    async def _post_spending(self, ledger: int, transfers: list[Transfer]) -> list[TransferResult]:
+        """Submit a spending chain and count what it posted; if the outcome is unknown (the
+        batcher failed), forget the holder's spending so it is read again."""
+        try:
+            results = await self._submit(_chain(transfers))
+        except BaseException:
+            for t in transfers:
+                self._spent.drop(ledger, t.debit_account_id)
+            raise
+        self._count(ledger, transfers, results)
+        return results
+
     def _pin_ok(
         self, term: Terminal, card_no: str, st: _CardState, amount: int, pin_block: bytes | None
     ) -> bool:
@@ -803,13 +1302,23 @@ class Campus:
         """The registered terminal with this id (cached: a terminal never changes), or None."""
         term = self._terminals.get(terminal_id)
         if term is None:
-            async with self._conn() as conn:
-                r = await conn.fetchrow(SQL_TERMINAL, terminal_id)
-            if r is None:
+            if len(terminal_id) != TERMINAL_ID_LEN or "\x00" in terminal_id:
+                return None  # cannot be stored (terminals CHECK); must not fail a shared read
+            # every terminal signs on at once after a restart: one statement for all of them
+            found = await self._terminal_reads.submit(_ANY_LEDGER, terminal_id)
+            if found is None:
                 return None  # not cached: it may be registered a moment later
-            term = _terminal(r)
+            term = found
             _bounded_put(self._terminals, terminal_id, term, MAX_CACHED_TERMINALS)
         return term
+
+    @staticmethod
+    async def _read_terminals(
+        conn: Connection, _: int, terminal_ids: list[str]
+    ) -> list[Terminal | None]:
+        rows = await conn.fetch(SQL_TERMINALS, list(set(terminal_ids)))
+        found = {r["terminal_id"]: _terminal(r) for r in rows}
+        return [found.get(t) for t in terminal_ids]
 
     # -- card payments ---------------------------------------------------------------------------
 
@@ -875,9 +1384,15 @@ class Campus:
         ids = (part_id(key, _SUBSIDY), part_id(key, _CASH))
         purses = (ref.purse_id, ref.subsidy_id)
         async with self._holder_locks.hold((ref.ledger, ref.holder_id)):
-            st = await self._card_state(ref, key, ids, check_limit=not force)
+            day = self.today()
+            remembered, token = (
+                (None, 0) if force
+                else self._spent.lookup(ref.ledger, ref.purse_id, ref.subsidy_id, day[0])
+            )
+            st = await self._card_state(ref, key, ids, day=day,
+                                        want_spent=not force and remembered is None)
             if st.existing:  # a retransmission: answer from what the first attempt posted
-                parts = await self._parts(ref.ledger, ids)
+                parts = (await self._parts(ref.ledger, ids)).parts
                 ok = _matches(parts, credit=term.account_id, code=code, amount=amount,
                               flags=_PENDING if hold else int(TransferFlags.FORCE) if force else 0)
                 outcome = Outcome.APPROVED if ok else Outcome.DUPLICATE_DIFFERENT
@@ -891,7 +1406,9 @@ class Campus:
                 return PaymentResult(refusal)
             if not force and not self._pin_ok(term, card_no, st, amount, pin_block):
                 return PaymentResult(Outcome.INCORRECT_PIN)
-            if not force and st.daily_limit is not None and st.spent + amount > st.daily_limit:
+            if not force and st.daily_limit is not None and (
+                self._spending(ref, day, st, remembered, token) + amount > st.daily_limit
+            ):
                 return PaymentResult(Outcome.DAILY_LIMIT_EXCEEDED, purses=balances)
             from_subsidy, from_cash = split_subsidy_first(amount, st.subsidy)
             timeout = self.hold_timeout_s if hold else None
@@ -905,7 +1422,7 @@ class Campus:
                 )
                 if part > 0
             ]
-            outcome, ts = outcome_of(await self._submit(_chain(transfers)))
+            outcome, ts = outcome_of(await self._post_spending(ref.ledger, transfers))
         return await self._finish(ref.ledger, key, outcome, ts, purses=purses)
 
     async def balance(
@@ -923,7 +1440,7 @@ class Campus:
         ref = await self._card_ref(term.ledger, card_no)
         if ref is None:
             return PaymentResult(Outcome.INVALID_CARD)
-        st = await self._card_state(ref, NIL_UUID, (), check_limit=False)
+        st = await self._card_state(ref, NIL_UUID, (), day=self.today(), want_spent=False)
         refusal = _card_refusal(st.status)
         if refusal is not None:
             return PaymentResult(refusal)
@@ -958,11 +1475,8 @@ class Campus:
             return PaymentResult(Outcome.INVALID_AMOUNT)
         held_ids = {part_id(hold_key, p): p for p in (_SUBSIDY, _CASH)}
         done_ids = [part_id(key, p) for p in (_SUBSIDY, _CASH)]
-        async with self._conn() as conn:
-            rows = await conn.fetch(SQL_PARTS, term.ledger, [*held_ids, *done_ids])
-            rev = {r["original_key"] for r in await conn.fetch(
-                SQL_REVERSED, term.ledger, [hold_key, key])}
-        parts = [_part(r) for r in rows]
+        got = await self._parts(term.ledger, [*held_ids, *done_ids], [hold_key, key])
+        parts, rev = got.parts, got.reversed
         holds = [p for p in parts if p.id in held_ids and p.flags & _PENDING]
         done = [p for p in parts if p.id in done_ids]
         if not holds:
@@ -971,9 +1485,7 @@ class Campus:
             return PaymentResult(Outcome.ORIGINAL_NOT_FOUND)
         if any(h.credit_account_id != term.account_id for h in holds):
             return PaymentResult(Outcome.ORIGINAL_NOT_FOUND)  # not this terminal's hold
-        async with self._conn() as conn:
-            r = await conn.fetchrow(SQL_HOLDER_OF_ACCOUNT, term.ledger, holds[0].debit_account_id)
-        purses = (r["purse_account_id"], r["subsidy_account_id"]) if r is not None else None
+        purses = holds[0].purses
         if card_no is not None:
             ref = await self._card_ref(term.ledger, card_no)
             if ref is None:
@@ -1009,7 +1521,12 @@ class Campus:
                 else Transfer(id=part_id(key, held_ids[h.id]), ledger=term.ledger,
                               pending_id=h.id, flags=(TransferFlag.VOID_PENDING,))
             )
-        outcome, ts = outcome_of(await self._submit(_chain(transfers)))
+        try:
+            results = await self._submit(_chain(transfers))
+        finally:  # the hold stops counting, its post counts: today's spending is read again
+            for h in holds:
+                self._spent.drop(term.ledger, h.debit_account_id)
+        outcome, ts = outcome_of(results)
         return await self._finish(term.ledger, key, outcome, ts, purses=purses)
 
     async def buy_electricity(
@@ -1049,9 +1566,13 @@ class Campus:
         tid = part_id(key, _CASH)
         purses = (ref.purse_id, ref.subsidy_id)
         async with self._holder_locks.hold((ref.ledger, ref.holder_id)):
-            st = await self._card_state(ref, key, (tid,), check_limit=True)
+            day = self.today()
+            remembered, token = self._spent.lookup(ref.ledger, ref.purse_id, ref.subsidy_id,
+                                                   day[0])
+            st = await self._card_state(ref, key, (tid,), day=day,
+                                        want_spent=remembered is None)
             if st.existing:
-                parts = await self._parts(ref.ledger, (tid,))
+                parts = (await self._parts(ref.ledger, (tid,))).parts
                 ok = _matches(parts, credit=room, code=TransferCode.ELECTRICITY, amount=amount,
                               flags=0)
                 outcome = Outcome.APPROVED if ok else Outcome.DUPLICATE_DIFFERENT
@@ -1065,14 +1586,16 @@ class Campus:
                 return PaymentResult(refusal)
             if not self._pin_ok(term, card_no, st, amount, pin_block):
                 return PaymentResult(Outcome.INCORRECT_PIN)
-            if st.daily_limit is not None and st.spent + amount > st.daily_limit:
+            if st.daily_limit is not None and (
+                self._spending(ref, day, st, remembered, token) + amount > st.daily_limit
+            ):
                 return PaymentResult(Outcome.DAILY_LIMIT_EXCEEDED,
                                      purses=PurseBalances(st.cash, st.subsidy))
             transfer = Transfer(id=tid, ledger=ref.ledger, debit_account_id=ref.purse_id,
                                 credit_account_id=room, amount=amount,
                                 code=TransferCode.ELECTRICITY,
                                 user_data=f"{term.terminal_id}:{card_no}")
-            outcome, ts = outcome_of(await self._submit([transfer]))
+            outcome, ts = outcome_of(await self._post_spending(ref.ledger, [transfer]))
         return await self._finish(ref.ledger, key, outcome, ts, purses=purses, room=room)
 
     async def meter_usage(
@@ -1093,17 +1616,15 @@ class Campus:
             return PaymentResult(Outcome.INVALID_AMOUNT)
         room = room_account_id(term.ledger, room_id)
         tid = part_id(key, _ROOM)
-        async with self._conn() as conn:
-            rows = await conn.fetch(SQL_PARTS, term.ledger, [tid])
-            reversed_ = await conn.fetchval(SQL_REVERSED, term.ledger, [key]) is not None
-        if rows:
-            ok = _matches([_part(r) for r in rows], credit=term.account_id,
+        got = await self._parts(term.ledger, [tid], [key])
+        if got.parts:
+            ok = _matches(got.parts, credit=term.account_id,
                           code=TransferCode.ELECTRICITY, amount=amount,
-                          flags=int(TransferFlags.FORCE)) and rows[0]["debit_account_id"] == room
+                          flags=int(TransferFlags.FORCE)) and got.parts[0].debit_account_id == room
             if not ok:
                 return PaymentResult(Outcome.DUPLICATE_DIFFERENT)
-            ts = rows[0]["timestamp"]
-        elif reversed_:
+            ts = got.parts[0].timestamp
+        elif got.reversed:
             ts = None
         else:
             transfer = Transfer(id=tid, ledger=term.ledger, debit_account_id=room,
@@ -1149,7 +1670,8 @@ class Campus:
         ids = [part_id(original_key, p) for p in _ALL_PARTS]
         for _ in range(UNDO_ATTEMPTS):
             transfers: list[Transfer] = []
-            for p in await self._parts(ledger, ids):
+            parts = (await self._parts(ledger, ids)).parts
+            for p in parts:
                 if p.flags & _PENDING:
                     if p.state == "pending":
                         transfers.append(Transfer(id=reversal_id(p.id), ledger=ledger,
@@ -1164,7 +1686,11 @@ class Campus:
                         user_data=str(p.id)))
             if not transfers:
                 return None
-            results = await self._submit(_chain(transfers))
+            try:
+                results = await self._submit(_chain(transfers))
+            finally:  # spending given back no longer counts: today's sum is read again
+                for p in parts:
+                    self._spent.drop(ledger, p.debit_account_id)
             outcome, ts = outcome_of(results)
             if outcome is Outcome.APPROVED:
                 return ts

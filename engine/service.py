@@ -34,6 +34,9 @@ async def create_pool(dsn: str, *, max_size: int = limits.DB_POOL_MAX) -> asyncp
         timeout=limits.DB_CONNECT_TIMEOUT_S,
         command_timeout=limits.DB_COMMAND_TIMEOUT_S,
         init=_init_connection,
+        # Session defaults, not SETs: the pool's RESET ALL on release undoes a SET. A JIT
+        # compile (~40 ms) costs many times what the engine's statements take to run.
+        server_settings={"jit": "off", "timezone": "UTC"},
     )
     assert pool is not None
     return pool

@@ -27,9 +27,8 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Final
 from uuid import UUID, uuid5
 from zoneinfo import ZoneInfo
 
@@ -37,7 +36,7 @@ import msgspec
 from prometheus_client import Counter, Gauge, Histogram
 
 from engine import limits, metrics
-from engine.campus import Campus, Outcome, PaymentResult, Terminal
+from engine.campus import Campus, Coalescer, Connection, Outcome, PaymentResult, Terminal
 from engine.config import DEFAULT_TZ
 from engine.service import Engine, create_pool
 from terminals.framing import FrameError, frame, read_frame
@@ -152,12 +151,20 @@ def request_digest(msg: Message) -> bytes:
     return hashlib.sha256(msgspec.msgpack.encode(content)).digest()
 
 
+# Two base-36 digits per step (least significant first, as one digit per step would give):
+# RRNs and authorisation ids are stored, so the output must never change, only its cost.
+_BASE36_PAIRS: Final = tuple(_BASE36[q % 36] + _BASE36[q // 36] for q in range(36 * 36))
+
+
 def _base36(data: bytes, length: int) -> str:
+    """The ``length`` least significant base-36 digits of ``data``, least significant first."""
     n = int.from_bytes(data, "big")
     out = []
-    for _ in range(length):
-        n, r = divmod(n, 36)
-        out.append(_BASE36[r])
+    for _ in range(length // 2):
+        n, q = divmod(n, 36 * 36)
+        out.append(_BASE36_PAIRS[q])
+    if length % 2:
+        out.append(_BASE36[n % 36])
     return "".join(out)
 
 
@@ -345,64 +352,35 @@ class _Row(msgspec.Struct, frozen=True):
     response: bytes
 
 
-_I = TypeVar("_I")
-_R = TypeVar("_R")
-
-
-class _Coalescer(Generic[_I, _R]):
-    """Turns concurrent one-row requests into one set-based statement per ledger.
-
-    While a statement runs the next requests gather (the batcher's group commit, in small),
-    so the cost per request falls as the load rises and one connection suffices.
-    """
-
-    def __init__(
-        self, run: Callable[[int, list[_I]], Awaitable[list[_R]]], *, max_batch: int
-    ) -> None:
-        self._run = run
-        self._max = max_batch
-        self._pending: dict[int, list[tuple[_I, asyncio.Future[_R]]]] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    async def submit(self, ledger: int, item: _I) -> _R:
-        """Queue ``item`` for ``ledger`` and wait for its result."""
-        fut: asyncio.Future[_R] = asyncio.get_running_loop().create_future()
-        self._pending.setdefault(ledger, []).append((item, fut))
-        if self._task is None:
-            self._task = asyncio.create_task(self._flush(), name="onecard-gateway-memory")
-        return await fut
-
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                ledger = next(iter(self._pending))
-                queue = self._pending.pop(ledger)
-                batch, rest = queue[: self._max], queue[self._max :]
-                if rest:  # back of the line: other ledgers go first
-                    self._pending[ledger] = rest + self._pending.pop(ledger, [])
-                try:
-                    results = await self._run(ledger, [item for item, _ in batch])
-                except Exception as e:
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(e)
-                    continue
-                for (_, fut), r in zip(batch, results, strict=True):
-                    if not fut.done():
-                        fut.set_result(r)
-        finally:
-            self._task = None
+_encode_answer = msgspec.json.Encoder().encode
+_decode_answer = msgspec.json.Decoder(Message).decode
 
 
 class AnswerMemory:
-    """Remembered answers in ``gateway_responses`` (see migrations/0003_gateway.sql)."""
+    """Remembered answers in ``gateway_responses`` (see migrations/0003_gateway.sql).
+
+    Lookups and stores are each coalesced (engine.campus.Coalescer): the requests that arrive
+    while one statement runs share the next, so each is one statement per batch of requests,
+    on one connection held while the work keeps coming.
+    """
 
     def __init__(self, pool: asyncpg.Pool, *, max_batch: int = limits.GATEWAY_MEMORY_BATCH):
         self._pool = pool
-        self._lookups: _Coalescer[UUID, _Answer | None] = _Coalescer(
-            self._lookup_batch, max_batch=max_batch
+
+        def get_pool() -> asyncpg.Pool:
+            return self._pool
+
+        self._lookups: Coalescer[UUID, _Answer | None] = Coalescer(
+            get_pool, self._lookup_batch, max_batch=max_batch, name="onecard-gateway-lookups"
         )
-        self._stores: _Coalescer[_Row, bool] = _Coalescer(self._store_batch, max_batch=max_batch)
+        self._stores: Coalescer[_Row, bool] = Coalescer(
+            get_pool, self._store_batch, max_batch=max_batch, name="onecard-gateway-stores"
+        )
+
+    @property
+    def statements(self) -> int:
+        """Statements run so far (each serves a batch of lookups or of stores)."""
+        return self._lookups.statements + self._stores.statements
 
     async def lookup(self, ledger: int, key: UUID) -> _Answer | None:
         """The remembered answer for ``key``, or None."""
@@ -415,7 +393,7 @@ class AnswerMemory:
         return the answer that is stored (this one, or the earlier one that won)."""
         for attempt in range(_RRN_ATTEMPTS):
             answer = msgspec.structs.replace(response, rrn=rrn_for(key, attempt))
-            row = _Row(key, terminal_id, digest, answer.rrn or "", msgspec.json.encode(answer))
+            row = _Row(key, terminal_id, digest, answer.rrn or "", _encode_answer(answer))
             if await self._stores.submit(ledger, row):
                 return _Answer(digest, answer, True)
             stored = await self.lookup(ledger, key)
@@ -424,30 +402,28 @@ class AnswerMemory:
             # neither inserted nor present: the RRN is taken in this ledger; next candidate
         raise RuntimeError(f"no free RRN for {key} after {_RRN_ATTEMPTS} attempts")
 
-    async def _lookup_batch(self, ledger: int, keys: list[UUID]) -> list[_Answer | None]:
-        async with self._pool.acquire() as conn:
-            rows = await conn.fetch(SQL_LOOKUP_ANSWERS, ledger, list(set(keys)))
+    @staticmethod
+    async def _lookup_batch(
+        conn: Connection, ledger: int, keys: list[UUID]
+    ) -> list[_Answer | None]:
+        rows = await conn.fetch(SQL_LOOKUP_ANSWERS, ledger, list(set(keys)))
         found = {
-            r["key"]: _Answer(
-                bytes(r["request_digest"]),
-                msgspec.json.decode(r["response"], type=Message),
-                True,
-            )
+            r["key"]: _Answer(bytes(r["request_digest"]), _decode_answer(r["response"]), True)
             for r in rows
         }
         return [found.get(k) for k in keys]
 
-    async def _store_batch(self, ledger: int, rows: list[_Row]) -> list[bool]:
-        async with self._pool.acquire() as conn:
-            inserted = await conn.fetch(
-                SQL_STORE_ANSWERS,
-                ledger,
-                [r.key for r in rows],
-                [r.terminal_id for r in rows],
-                [r.digest for r in rows],
-                [r.rrn for r in rows],
-                [r.response for r in rows],
-            )
+    @staticmethod
+    async def _store_batch(conn: Connection, ledger: int, rows: list[_Row]) -> list[bool]:
+        inserted = await conn.fetch(
+            SQL_STORE_ANSWERS,
+            ledger,
+            [r.key for r in rows],
+            [r.terminal_id for r in rows],
+            [r.digest for r in rows],
+            [r.rrn for r in rows],
+            [r.response for r in rows],
+        )
         done = {r["key"] for r in inserted}
         return [r.key in done for r in rows]
 
@@ -502,6 +478,8 @@ class Gateway:
         self._flights: dict[UUID, asyncio.Task[_Answer]] = {}
         self._inflight = 0
         self._stopping = False
+        self._counters: dict[tuple[str, str | None], Counter] = {}
+        self._local: tuple[int, str, str] = (-1, "", "")  # (unix second, field 12, field 13)
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -589,7 +567,11 @@ class Gateway:
             if reply.mac_key is None
             else encode_message(msg, reply.mac_key)
         )
-        GATEWAY_RESPONSES.labels(msg.mti, msg.response_code or "").inc()
+        counter = self._counters.get((msg.mti, msg.response_code))
+        if counter is None:  # a labelled child per (MTI, code): looked up once, not per answer
+            counter = GATEWAY_RESPONSES.labels(msg.mti, msg.response_code or "")
+            self._counters[(msg.mti, msg.response_code)] = counter
+        counter.inc()
         GATEWAY_SECONDS.observe(time.perf_counter() - t0)
         return data
 
@@ -656,16 +638,19 @@ class Gateway:
             flight.add_done_callback(functools.partial(self._landed, key))
         self._inflight += 1
         try:
-            # shield: a timed-out or disconnected caller must not cancel posting half-way;
-            # the flight finishes and stores its answer for the retransmission.
-            answer = await asyncio.wait_for(asyncio.shield(flight), self.request_timeout_s)
-        except TimeoutError:
-            log.warning("gateway: no answer for %s within %.1f s", key, self.request_timeout_s)
-            return self._reply(msg, ResponseCode.SYSTEM_ERROR)
-        except Exception:  # logged once, by _landed
-            return self._reply(msg, ResponseCode.SYSTEM_ERROR)
+            # The flight is never awaited directly: a timed-out or disconnected caller must
+            # not cancel posting half-way; it finishes and stores its answer for the
+            # retransmission. (One future and one timer per request, which is what
+            # wait_for(shield(...)) costs several times over.)
+            await _landing(flight, self.request_timeout_s)
         finally:
             self._inflight -= 1
+        if not flight.done():
+            log.warning("gateway: no answer for %s within %.1f s", key, self.request_timeout_s)
+            return self._reply(msg, ResponseCode.SYSTEM_ERROR)
+        if flight.cancelled() or flight.exception() is not None:  # logged once, by _landed
+            return self._reply(msg, ResponseCode.SYSTEM_ERROR)
+        answer = flight.result()
         if answer.digest != digest:
             return self._reply(msg, ResponseCode.DUPLICATE_DIFFERENT)
         return answer.response
@@ -771,8 +756,11 @@ class Gateway:
         timestamp: int | None = None,
     ) -> Message:
         """The answer to ``msg``: its identifying fields echoed, fields 12/13 in campus time."""
-        ns = time.time_ns() if timestamp is None else timestamp
-        local = datetime.fromtimestamp(ns // 1_000_000_000, self._zone)
+        second = (time.time_ns() if timestamp is None else timestamp) // 1_000_000_000
+        if second != self._local[0]:  # fields 12/13 change once a second, not per answer
+            local = datetime.fromtimestamp(second, self._zone)
+            self._local = (second, local.strftime("%H%M%S"), local.strftime("%m%d"))
+        _, local_time, local_date = self._local
         return Message(
             mti=response_mti(msg.mti),
             card_no=msg.card_no,
@@ -780,8 +768,8 @@ class Gateway:
             amount=msg.amount,
             transmission_dt=msg.transmission_dt,
             stan=msg.stan,
-            local_time=local.strftime("%H%M%S"),
-            local_date=local.strftime("%m%d"),
+            local_time=local_time,
+            local_date=local_date,
             auth_id=auth_id,
             response_code=code,
             terminal_id=msg.terminal_id,
@@ -790,6 +778,27 @@ class Gateway:
             original_data=msg.original_data,
             room_id=msg.room_id,
         )
+
+
+async def _landing(flight: asyncio.Task[_Answer], timeout_s: float) -> None:
+    """Wait until ``flight`` is done or ``timeout_s`` has passed, whichever is first, without
+    ever cancelling it (cancelling the waiter leaves the flight running)."""
+    if flight.done():
+        return
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    flight.add_done_callback(wake)
+    timer = loop.call_later(timeout_s, wake)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        flight.remove_done_callback(wake)
 
 
 class _Connection:

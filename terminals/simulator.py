@@ -8,6 +8,11 @@ meals most of the time, balance inquiries, hot-water holds and their completions
 purchases and meter readings, ~2 % retransmissions (whose answers must be identical), ~0.5 %
 reversals, and a burst of offline advices from the tills cut off by a simulated outage.
 
+The terminals run in ``--workers`` separate processes (default 1; 0 runs them in this one),
+each driving its share of the terminals over its own connections: a load generator must not
+eat the CPU of the gateway it measures. Each worker reports the money its answers moved and
+the parent adds it up.
+
 It keeps its own books from the answers alone (an approval moved the money, anything else did
 not) and at the end compares every account of the ledger with them, checks that nothing is
 left pending and that debits equal credits. Any difference, any unexpected response code, any
@@ -23,7 +28,9 @@ import contextlib
 import enum
 import hashlib
 import logging
+import os
 import random
+import sys
 import time
 import uuid
 from collections import Counter
@@ -73,6 +80,8 @@ RETRY_BACKOFF_S: Final = 0.05  # doubled per attempt up to RETRY_BACKOFF_MAX_S
 RETRY_BACKOFF_MAX_S: Final = 1.0
 PROGRESS_INTERVAL_S: Final = 0.25
 MAX_PROBLEMS: Final = 50  # problems kept for the report
+DEFAULT_WORKERS: Final = 1  # processes driving the terminals (0: this process)
+MAX_WORKERS: Final = 64
 
 # -- the traffic mix ----------------------------------------------------------------------------
 RETRANSMIT_P: Final = 0.02
@@ -107,6 +116,7 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
     ledger: int | None = None
     iso: tuple[str, int] | None = None
     progress: bool = True
+    workers: int = DEFAULT_WORKERS
 
 
 class Op(enum.StrEnum):
@@ -190,6 +200,7 @@ class World(msgspec.Struct):
     holders: list[SimHolder]
     rooms: list[SimRoom]
     terminals: list[SimTerminal]
+    mac_key: bytes = b""
 
 
 class Books:
@@ -311,6 +322,7 @@ async def build_campus(
     kinds = ([TerminalKind.POS] * n_pos + [TerminalKind.WATER] * n_water
              + [TerminalKind.KIOSK] * n_kiosk + [TerminalKind.METER] * n_meter)
     key = hashlib.sha256(b"onecard-simulator" + ledger.to_bytes(8, "big")).digest()
+    world.mac_key = key
 
     async def make_terminal(i: int, kind: TerminalKind) -> None:
         tid = terminal_id(ledger, i)
@@ -389,15 +401,34 @@ class Stats:
             self.problems.append(text)
 
 
+def outage_cut(terminals: list[SimTerminal], seed: int) -> set[int]:
+    """Indexes of the POS terminals the simulated outage cuts off."""
+    pos = [t for t in terminals if t.kind is TerminalKind.POS]
+    return {t.index for t in random.Random(seed).sample(pos, k=int(len(pos) * OUTAGE_SHARE))}
+
+
 class Driver:
     """Runs every terminal's loop against the gateway and keeps the books from the answers."""
 
-    def __init__(self, world: World, books: Books, stats: Stats, o: Options) -> None:
+    def __init__(
+        self,
+        world: World,
+        books: Books,
+        stats: Stats,
+        o: Options,
+        *,
+        terminals_total: int | None = None,
+        cut: set[int] | None = None,
+    ) -> None:
+        """``world.terminals`` may be a worker's share of ``terminals_total`` terminals (the
+        rate is per run, not per share); ``cut`` are the indexes of the POS terminals the
+        outage cuts off (default: drawn from the seed, as every share must agree on it)."""
         self.world = world
         self.books = books
         self.stats = stats
         self.o = o
-        self.per_terminal_rate = o.rate / len(world.terminals)
+        self.per_terminal_rate = o.rate / (terminals_total or len(world.terminals))
+        self.cut = cut if cut is not None else outage_cut(world.terminals, o.seed)
         self.active = [h for h in world.holders if not h.lost]
         self.lost = [h for h in world.holders if h.lost]
         self.replaced = [h for h in world.holders if h.old_card is not None]
@@ -583,8 +614,7 @@ class Driver:
         """Sign every terminal on, drive them all for the duration, then let them finish
         (open showers completed, offline advices delivered). Returns the traffic time."""
         o = self.o
-        pos = [t for t in self.world.terminals if t.kind is TerminalKind.POS]
-        cut = {t.index for t in random.Random(o.seed).sample(pos, k=int(len(pos) * OUTAGE_SHARE))}
+        cut = self.cut
 
         async def sign_on(t: SimTerminal) -> None:
             ans = await self.exchange(t, Op.SIGN_ON, t.client.sign_on())
@@ -802,6 +832,8 @@ async def simulate(
         raise ValueError(f"--terminals must be at least {MIN_TERMINALS}")
     if o.duration <= 0 or o.rate <= 0:
         raise ValueError("--duration and --rate must be positive")
+    if not 0 <= o.workers <= MAX_WORKERS:
+        raise ValueError(f"--workers must be in 0..{MAX_WORKERS}")
     console = console or Console()
     engine = Engine(dsn)
     await engine.start()
@@ -822,8 +854,10 @@ async def simulate(
             highlight=False,
         )
         stats = Stats()
-        driver = Driver(world, books, stats, o)
-        elapsed = await _drive(driver, console, o)
+        if o.workers:
+            elapsed = await _drive_workers(world, books, stats, o, host, port, console)
+        else:
+            elapsed = await _drive(Driver(world, books, stats, o), console, o)
         if before_check is not None:
             await before_check(engine, world)
         check = await check_ledger(engine, world, books, stats)
@@ -856,8 +890,8 @@ async def simulate(
     )
 
 
-async def _drive(driver: Driver, console: Console, o: Options) -> float:
-    progress = Progress(
+def _progress(console: Console, o: Options) -> Progress:
+    return Progress(
         TextColumn("[bold]lunch rush"),
         BarColumn(),
         TextColumn("{task.fields[info]}"),
@@ -865,6 +899,10 @@ async def _drive(driver: Driver, console: Console, o: Options) -> float:
         console=console,
         disable=not o.progress,
     )
+
+
+async def _drive(driver: Driver, console: Console, o: Options) -> float:
+    progress = _progress(console, o)
     t0 = time.monotonic()
     task = progress.add_task("rush", total=o.duration, info="")
 
@@ -877,6 +915,245 @@ async def _drive(driver: Driver, console: Console, o: Options) -> float:
 
     with progress:
         return await driver.run(update)
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker processes: each drives a share of the terminals and reports what its answers moved
+
+
+class _ShardHolder(msgspec.Struct, frozen=True, array_like=True):
+    index: int
+    holder_id: str
+    card: str
+    purse: int
+    subsidy: int
+    pin: str | None
+    limit: int | None
+    lost: bool
+    old_card: str | None
+
+
+class _ShardTerminal(msgspec.Struct, frozen=True, array_like=True):
+    index: int
+    kind: TerminalKind
+    terminal_id: str
+    merchant_id: str
+    account: int
+    room: int | None  # a meter's room, as an index into the rooms
+
+
+class _Shard(msgspec.Struct, frozen=True):
+    """What a worker needs: the campus as the simulator built it, and its terminals."""
+
+    options: Options
+    host: str
+    port: int
+    ledger: int
+    bank: int
+    fund: int
+    water: int
+    power: int
+    merchants: list[int]
+    mac_key: bytes
+    holders: list[_ShardHolder]
+    rooms: list[SimRoom]
+    terminals: list[_ShardTerminal]
+    terminals_total: int
+    cut: list[int]
+
+
+class _ShardResult(msgspec.Struct, frozen=True):
+    """A worker's answers: counts, latencies, problems, and the money they moved (changes to
+    the holders' expected totals and to the other accounts' expected balances)."""
+
+    codes: list[tuple[str, str, int]]
+    latencies: list[float]
+    problems: list[str]
+    unresolved: int
+    retransmit_mismatch: int
+    unexpected: int
+    holder_totals: dict[int, int]
+    balances: dict[int, int]
+    elapsed: float
+
+
+def _shard(world: World, o: Options, host: str, port: int, share: list[SimTerminal],
+           cut: set[int]) -> _Shard:
+    rooms = {r.room_id: i for i, r in enumerate(world.rooms)}
+    return _Shard(
+        options=o, host=host, port=port, ledger=world.ledger, bank=world.bank,
+        fund=world.fund, water=world.water, power=world.power, merchants=world.merchants,
+        mac_key=world.mac_key,
+        holders=[_ShardHolder(h.index, h.holder_id, h.card, h.purse, h.subsidy, h.pin, h.limit,
+                              h.lost, h.old_card) for h in world.holders],
+        rooms=world.rooms,
+        terminals=[_ShardTerminal(t.index, t.kind, t.tid, t.client.merchant_id, t.account,
+                                  None if t.room is None else rooms[t.room.room_id])
+                   for t in share],
+        terminals_total=len(world.terminals),
+        cut=sorted(cut),
+    )
+
+
+async def _run_shard(shard: _Shard, progress: Callable[[int], None]) -> _ShardResult:
+    """Drive ``shard``'s terminals (in the worker process); totals start at 0, so what the
+    worker reports are changes."""
+    o = shard.options
+    holders = []
+    for h in shard.holders:
+        sh = SimHolder(h.index, h.holder_id, h.card, h.purse, h.subsidy)
+        sh.pin, sh.limit, sh.lost, sh.old_card = h.pin, h.limit, h.lost, h.old_card
+        holders.append(sh)
+    terminals = []
+    for t in shard.terminals:
+        client = TerminalClient(shard.host, shard.port, terminal_id=t.terminal_id,
+                                merchant_id=t.merchant_id, mac_key=shard.mac_key,
+                                timeout_s=CLIENT_TIMEOUT_S)
+        st = SimTerminal(t.index, t.kind, client, t.account, o.seed * 1_000_003 + t.index)
+        if t.room is not None:
+            st.room = shard.rooms[t.room]
+        terminals.append(st)
+    world = World(shard.ledger, shard.bank, shard.fund, shard.water, shard.power,
+                  shard.merchants, holders, shard.rooms, terminals, shard.mac_key)
+    books = Books({shard.bank, shard.fund})
+    stats = Stats()
+    driver = Driver(world, books, stats, o, terminals_total=shard.terminals_total,
+                    cut=set(shard.cut))
+    elapsed = await driver.run(lambda: progress(stats.answered))
+    return _ShardResult(
+        codes=[(str(op), code, n) for (op, code), n in stats.codes.items()],
+        latencies=stats.latencies,
+        problems=stats.problems,
+        unresolved=stats.unresolved,
+        retransmit_mismatch=stats.retransmit_mismatch,
+        unexpected=stats.unexpected,
+        holder_totals={h.index: h.total for h in holders if h.total},
+        balances={a: n for a, n in books.balance.items() if n},
+        elapsed=elapsed,
+    )
+
+
+# A worker reads its _Shard (msgpack) from stdin and writes frames to stdout: one type byte,
+# a 4-byte big-endian length, the body: progress (answers so far, 8 bytes), the result
+# (msgpack _ShardResult) or an error (text). A plain subprocess, not multiprocessing: nothing
+# of the parent (its __main__, its event loop, its pool) is re-imported or inherited.
+_PROGRESS: Final = b"P"
+_RESULT: Final = b"R"
+_ERROR: Final = b"E"
+_WORKER_CODE: Final = "from terminals.simulator import worker_main; worker_main()"
+
+
+def _frame(kind: bytes, body: bytes) -> bytes:
+    return kind + len(body).to_bytes(4, "big") + body
+
+
+def worker_main() -> None:
+    """Entry point of a simulator worker process (see ``_drive_workers``)."""
+    import uvloop
+
+    out = sys.stdout.buffer
+
+    def send(kind: bytes, body: bytes) -> None:
+        out.write(_frame(kind, body))
+        out.flush()
+
+    try:
+        shard = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=_Shard)
+        result = uvloop.run(_run_shard(shard, lambda n: send(_PROGRESS, n.to_bytes(8, "big"))))
+    except BaseException as e:  # the parent reports it
+        send(_ERROR, f"{type(e).__name__}: {e}".encode())
+        raise SystemExit(1) from None
+    send(_RESULT, msgspec.msgpack.encode(result))
+
+
+class _Worker:
+    """One worker process as the parent sees it."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, name: str) -> None:
+        self.proc = proc
+        self.name = name
+        self.answered = 0
+
+    async def result(self) -> _ShardResult:
+        """Read progress frames until the result; RuntimeError if the worker failed."""
+        assert self.proc.stdout is not None
+        while True:
+            try:
+                head = await self.proc.stdout.readexactly(5)
+                body = await self.proc.stdout.readexactly(int.from_bytes(head[1:], "big"))
+            except asyncio.IncompleteReadError:
+                code = await self.proc.wait()
+                raise RuntimeError(f"simulator {self.name} died (exit code {code})") from None
+            kind = head[:1]
+            if kind == _PROGRESS:
+                self.answered = int.from_bytes(body, "big")
+                continue
+            await self.proc.wait()
+            if kind == _RESULT:
+                return msgspec.msgpack.decode(body, type=_ShardResult)
+            raise RuntimeError(f"simulator {self.name} failed: {body.decode(errors='replace')}")
+
+
+async def _start_worker(name: str, shard: _Shard) -> _Worker:
+    # the worker imports this package from wherever this process did
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _WORKER_CODE,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
+    )
+    worker = _Worker(proc, name)
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(msgspec.msgpack.encode(shard))
+        await proc.stdin.drain()
+        proc.stdin.close()
+    except ConnectionError:  # it died at once; result() will say how
+        pass
+    return worker
+
+
+async def _drive_workers(world: World, books: Books, stats: Stats, o: Options, host: str,
+                         port: int, console: Console) -> float:
+    """Drive the terminals from ``o.workers`` processes, then fold their books into ours."""
+    n = min(o.workers, len(world.terminals))
+    cut = outage_cut(world.terminals, o.seed)
+    workers: list[_Worker] = []
+    try:
+        for i in range(n):
+            shard = _shard(world, o, host, port, world.terminals[i::n], cut)
+            workers.append(await _start_worker(f"worker {i}", shard))
+        progress = _progress(console, o)
+        task = progress.add_task("rush", total=o.duration, info="")
+        results = asyncio.gather(*(w.result() for w in workers))
+        t0 = time.monotonic()
+        with progress:
+            while not results.done():
+                el = time.monotonic() - t0
+                answered = sum(w.answered for w in workers)
+                progress.update(task, completed=min(el, o.duration),
+                                info=f"{answered:,} answers  {answered / max(el, 1e-9):,.0f}/s")
+                await asyncio.wait([results], timeout=PROGRESS_INTERVAL_S)
+        shards = results.result()
+    finally:
+        for w in workers:
+            if w.proc.returncode is None:  # failed or interrupted: nothing left to wait for
+                w.proc.kill()
+                await w.proc.wait()
+    by_index = {h.index: h for h in world.holders}
+    for r in shards:
+        for op, code, k in r.codes:
+            stats.codes[(Op(op), code)] += k
+        stats.latencies.extend(r.latencies)
+        for p in r.problems:
+            stats.problem(p)
+        stats.unresolved += r.unresolved
+        stats.retransmit_mismatch += r.retransmit_mismatch
+        stats.unexpected += r.unexpected
+        for i, d in r.holder_totals.items():
+            by_index[i].total += d
+        for a, d in r.balances.items():
+            books.balance[a] += d
+    return max(r.elapsed for r in shards)
 
 
 def _hostport(value: str) -> tuple[str, int]:
@@ -900,6 +1177,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iso", type=_hostport, default=None,
                    help="drive the gateway already running at HOST:PORT on the same database "
                         "(default: an in-process gateway)")
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                   help="processes driving the terminals, apart from the gateway's "
+                        f"(default {DEFAULT_WORKERS}; 0: the same process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -909,6 +1189,7 @@ async def run(args: argparse.Namespace, dsn: str) -> int:
     o = Options(
         terminals=args.terminals, duration=args.duration, rate=args.rate, seed=args.seed,
         holders=args.holders, ledger=args.ledger, iso=args.iso, progress=not args.no_progress,
+        workers=args.workers,
     )
     console = Console()
     report = await simulate(dsn, o, console=console)

@@ -97,3 +97,39 @@ async def test_cli_short_run_exits_0(dsn: str) -> None:
     assert "answers by message type and response code" in text
     assert "consistent" in text and "INCONSISTENT" not in text
     assert "p50" in text
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_terminals_in_this_process_or_split_over_workers(dsn: str, workers: int) -> None:
+    report = await simulate(
+        dsn,
+        Options(terminals=12, duration=2, rate=200, seed=13, workers=workers, progress=False),
+        console=QUIET,
+    )
+    assert report.consistent, report.problems
+    assert report.terminals == 12 and report.answered > 100
+    assert report.codes[str(Op.SIGN_ON)] == {"00": 12}  # every terminal, once, in some worker
+    assert report.codes[str(Op.MEAL)].get("00", 0) > 20
+
+
+async def test_a_failing_worker_is_reported() -> None:
+    from terminals.simulator import _WORKER_CODE, _Worker
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _WORKER_CODE, cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(b"not a shard")
+    proc.stdin.close()
+    with pytest.raises(RuntimeError, match=r"worker 7 failed: .*Error"):
+        async with asyncio.timeout(60):
+            await _Worker(proc, "worker 7").result()
+    assert proc.returncode == 1
+
+
+async def test_worker_count_is_checked() -> None:
+    with pytest.raises(ValueError, match="workers"):
+        await simulate("postgresql://unused/x", Options(workers=-1, progress=False),
+                       console=QUIET)

@@ -1,0 +1,393 @@
+"""The campus hot path on a real PostgreSQL: shared (coalesced) reads instead of a round trip per
+request, card states that are never stale, the remembered daily spending and when it is read
+again, the per-holder locks, and the query plan of the daily-spending sum."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+import asyncpg
+import pytest
+
+from engine.campus import (
+    SQL_CARD_STATES,
+    Campus,
+    Card,
+    Coalescer,
+    Connection,
+    HolderKind,
+    HolderResult,
+    Outcome,
+    Replacement,
+    _KeyedLocks,
+    _SpendMemory,
+    holder_account_ids,
+    local_day_bounds,
+)
+from engine.migrate import migrate
+from engine.service import Engine
+from ledger.status import TransferStatus
+from ledger.transfer import Transfer
+from ledger.types import TransferCode
+from tests.conftest import Ids
+from tests.databases import scratch_database
+from tests.engine.test_campus import World, card_number, make_world
+
+
+def key() -> uuid.UUID:
+    return uuid.uuid4()
+
+
+# -- shared reads ----------------------------------------------------------------------------
+
+
+async def test_concurrent_payments_share_their_reads(engine: Engine, ids: Ids) -> None:
+    campus = Campus(engine)
+    w = await make_world(engine, campus, ids)
+    people = []
+    for i in range(40):
+        holder = f"P{i}-{uuid.uuid4().hex[:6]}"
+        r = await campus.create_holder(holder_id=holder, ledger=w.ledger, name=holder,
+                                       kind=HolderKind.STUDENT)
+        assert isinstance(r, HolderResult)
+        card = card_number()
+        assert isinstance(await campus.create_card(card_no=card, holder_id=holder,
+                                                   ledger=w.ledger), Card)
+        purse, subsidy = holder_account_ids(w.ledger, holder)
+        await w.top_up(5_000, purse)
+        await w.post(Transfer(id=uuid.uuid4(), ledger=w.ledger, debit_account_id=w.fund,
+                              credit_account_id=subsidy, amount=300, code=TransferCode.SUBSIDY))
+        people.append((card, purse, subsidy))
+    before = campus.statements
+    # three payments per holder at once: 120 requests, each needing a card read, a card-state
+    # read and a balances-after read
+    amounts = [[100 + 7 * i + j for j in range(3)] for i in range(len(people))]
+    results = await asyncio.gather(*(
+        campus.purchase(w.pos, card_no=card, amount=a, key=key())
+        for (card, _, _), mine in zip(people, amounts, strict=True) for a in mine
+    ))
+    assert {r.outcome for r in results} == {Outcome.APPROVED}
+    statements = campus.statements - before
+    assert statements <= 30, statements  # one round trip per request would be 360
+    for (_, purse, subsidy), mine in zip(people, amounts, strict=True):
+        spent = sum(mine)
+        assert await w.available(subsidy) == max(0, 300 - spent)  # subsidy first, every time
+        assert await w.available(purse) == 5_000 - max(0, spent - 300)
+    assert await w.available(w.canteen) == sum(map(sum, amounts))
+
+
+async def test_a_card_number_that_cannot_exist_costs_no_read(w: World) -> None:
+    before = w.campus.statements
+    for bad in ("12ab5678", "123", "1" * 20, "1234567\x00"):
+        r = await w.campus.purchase(w.pos, card_no=bad, amount=100, key=key())
+        assert r.outcome is Outcome.INVALID_CARD
+    assert await w.campus.terminal("SHORT") is None
+    assert w.campus.statements == before
+
+
+@pytest.fixture
+async def w(engine: Engine, ids: Ids) -> World:
+    return await make_world(engine, Campus(engine), ids)
+
+
+async def test_card_changes_take_effect_at_once_in_every_campus(w: World, engine: Engine) -> None:
+    """The card -> purses mapping is cached, the card's state never is: a change made through
+    another Campus (another process) is seen by the very next payment."""
+    await w.top_up(10_000)
+    other = Campus(engine)
+    assert (await w.campus.purchase(w.pos, card_no=w.card, amount=100, key=key())).outcome \
+        is Outcome.APPROVED  # cached now
+    assert isinstance(await other.report_lost(w.card), Card)
+    r = await w.campus.purchase(w.pos, card_no=w.card, amount=100, key=key())
+    assert r.outcome is Outcome.LOST_CARD
+    assert (await w.campus.balance(w.pos, card_no=w.card)).outcome is Outcome.LOST_CARD
+    assert isinstance(await other.card_found(w.card), Card)
+    assert (await w.campus.purchase(w.pos, card_no=w.card, amount=100, key=key())).outcome \
+        is Outcome.APPROVED
+    new = card_number()
+    assert isinstance(await other.replace_card(w.card, new), Replacement)
+    r = await w.campus.purchase(w.pos, card_no=w.card, amount=100, key=key())
+    assert r.outcome is Outcome.CARD_NOT_ACTIVE
+    r = await w.campus.purchase(w.pos, card_no=new, amount=100, key=key())
+    assert r.outcome is Outcome.APPROVED and r.purses is not None and r.purses.cash == 9_700
+    assert isinstance(await w.campus.close_card(new), Card)
+    r = await w.campus.hold(w.water, card_no=new, amount=100, key=key())
+    assert r.outcome is Outcome.CARD_NOT_ACTIVE
+    assert await w.balances() == (9_700, 0)
+
+
+# -- remembered daily spending ---------------------------------------------------------------
+
+
+async def test_spending_elsewhere_counts_once_the_memory_ages_out(engine: Engine,
+                                                                 ids: Ids) -> None:
+    here = Campus(engine, spend_ttl_s=0.3)
+    w = await make_world(engine, here, ids, daily_limit=1_000)
+    await w.top_up(10_000)
+    elsewhere = Campus(engine)  # another process, as far as `here` can tell
+    assert (await here.purchase(w.pos, card_no=w.card, amount=600, key=key())).outcome \
+        is Outcome.APPROVED
+    assert (await elsewhere.purchase(w.pos, card_no=w.card, amount=300, key=key())).outcome \
+        is Outcome.APPROVED
+    await asyncio.sleep(0.35)
+    r = await here.purchase(w.pos, card_no=w.card, amount=101, key=key())
+    assert r.outcome is Outcome.DAILY_LIMIT_EXCEEDED  # 600 + 300 + 101
+    assert (await here.purchase(w.pos, card_no=w.card, amount=100, key=key())).outcome \
+        is Outcome.APPROVED  # exactly the limit
+    assert await w.balances() == (9_000, 0)
+
+
+async def test_completion_and_reversal_lower_the_remembered_spending(w_limit: World) -> None:
+    w = w_limit
+    h = key()
+    assert (await w.campus.hold(w.water, card_no=w.card, amount=900, key=h)).outcome \
+        is Outcome.APPROVED
+    assert (await w.campus.purchase(w.pos, card_no=w.card, amount=200, key=key())).outcome \
+        is Outcome.DAILY_LIMIT_EXCEEDED
+    assert (await w.campus.complete(w.water, hold_key=h, amount=100, key=key())).outcome \
+        is Outcome.APPROVED  # 100 spent now, not 900
+    meal = key()
+    assert (await w.campus.purchase(w.pos, card_no=w.card, amount=200, key=meal)).outcome \
+        is Outcome.APPROVED
+    assert (await w.campus.purchase(w.pos, card_no=w.card, amount=800, key=key())).outcome \
+        is Outcome.DAILY_LIMIT_EXCEEDED  # 100 + 200 + 800
+    assert (await w.campus.reverse(w.pos, original_key=meal, key=key())).outcome \
+        is Outcome.APPROVED
+    assert (await w.campus.purchase(w.pos, card_no=w.card, amount=800, key=key())).outcome \
+        is Outcome.APPROVED  # 100 + 800
+    assert await w.balances() == (10_000 - 900, 0)
+
+
+@pytest.fixture
+async def w_limit(engine: Engine, ids: Ids) -> World:
+    w = await make_world(engine, Campus(engine), ids, daily_limit=1_000)
+    await w.top_up(10_000)
+    return w
+
+
+async def test_a_hold_stops_counting_when_it_times_out(engine: Engine, ids: Ids) -> None:
+    campus = Campus(engine, hold_timeout_s=1)
+    w = await make_world(engine, campus, ids, daily_limit=1_000)
+    await w.top_up(5_000)
+    assert (await campus.hold(w.water, card_no=w.card, amount=800, key=key())).outcome \
+        is Outcome.APPROVED
+    assert (await campus.purchase(w.pos, card_no=w.card, amount=300, key=key())).outcome \
+        is Outcome.DAILY_LIMIT_EXCEEDED
+    for _ in range(50):  # the engine's expirer runs every 0.2 s in tests
+        await asyncio.sleep(0.1)
+        if await w.balances() == (5_000, 0):
+            break
+    assert await w.balances() == (5_000, 0)
+    r = await campus.purchase(w.pos, card_no=w.card, amount=300, key=key())
+    assert r.outcome is Outcome.APPROVED  # the remembered 800 went with the hold's timeout
+
+
+def test_spend_memory_read_racing_a_drop_is_not_stored() -> None:
+    m = _SpendMemory(ttl_s=60, max_holders=10)
+    assert m.lookup(1, 10, 11, day=0) == (None, 0)
+    m.drop(1, 11)  # no record yet: nothing to forget
+    spent, token = m.lookup(1, 10, 11, day=0)
+    m.store(1, 10, 11, 0, 400, None, token)
+    assert m.lookup(1, 10, 11, day=0)[0] == 400
+    m.drop(1, 10)
+    spent, token = m.lookup(1, 10, 11, day=0)
+    assert spent is None
+    m.drop(1, 11)  # e.g. a completion committed while the sum was being read
+    m.store(1, 10, 11, 0, 500, None, token)
+    assert m.lookup(1, 10, 11, day=0)[0] is None
+    spent, token = m.lookup(1, 10, 11, day=0)
+    m.store(1, 10, 11, 0, 500, None, token)
+    assert m.lookup(1, 10, 11, day=0)[0] == 500
+    m.add(1, 11, 0, 25)  # spending from the subsidy purse counts for the same holder
+    m.add(1, 10, 86_400, 7)  # another day's entry is not remembered: nothing to add to
+    assert m.lookup(1, 10, 11, day=0)[0] == 525
+    assert m.lookup(1, 10, 11, day=86_400)[0] is None
+    m.drop(1, 99)  # an account of no holder
+    assert m.lookup(1, 10, 11, day=0)[0] == 525
+
+
+def test_spend_memory_ages_out_and_is_bounded() -> None:
+    m = _SpendMemory(ttl_s=0, max_holders=2)
+    _, token = m.lookup(1, 10, 11, day=0)
+    m.store(1, 10, 11, 0, 500, None, token)
+    assert m.lookup(1, 10, 11, day=0)[0] is None  # a ttl of 0 remembers nothing
+    m = _SpendMemory(ttl_s=60, max_holders=2)
+    for purse in (10, 20, 30):
+        _, token = m.lookup(1, purse, purse + 1, day=0)
+        m.store(1, purse, purse + 1, 0, purse, None, token)
+    assert m.lookup(1, 30, 31, day=0)[0] == 30
+    assert len(m._holders) == 4  # two holders, two keys each: the oldest went
+    assert m.lookup(1, 10, 11, day=0)[0] is None
+    # a hold's timeout in the past ends what was remembered with it
+    _, token = m.lookup(1, 20, 21, day=0)
+    m.store(1, 20, 21, 0, 800, 1, token)
+    assert m.lookup(1, 20, 21, day=0)[0] is None
+    assert m.lookup(1, 30, 31, day=0)[0] == 30
+
+
+# -- the daily-spending sum's plan -----------------------------------------------------------
+
+
+async def test_daily_spending_is_summed_per_purse_never_over_the_ledger_day(
+    admin_dsn: str,
+) -> None:
+    """A campus database whose transfers were never analyzed (a fresh ledger, a restore): the
+    spending sum must still walk transfers_debit per purse (and transfers_credit for the
+    reversal check). Given a timestamp range it could use, the planner took transfers_timestamp
+    here and scanned the ledger's whole day for every limited payment."""
+    async with scratch_database(admin_dsn, prefix="onecard_plan") as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await migrate(conn)
+            await conn.execute("ALTER TABLE transfers SET (autovacuum_enabled = false)")
+            start, end = local_day_bounds(datetime.now(UTC), ZoneInfo("Asia/Shanghai"))
+            await conn.execute(
+                "INSERT INTO transfers (ledger, id, debit_account_id, credit_account_id, amount,"
+                " code, flags, timestamp) SELECT 7, gen_random_uuid(), 1000 + g % 200, 5, 100,"
+                " 1, 0, $1::bigint + g::bigint * 1000000 FROM generate_series(1, 30000) g",
+                start,
+            )
+            plan = "\n".join(r[0] for r in await conn.fetch(
+                "EXPLAIN " + SQL_CARD_STATES, 7, ["12345678"], [1001], [1002], [key()], [key()],
+                [key()], [True], [start], [end]))
+        finally:
+            await conn.close()
+    scans = {line.split(" on transfers ")[1].split()[0]: line
+             for line in plan.splitlines() if " on transfers " in line}
+    assert "using transfers_debit" in scans["t"], plan  # the day's spending
+    assert "using transfers_credit" in scans["r"], plan  # and its reversals
+
+
+# -- coalescer -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def pool(engine: Engine) -> asyncpg.Pool:
+    return engine.store.pool
+
+
+async def test_coalescer_batches_splits_and_answers_in_order(pool: asyncpg.Pool) -> None:
+    sizes: list[int] = []
+
+    async def run(conn: Connection, ledger: int, items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        rows = await conn.fetch("SELECT x * 2 + $1 AS y FROM unnest($2::int[]) x", ledger, items)
+        return [r["y"] for r in rows]
+
+    c: Coalescer[int, int] = Coalescer(lambda: pool, run, max_batch=8, linger_s=0)
+    got = await asyncio.gather(*(c.submit(i % 2, i) for i in range(40)))
+    assert got == [i * 2 + i % 2 for i in range(40)]
+    assert max(sizes) <= 8 and sum(sizes) == 40
+    assert c.statements == len(sizes) < 40
+
+
+async def test_coalescer_failure_answers_its_batch_only(pool: asyncpg.Pool) -> None:
+    async def run(conn: Connection, ledger: int, items: list[int]) -> list[int]:
+        if ledger == 13:
+            await conn.fetch("SELECT 1 / 0")
+        return [await conn.fetchval("SELECT $1::int", i) for i in items]
+
+    c: Coalescer[int, int] = Coalescer(lambda: pool, run, linger_s=0)
+    results = await asyncio.gather(c.submit(13, 1), c.submit(14, 2), c.submit(13, 3),
+                                   return_exceptions=True)
+    assert isinstance(results[0], asyncpg.DivisionByZeroError)
+    assert isinstance(results[2], asyncpg.DivisionByZeroError)
+    assert results[1] == 2  # the other ledger's batch, on the same connection
+    assert c.acquired == 1
+    assert await c.submit(14, 5) == 5
+
+
+async def test_coalescer_without_a_pool_answers_everyone(engine: Engine) -> None:
+    closed = await asyncpg.create_pool(engine.dsn, min_size=0, max_size=1)
+    assert closed is not None
+    await closed.close()
+
+    async def run(conn: Connection, ledger: int, items: list[int]) -> list[int]:
+        return items
+
+    c: Coalescer[int, int] = Coalescer(lambda: closed, run)
+    results = await asyncio.gather(*(c.submit(1, i) for i in range(5)), return_exceptions=True)
+    assert all(isinstance(r, asyncpg.InterfaceError) for r in results)
+
+
+async def test_coalescer_keeps_its_connection_while_work_keeps_coming(pool: asyncpg.Pool) -> None:
+    async def run(conn: Connection, ledger: int, items: list[int]) -> list[int]:
+        return [await conn.fetchval("SELECT current_setting('jit')") == "off"] * len(items)
+
+    c: Coalescer[int, bool] = Coalescer(lambda: pool, run, linger_s=0.2,
+                                        session="SET jit = off")
+    for _ in range(5):
+        assert await c.submit(1, 0) is True  # the session statement ran on the connection
+        await asyncio.sleep(0.01)
+    assert c.acquired == 1 and c.statements == 5
+    await asyncio.sleep(0.3)  # the linger ran out: the connection went back
+    assert await c.submit(1, 0) is True
+    assert c.acquired == 2
+
+
+async def test_a_batch_failure_reaches_the_payment_as_unavailable(w: World) -> None:
+    await w.top_up(1_000)
+
+    async def broken(conn: Connection, ledger: int, items: list[object]) -> list[object]:
+        raise asyncpg.InterfaceError("connection lost")
+
+    w.campus._state_reads._run = broken  # type: ignore[method-assign]
+    r = await w.campus.purchase(w.pos, card_no=w.card, amount=100, key=key())
+    assert r.outcome is Outcome.UNAVAILABLE
+    assert await w.balances() == (1_000, 0)
+
+
+# -- per-holder locks ------------------------------------------------------------------------
+
+
+async def test_keyed_locks_are_fifo_and_survive_cancellation() -> None:
+    locks = _KeyedLocks()
+    order: list[int] = []
+    gate = asyncio.Event()
+
+    async def user(n: int, hold_s: float = 0.0) -> None:
+        async with locks.hold("k"):
+            order.append(n)
+            if n == 0:
+                await gate.wait()
+            await asyncio.sleep(hold_s)
+
+    first = asyncio.create_task(user(0))
+    await asyncio.sleep(0)
+    waiting = [asyncio.create_task(user(n)) for n in range(1, 5)]
+    await asyncio.sleep(0)
+    waiting[1].cancel()  # a queued waiter leaves: it is skipped
+    gate.set()
+    await asyncio.gather(first, waiting[0], waiting[2], waiting[3])
+    assert order == [0, 1, 3, 4]
+    assert len(locks) == 0  # nothing left behind
+    # a waiter cancelled just as the key is handed to it passes the key on
+    async with locks.hold("k"):
+        late = asyncio.create_task(user(5))
+        after = asyncio.create_task(user(6))
+        await asyncio.sleep(0)
+    late.cancel()  # the key was handed to `late` on exit; it has not run yet
+    await asyncio.gather(late, after, return_exceptions=True)
+    assert order[-1] == 6 and len(locks) == 0
+    other = asyncio.create_task(user(7))  # other keys never wait
+    async with locks.hold("j"):
+        await other
+    assert order[-1] == 7
+
+
+async def test_a_retransmitted_limited_payment_is_not_counted_twice(w_limit: World) -> None:
+    w = w_limit
+    k = key()
+    first = await w.campus.purchase(w.pos, card_no=w.card, amount=600, key=k)
+    again = await w.campus.purchase(w.pos, card_no=w.card, amount=600, key=k)
+    assert first.outcome is again.outcome is Outcome.APPROVED
+    assert (await w.campus.purchase(w.pos, card_no=w.card, amount=400, key=key())).outcome \
+        is Outcome.APPROVED  # 600 once + 400
+    [st] = await w.post(Transfer(id=uuid.uuid4(), ledger=w.ledger, debit_account_id=w.bank,
+                                 credit_account_id=w.purse, amount=1, code=4))
+    assert st is TransferStatus.CREATED
+    assert (await w.campus.purchase(w.pos, card_no=w.card, amount=1, key=key())).outcome \
+        is Outcome.DAILY_LIMIT_EXCEEDED
