@@ -7,10 +7,14 @@ one transaction. While a transaction is in flight the next requests gather, so t
 with the load and the cost of a commit is shared. Order within a ledger is arrival order, and
 a request's linked chains never mix with another request's (``request_ends``).
 
-Under load a committed batch is answered while the next batch's write is on the server (never
-before its own commit, never later than ``BATCH_ANSWER_DEFER_MAX_S``): the callers' Python
-work then overlaps with PostgreSQL's instead of alternating with it. With nothing queued the
-answer goes out at once.
+Under load the committer keeps two batches going: while batch N is being written, batch N+1
+is prepared (read, applied and encoded, see ``Store.prepare``) on the state N leaves, and N's
+callers are answered while N+1's write is on the server (never before N's commit, never later
+than ``BATCH_ANSWER_DEFER_MAX_S``). Python's work and PostgreSQL's then overlap instead of
+alternating. A preparation only commits if the ledger's clock shows nothing but N happened
+since (``Store.commit_prepared``); otherwise, and whenever N itself did not commit as prepared,
+the batch takes the locked path (``Store.post_locked``), so the answers are always those of
+one batch after the other. With nothing queued the answer goes out at once.
 
 A full queue refuses at once (``Overloaded``: HTTP 503, terminal 96), so memory stays bounded.
 """
@@ -29,7 +33,7 @@ import asyncpg
 import msgspec
 
 from engine import limits, metrics
-from engine.store import Store
+from engine.store import Prepared, Store, Tip, now_ns
 from ledger.apply import BatchOutcome
 from ledger.status import TransferStatus
 from ledger.transfer import Transfer
@@ -89,12 +93,44 @@ class _Request:
 class _Group:
     """One ledger's share of a batch, with where each transfer's answer goes."""
 
-    __slots__ = ("ends", "places", "transfers")
+    __slots__ = ("based_on", "ends", "places", "prepared", "transfers")
 
     def __init__(self) -> None:
         self.transfers: list[Transfer] = []
         self.places: list[tuple[int, int]] = []  # (request index, position in request)
         self.ends: list[int] = []
+        self.prepared: Prepared | None = None  # applied ahead of the commit, if it could be
+        self.based_on: Tip | None = None  # the tip it was prepared on (None: the database)
+
+
+class _Batch:
+    """The requests the committer took at once, split per ledger."""
+
+    __slots__ = ("answers", "groups", "requests")
+
+    def __init__(self, requests: list[_Request]) -> None:
+        self.requests = requests
+        self.answers: list[list[TransferResult | None]] = [
+            [None] * len(r.transfers) for r in requests
+        ]
+        self.groups = _group(requests, self.answers)
+
+    def keep_prepared_on(self, tips: dict[int, Tip]) -> None:
+        """Drop every preparation whose tip is no longer its ledger's latest: the batch before
+        took the locked path or failed, so what it was prepared on never committed."""
+        for ledger, g in self.groups.items():
+            if g.prepared is not None and tips.get(ledger) is not g.based_on:
+                g.prepared = None
+
+
+class _Flight:
+    """A batch whose commit is running."""
+
+    __slots__ = ("batch", "task")
+
+    def __init__(self, batch: _Batch, task: asyncio.Task[_Answers]) -> None:
+        self.batch = batch
+        self.task = task
 
 
 class Batcher:
@@ -118,6 +154,9 @@ class Batcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        # per ledger, the state the latest batch leaves (the next batch is prepared on it)
+        self._tips: dict[int, Tip] = {}
+        self._missed: set[int] = set()  # ledgers whose last prepared batch found them moved
 
     @property
     def queued(self) -> int:
@@ -159,12 +198,15 @@ class Batcher:
 
     async def _run(self) -> None:
         idle = True  # nothing gathered during the last commit: a new request lingers for company
-        pending: _Answers | None = None  # committed, answered once the next batch's write is out
+        flight: _Flight | None = None  # the batch being committed
         try:
             while True:
-                if pending is not None and (not self._queue or self._closing):
-                    pending.deliver()  # nothing to overlap with: never sit on answers
-                    pending = None
+                if flight is not None and (not self._queue or self._closing):
+                    answers = await self._land(flight)  # nothing to overlap with
+                    flight = None
+                    if answers is not None:
+                        answers.deliver()
+                    idle = not self._queue
                 await self._wake.wait()
                 if not self._queue:
                     if self._closing:
@@ -185,64 +227,130 @@ class Batcher:
                 self._queued -= size
                 if not self._queue and not self._closing:
                     self._wake.clear()
-                answers: _Answers | None = None
-                try:
-                    answers = await self._commit(
-                        taken, on_write=None if pending is None else pending.deliver
-                    )
-                except Exception as e:  # answer every waiter; the committer itself carries on
-                    if isinstance(e, Unavailable) or len(taken) == 1:
-                        log.exception("batch failed")
-                        _fail(taken, e)
-                    else:
-                        # Not a database outage: one request may be poison (an error only it
-                        # causes). Commit each alone so only the guilty one fails; a request
-                        # whose ledger did commit answers `exists` the second time.
-                        log.warning("batch of %d requests failed (%s); one by one", len(taken), e)
-                        for r in taken:
-                            try:
-                                (await self._commit([r])).deliver()
-                            except Exception as e1:
-                                log.exception("request failed")
-                                _fail([r], e1)
+                batch = _Batch(taken)
+                # Apply this batch on the state the one in flight leaves, while it commits.
+                await self._prepare(batch, flight)
+                pending: _Answers | None = None
+                if flight is not None:
+                    pending = await self._land(flight)
+                    flight = None
+                    batch.keep_prepared_on(self._tips)
+                    # what could not be prepared on the batch in flight is prepared on what it
+                    # left (no overlap this time, but the next batch can overlap with this one)
+                    await self._prepare(batch, None)
+                flight = _Flight(
+                    batch, asyncio.create_task(self._commit_batch(batch, pending=pending))
+                )
                 if pending is not None:
-                    pending.deliver()  # if this batch wrote nothing, its hook never ran
-                    pending = None
+                    # Answered while this batch's write is on the server (see _commit_batch),
+                    # or by this deadline if that write has not gone out.
+                    pending.deliver_by(limits.BATCH_ANSWER_DEFER_MAX_S)
+                idle = False
+        finally:
+            if flight is not None:
+                answers = await self._land(flight)
                 if answers is not None:
-                    if self._queue and not self._closing:
-                        # Under load, answer while the next batch's write is on the server:
-                        # the callers' work (HTTP, gateway) then overlaps with PostgreSQL's.
-                        pending = answers
-                        pending.deliver_by(limits.BATCH_ANSWER_DEFER_MAX_S)
+                    answers.deliver()
+
+    async def _prepare(self, batch: _Batch, flight: _Flight | None) -> None:
+        """Prepare every ledger group of ``batch`` on the state its ledger will be in: as the
+        batch in flight leaves it if that batch was prepared, else the latest known tip."""
+        for ledger, g in batch.groups.items():
+            if g.prepared is not None or ledger in self._missed:
+                continue  # prepared already; or, after a miss, one batch takes the locked path
+            ahead = None if flight is None else flight.batch.groups.get(ledger)
+            if ahead is not None and ahead.prepared is not None:
+                tip: Tip | None = ahead.prepared.tip
+            elif ahead is not None:
+                continue  # that batch takes the locked path: its outcome is not known yet
+            else:
+                tip = self._tips.get(ledger)
+            try:
+                g.prepared = await self.store.prepare(
+                    ledger, g.transfers, request_ends=g.ends, tip=tip
+                )
+                g.based_on = tip
+            except Exception as e:  # the locked path will meet it again and deal with it
+                if not isinstance(e, RETRYABLE):
+                    log.warning("preparing a batch failed (%s); it takes the locked path", e)
+                g.prepared = None
+                # The tip's rows may be half-applied: nothing more is prepared on it; the
+                # ledger's next tip comes from the locked path's fresh reads.
+                self._tips.pop(ledger, None)
+                self._missed.add(ledger)
+
+    async def _land(self, flight: _Flight) -> _Answers | None:
+        """Wait for a batch's commit; its answers (not yet delivered), or None if every caller
+        has already been answered (a failure)."""
+        try:
+            return await flight.task
+        except Exception as e:  # answer every waiter; the committer itself carries on
+            self._tips.clear()  # nothing is known about what the batch left
+            taken = flight.batch.requests
+            if isinstance(e, Unavailable) or len(taken) == 1:
+                log.exception("batch failed", exc_info=e)
+                _fail(taken, e)
+                return None
+            # Not a database outage: one request may be poison (an error only it causes).
+            # Commit each alone so only the guilty one fails; a request whose ledger did
+            # commit answers `exists` the second time.
+            log.warning("batch of %d requests failed (%s); one by one", len(taken), e)
+            for r in taken:
+                try:
+                    (await self._commit_batch(_Batch([r]))).deliver()
+                except Exception as e1:
+                    log.exception("request failed")
+                    _fail([r], e1)
+            return None
+
+    async def _commit_batch(self, batch: _Batch, *, pending: _Answers | None = None) -> _Answers:
+        """Commit a batch (per ledger, each in its own transaction) and return its answers,
+        not yet delivered. ``pending`` (the previous batch's answers) is delivered once the
+        first write has been sent, so the callers' work overlaps with PostgreSQL's."""
+        hook = None if pending is None else pending.deliver
+        try:
+            posted: list[tuple[_Group, BatchOutcome]] = []
+            for ledger, g in batch.groups.items():
+                p = g.prepared
+                held = False
+                if p is not None:
+                    t0 = time.perf_counter()
+                    try:
+                        held = await self.store.commit_prepared(p, on_write=hook)
+                    except RETRYABLE as e:
+                        metrics.BATCH_RETRIES.inc()
+                        log.warning("prepared batch failed (%s); retrying locked", e)
+                if held:
+                    assert p is not None
+                    outcome, tip = p.outcome, p.tip
+                    metrics.SPECULATION.labels("held").inc()
+                    self._missed.discard(ledger)
+                    metrics.COMMIT_SECONDS.observe(time.perf_counter() - t0)
+                    metrics.BATCH_SIZE.observe(len(g.transfers))
+                else:
+                    if p is not None:
+                        metrics.SPECULATION.labels("missed").inc()
+                        # Another writer moved the clock; if it keeps writing, preparing
+                        # every batch would be wasted work: the next one takes the locked path.
+                        self._missed.add(ledger)
                     else:
-                        answers.deliver()
-                idle = not self._queue
+                        self._missed.discard(ledger)
+                    outcome, tip = await self._post_with_retry(ledger, g, on_write=hook)
+                self._tips[ledger] = tip
+                posted.append((g, outcome))
+                hook = None
+            return _Answers(batch.requests, batch.answers, posted)
         finally:
             if pending is not None:
-                pending.deliver()
-
-    async def _commit(
-        self, requests: list[_Request], *, on_write: Callable[[], None] | None = None
-    ) -> _Answers:
-        """Post the requests (per ledger); return their answers, not yet delivered.
-
-        ``on_write`` runs once the first ledger's write has been sent to the server.
-        """
-        answers: list[list[TransferResult | None]] = [[None] * len(r.transfers) for r in requests]
-        groups = _group(requests, answers)
-        posted: list[tuple[_Group, BatchOutcome]] = []
-        for ledger, g in groups.items():
-            posted.append((g, await self._post_with_retry(ledger, g, on_write=on_write)))
-            on_write = None
-        return _Answers(requests, answers, posted)
+                pending.deliver()  # if nothing was written, the hook never ran
 
     async def _post_with_retry(
         self, ledger: int, g: _Group, *, on_write: Callable[[], None] | None
-    ) -> BatchOutcome:
+    ) -> tuple[BatchOutcome, Tip]:
         for attempt in range(limits.BATCH_RETRIES + 1):
             t0 = time.perf_counter()
             try:
-                outcome = await self.store.post_batch(
+                outcome, tip = await self.store.post_locked(
                     ledger, g.transfers, request_ends=g.ends, on_write=on_write
                 )
             except RETRYABLE as e:
@@ -254,7 +362,7 @@ class Batcher:
                 continue
             metrics.COMMIT_SECONDS.observe(time.perf_counter() - t0)
             metrics.BATCH_SIZE.observe(len(g.transfers))
-            return outcome
+            return outcome, tip
         raise AssertionError("unreachable")
 
 
@@ -394,7 +502,9 @@ async def run_expirer(store: Store, *, interval_s: float = limits.EXPIRER_INTERV
     while True:
         try:
             for ledger in await store.ledgers():
-                while True:
+                # an expiry pass takes the ledger's clock, which sends the batch being
+                # prepared down the locked path: only when there is something to release
+                while await store.has_due_holds(ledger, now_ns()):
                     outcome = await store.post_batch(ledger, (), expire_due=True)
                     metrics.HOLDS_EXPIRED.inc(len(outcome.expired))
                     if len(outcome.expired) < limits.MAX_EXPIRED_PER_RUN:

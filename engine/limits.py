@@ -26,6 +26,8 @@ RETRY_AFTER_S: Final = 1
 # -- HTTP edge (engine/server.py) ----------------------------------------------------------
 # Open connections; beyond it a request is answered 503 at once (bounds sockets and memory).
 MAX_HTTP_CONNECTIONS: Final = 1024
+# A request head (request line and headers) larger than this is refused with 400.
+MAX_HEAD_BYTES: Final = 16 * 1024
 # A whole request (head and body) must arrive within this of the connection opening or of the
 # previous answer; a silent, trickling or stalled client is then disconnected.
 REQUEST_READ_TIMEOUT_S: Final = 10.0

@@ -32,6 +32,13 @@ COMMIT_SECONDS: Final = Histogram(
 BATCH_RETRIES: Final = Counter(
     "onecard_batch_retries_total", "Batches retried after a database fault.", registry=REGISTRY
 )
+SPECULATION: Final = Counter(
+    "onecard_batch_speculation_total",
+    "Batches prepared ahead of their commit, by whether the ledger was still as prepared "
+    "(held) or had moved so the batch took the locked path (missed).",
+    ["outcome"],
+    registry=REGISTRY,
+)
 QUEUE_DEPTH: Final = Gauge(
     "onecard_queue_transfers", "Transfers waiting for the committer.", registry=REGISTRY
 )

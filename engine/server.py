@@ -11,7 +11,7 @@ import signal
 from collections.abc import Generator
 
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from engine import limits
 from engine.api import create_app
@@ -24,32 +24,51 @@ log = logging.getLogger(__name__)
 
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 connection with the deadlines it lacks.
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 connection (the C parser, httptools) with the deadlines it lacks.
 
     uvicorn only times out idle keep-alive connections: a client that connects and sends
     nothing, trickles its head a byte at a time, stalls in its body or never reads its answers
-    would hold its connection (and with enough of them, the connection cap) forever. Pipelined
-    requests are already read one at a time (h11 pauses reading while one is in flight).
+    would hold its connection (and with enough of them, the connection cap) forever. A request
+    must be read whole within ``REQUEST_READ_TIMEOUT_S`` of the connection opening or of the
+    previous answer, and its head must fit in ``MAX_HEAD_BYTES``; a peer that stops reading
+    answers is dropped after ``WRITE_STALL_TIMEOUT_S``. Pipelined requests are read one ahead
+    at most (uvicorn pauses reading while one waits).
     """
 
     _read_timer: asyncio.TimerHandle | None = None
     _stall_timer: asyncio.TimerHandle | None = None
+    _in_head = True  # bytes now arriving belong to a request head
+    _head_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_read()
 
-    def handle_events(self) -> None:
-        super().handle_events()
-        cycle = self.cycle
-        if cycle is not None and not cycle.more_body and not cycle.response_complete:
-            self._disarm_read()  # the request is complete: from here on the time is ours
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        # httptools has no cap on a head: one that keeps coming is refused, not buffered
+        too_big = self._in_head and self._head_bytes > limits.MAX_HEAD_BYTES
+        if too_big and not self.transport.is_closing():
+            self.send_400_response("Request head too large.")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._disarm_read()  # the request is complete: from here on the time is ours
+        self._in_head, self._head_bytes = True, 0  # what comes next is the next head
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm_read()
+        cycle = self.cycle
+        read_whole = cycle is not None and not cycle.response_complete and not cycle.more_body
+        if not self.transport.is_closing() and not read_whole:
+            self._arm_read()  # waiting for the next request (or the rest of a pipelined one)
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -120,7 +139,7 @@ async def serve(dsn: str, args: argparse.Namespace) -> None:
             lifespan="off",
             access_log=False,
             log_level="warning",
-            http=GuardedH11Protocol,
+            http=GuardedHttpProtocol,
             limit_concurrency=limits.MAX_HTTP_CONNECTIONS,
             timeout_keep_alive=limits.KEEP_ALIVE_S,
             timeout_graceful_shutdown=limits.GRACEFUL_SHUTDOWN_S,

@@ -4,6 +4,19 @@ A batch is one transaction: reserve timestamps on the ledger's clock row (which 
 every writer of that ledger, across engine processes), load and lock what the batch touches
 (accounts in id order), run the pure ``ledger.apply``, write everything back set-based with
 arrays and ``unnest`` in one statement, commit. Six round trips whatever the batch size.
+
+Under load the batcher also *prepares* the next batch while the previous one is still being
+written (:meth:`Store.prepare`): it reads, without locks, what the batch needs and is not
+already known from the previous batch's :class:`Tip`, applies the batch to that state, and
+builds the write. :meth:`Store.commit_prepared` then advances the ledger's clock only if it
+still reads exactly what the preparation assumed (the previous batch's last timestamp and
+chain head) and sends the prepared write. Every change to balances, holds and transfers takes
+and advances the ledger's clock (batches, the expirer), so an unchanged clock proves the
+balances the batch was applied to are the ones it commits on; a changed one sends the batch
+down the locked path instead. Account flags change without the clock (an operator may flip
+them in SQL), so a preparation always reads them afresh, after its requests arrived: a flag
+change committed before a transfer was submitted is always seen, and one committing while the
+batch is prepared is ordered after it (the two were concurrent).
 """
 
 from __future__ import annotations
@@ -66,6 +79,18 @@ SQL_LOCK_ACCOUNTS = f"""
 SELECT {_ACCOUNT_COLS} FROM accounts
 WHERE ledger = $1 AND id = ANY(ARRAY(SELECT unnest($2::text::bigint[])))
 ORDER BY id FOR UPDATE
+"""
+SQL_READ_ACCOUNTS = f"""
+SELECT {_ACCOUNT_COLS} FROM accounts
+WHERE ledger = $1 AND id = ANY(ARRAY(SELECT unnest($2::text::bigint[])))
+"""
+SQL_READ_CLOCK = "SELECT last_timestamp, chain_head FROM ledgers WHERE ledger = $1"
+# A prepared batch commits only on the clock it was prepared on. The row lock this takes (or
+# waits for, while the previous batch commits) serialises the ledger's writers as SQL_RESERVE.
+SQL_ADVANCE = """
+UPDATE ledgers SET last_timestamp = $4
+WHERE ledger = $1 AND last_timestamp = $2 AND chain_head = $3
+RETURNING ledger
 """
 # Accounts named by a batch but living in another ledger: read (never written) so the batch
 # can answer accounts_must_have_the_same_ledger rather than *_not_found.
@@ -194,6 +219,55 @@ INSERT INTO snapshot_runs (ledger, timestamp, accounts) SELECT $1, $2, count(*) 
 RETURNING accounts
 """
 SQL_LEDGERS = "SELECT ledger FROM ledgers ORDER BY ledger"
+SQL_HAS_DUE_HOLDS = """
+SELECT EXISTS (SELECT 1 FROM holds
+               WHERE ledger = $1 AND state = 'pending' AND expires_at > 0 AND expires_at <= $2)
+"""
+
+
+class Tip:
+    """A ledger right after a batch: its clock, its chain head, and every account, transfer and
+    hold the batch read or wrote, as the batch left them. The next batch of the ledger may be
+    prepared on it; it is only trusted once the clock proves nothing else happened between."""
+
+    __slots__ = ("accounts", "head", "holds", "last", "ledger", "transfers")
+
+    def __init__(
+        self,
+        ledger: int,
+        last: int,
+        head: str,
+        accounts: dict[int, AccountState],
+        transfers: dict[UUID, StoredTransfer],
+        holds: dict[UUID, Hold],
+    ) -> None:
+        self.ledger = ledger
+        self.last = last  # the last engine timestamp the batch reserved
+        self.head = head
+        self.accounts = accounts
+        self.transfers = transfers
+        self.holds = holds
+
+
+class Prepared:
+    """A batch applied ahead of its commit: its outcome, its write, and what it assumed."""
+
+    __slots__ = ("after", "after_head", "args", "outcome", "tip")
+
+    def __init__(
+        self,
+        *,
+        outcome: BatchOutcome,
+        tip: Tip,
+        after: int,
+        after_head: str,
+        args: list[object] | None,
+    ) -> None:
+        self.outcome = outcome
+        self.tip = tip
+        self.after = after  # the clock's last timestamp the batch was applied after...
+        self.after_head = after_head  # ...and the chain head with it
+        self.args = args  # SQL_WRITE_BATCH's parameters; None when it writes nothing
 
 
 class AccountRecord(msgspec.Struct, frozen=True):
@@ -348,8 +422,23 @@ class Store:
         once the batch's write has been sent, while the server executes it (not at all when
         the batch writes nothing); an exception from it fails the batch after the write ends.
         """
+        outcome, _ = await self.post_locked(
+            ledger, batch, request_ends=request_ends, expire_due=expire_due, on_write=on_write
+        )
+        return outcome
+
+    async def post_locked(
+        self,
+        ledger: int,
+        batch: Sequence[Transfer],
+        *,
+        request_ends: Sequence[int] = (),
+        expire_due: bool = False,
+        on_write: Callable[[], None] | None = None,
+    ) -> tuple[BatchOutcome, Tip]:
+        """:meth:`post_batch`, also returning the ledger's :class:`Tip` after the batch."""
         async with self._acquire() as conn, conn.transaction():
-            return await self._post(conn, ledger, batch, request_ends, expire_due, on_write)
+            return await self._post_tip(conn, ledger, batch, request_ends, expire_due, on_write)
 
     async def _post(
         self,
@@ -360,45 +449,27 @@ class Store:
         expire_due: bool,
         on_write: Callable[[], None] | None = None,
     ) -> BatchOutcome:
+        outcome, _ = await self._post_tip(conn, ledger, batch, request_ends, expire_due, on_write)
+        return outcome
+
+    async def _post_tip(
+        self,
+        conn: asyncpg.Connection | PoolConnectionProxy,
+        ledger: int,
+        batch: Sequence[Transfer],
+        request_ends: Sequence[int],
+        expire_due: bool,
+        on_write: Callable[[], None] | None,
+    ) -> tuple[BatchOutcome, Tip]:
         slots = timestamps_needed(len(batch))
         clock = await conn.fetchrow(SQL_RESERVE, ledger, now_ns(), slots)
         assert clock is not None, "an upsert with RETURNING answers one row"
         first: int = clock["first"]
         prev_head: str = clock["chain_head"]
-
-        ids = {t.id for t in batch}
-        ids.update(t.pending_id for t in batch if t.pending_id is not None)
-        transfers: dict[UUID, StoredTransfer] = {}
-        holds: dict[UUID, Hold] = {}
-        for r in await conn.fetch(SQL_LOAD_TRANSFERS, _pg_array(list(ids)), ledger):
-            st = _transfer(r)
-            # a uuid collision across ledgers: prefer this ledger's row
-            if st.id not in transfers or st.ledger == ledger:
-                transfers[st.id] = st
-            if r["h_id"] is not None:
-                holds[st.id] = _hold(r)
-        if expire_due:
-            for r in await conn.fetch(SQL_DUE_HOLDS, ledger, first, limits.MAX_EXPIRED_PER_RUN):
-                h = _hold(r)
-                holds.setdefault(h.id, h)
-
-        account_ids = {t.debit_account_id for t in batch} | {t.credit_account_id for t in batch}
-        for h in holds.values():
-            account_ids.add(h.debit_account_id)
-            account_ids.add(h.credit_account_id)
-        account_ids.discard(0)
-        accounts = {
-            r["id"]: _account(r)
-            for r in await conn.fetch(SQL_LOCK_ACCOUNTS, ledger, _pg_array(sorted(account_ids)))
-        }
-        missing = account_ids - accounts.keys()
-        if missing:
-            for r in await conn.fetch(SQL_FOREIGN_ACCOUNTS, list(missing)):
-                accounts[r["id"]] = _account(r)
-        for a in accounts.values():
-            _check_read(a)
+        accounts, transfers, holds = await _load(
+            conn, ledger, batch, known=None, due_before=first if expire_due else None
+        )
         before = _totals(accounts.values())
-
         outcome = apply_transfers(
             batch,
             accounts=accounts,
@@ -410,58 +481,77 @@ class Store:
         # Double entry, checked apart from the rules that should guarantee it: the batch moves
         # as much onto debits as onto credits (untouched accounts add nothing to the difference).
         _check_zero_sum(before, _totals(accounts.values()), ledger)
-        if not outcome.created and not outcome.holds_changed:
-            return outcome
+        args, head = _write_args(ledger, outcome, accounts, prev_head)
+        tip = Tip(ledger, first + slots - 1, head, accounts, transfers, holds)
+        if args is not None:
+            await _write(conn, args, on_write)
+        return outcome, tip
 
-        c = outcome.created
-        # One pass builds the audit rows; the insert's columns are the same tuples transposed.
-        rows = [_row(t) for t in c]
-        head = audit.extend(prev_head, rows) if c else prev_head
-        cols = _columns(rows, 11)  # the audit row's order; [1] is the ledger, [9] user_data
-        tcols = [_pg_array(col) if i not in (1, 9) else "" for i, col in enumerate(cols)]
-        acols = [
-            _pg_array(col)
-            for col in _columns(
-                [
-                    (a.id, a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending)
-                    for a in (accounts[aid] for aid in outcome.touched_accounts)
-                ],
-                5,
+    # -- the next batch, prepared while the previous one commits -------------------------------
+
+    async def prepare(
+        self,
+        ledger: int,
+        batch: Sequence[Transfer],
+        *,
+        request_ends: Sequence[int] = (),
+        tip: Tip | None = None,
+    ) -> Prepared | None:
+        """Apply ``batch`` to the state ``tip`` leaves (the previous batch of this ledger, maybe
+        still being written), or else to the ledger's committed state, without taking a lock.
+
+        Returns None when the ledger has no clock yet. Nothing is written: the result is only
+        good for :meth:`commit_prepared`, which checks the assumption it rests on.
+        """
+        async with self._acquire() as conn:
+            if tip is None:
+                clock = await conn.fetchrow(SQL_READ_CLOCK, ledger)
+                if clock is None:
+                    return None
+                last: int = clock["last_timestamp"]
+                prev_head: str = clock["chain_head"]
+            else:
+                assert tip.ledger == ledger, (tip.ledger, ledger)
+                last, prev_head = tip.last, tip.head
+            # read after the clock: a writer committing in between moves the clock
+            accounts, transfers, holds = await _load(
+                conn, ledger, batch, known=tip, due_before=None
             )
-        ]
-        hc = outcome.holds_changed
-        write = conn.execute(
-            SQL_WRITE_BATCH,
-            ledger,
-            tcols[0], tcols[2], tcols[3], tcols[4], tcols[5], tcols[6], tcols[7], tcols[8],
-            cols[9],
-            tcols[10],
-            *acols,
-            _pg_array([h.id for h in hc]),
-            _pg_array([h.debit_account_id for h in hc]),
-            _pg_array([h.credit_account_id for h in hc]),
-            _pg_array([h.amount for h in hc]),
-            _pg_array([h.code for h in hc]),
-            _pg_array([h.expires_at for h in hc]),
-            _pg_array([h.created_at for h in hc]),
-            [h.state.value for h in hc],
-            _pg_array([h.resolved_at for h in hc]),
-            c[0].timestamp if c else 0,
-            c[-1].timestamp if c else 0,
-            len(c),
-            prev_head,
-            head,
+        slots = timestamps_needed(len(batch))
+        first = max(now_ns(), last + 1)
+        before = _totals(accounts.values())
+        outcome = apply_transfers(
+            batch,
+            accounts=accounts,
+            transfers=transfers,
+            holds=holds,
+            first_timestamp=first,
+            request_ends=request_ends,
         )
-        if on_write is None:
-            await write
-            return outcome
-        sent = asyncio.ensure_future(write)
-        try:
-            await asyncio.sleep(0)  # the write goes out...
-            on_write()  # ...and the caller's other work runs while the server executes it
-        finally:
-            await sent
-        return outcome
+        _check_zero_sum(before, _totals(accounts.values()), ledger)
+        args, head = _write_args(ledger, outcome, accounts, prev_head)
+        return Prepared(
+            outcome=outcome,
+            tip=Tip(ledger, first + slots - 1, head, accounts, transfers, holds),
+            after=last,
+            after_head=prev_head,
+            args=args,
+        )
+
+    async def commit_prepared(
+        self, p: Prepared, *, on_write: Callable[[], None] | None = None
+    ) -> bool:
+        """Commit a prepared batch if the ledger is still exactly where it was prepared;
+        False (nothing written) if anything changed it in between."""
+        async with self._acquire() as conn, conn.transaction():
+            advanced = await conn.fetchval(
+                SQL_ADVANCE, p.tip.ledger, p.after, p.after_head, p.tip.last
+            )
+            if advanced is None:
+                return False
+            if p.args is not None:
+                await _write(conn, p.args, on_write)
+        return True
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -490,6 +580,12 @@ class Store:
         assert min(b.debits_posted, b.credits_posted, b.debits_pending, b.credits_pending) >= 0
         return b
 
+    async def has_due_holds(self, ledger: int, at: int) -> bool:
+        """Whether a pending hold of the ledger has passed its timeout at ``at``."""
+        async with self._acquire() as conn:
+            due: bool = await conn.fetchval(SQL_HAS_DUE_HOLDS, ledger, at)
+        return due
+
     async def ledgers(self) -> list[int]:
         """Every ledger that has a clock row."""
         async with self._acquire() as conn:
@@ -509,6 +605,139 @@ class Store:
             ts: int = clock["first"]
             count: int = await conn.fetchval(SQL_SNAPSHOT, ledger, ts)
         return ts, count
+
+
+async def _load(
+    conn: asyncpg.Connection | PoolConnectionProxy,
+    ledger: int,
+    batch: Sequence[Transfer],
+    *,
+    known: Tip | None,
+    due_before: int | None,
+) -> tuple[dict[int, AccountState], dict[UUID, StoredTransfer], dict[UUID, Hold]]:
+    """Every account, transfer and hold ``batch`` names (by id, pending_id, account and the
+    holds' accounts). Without ``known``: read in the batch's transaction, this ledger's accounts
+    locked in id order. With ``known`` (a previous batch's tip), without locks: the transfers
+    and holds it holds are taken from it, the rest read; accounts are all read, with the
+    balances it holds. ``due_before``: also the holds overdue then."""
+    ids = {t.id for t in batch}
+    ids.update(t.pending_id for t in batch if t.pending_id is not None)
+    transfers: dict[UUID, StoredTransfer] = {}
+    holds: dict[UUID, Hold] = {}
+    if known is not None:
+        for tid in list(ids):
+            st = known.transfers.get(tid)
+            if st is not None:
+                transfers[tid] = st
+                h = known.holds.get(tid)
+                if h is not None:
+                    holds[tid] = h
+                ids.discard(tid)
+    if ids:
+        for r in await conn.fetch(SQL_LOAD_TRANSFERS, _pg_array(list(ids)), ledger):
+            st = _transfer(r)
+            # a uuid collision across ledgers: prefer this ledger's row
+            if st.id not in transfers or st.ledger == ledger:
+                transfers[st.id] = st
+            if r["h_id"] is not None:
+                holds[st.id] = _hold(r)
+    if due_before is not None:
+        for r in await conn.fetch(SQL_DUE_HOLDS, ledger, due_before, limits.MAX_EXPIRED_PER_RUN):
+            h = _hold(r)
+            holds.setdefault(h.id, h)
+
+    account_ids = {t.debit_account_id for t in batch} | {t.credit_account_id for t in batch}
+    for h in holds.values():
+        account_ids.add(h.debit_account_id)
+        account_ids.add(h.credit_account_id)
+    account_ids.discard(0)
+    accounts: dict[int, AccountState] = {}
+    if account_ids:
+        sql = SQL_LOCK_ACCOUNTS if known is None else SQL_READ_ACCOUNTS
+        for r in await conn.fetch(sql, ledger, _pg_array(sorted(account_ids))):
+            a = _account(r)
+            if known is not None:
+                # Balances as the previous batch left them (it may not have committed yet);
+                # flags as they are now (they change without the clock).
+                k = known.accounts.get(a.id)
+                if k is not None:
+                    a.debits_posted, a.credits_posted = k.debits_posted, k.credits_posted
+                    a.debits_pending, a.credits_pending = k.debits_pending, k.credits_pending
+            _check_read(a)
+            accounts[a.id] = a
+        missing = account_ids - accounts.keys()
+        if missing:
+            for r in await conn.fetch(SQL_FOREIGN_ACCOUNTS, list(missing)):
+                a = _account(r)
+                _check_read(a)
+                accounts[a.id] = a
+    return accounts, transfers, holds
+
+
+def _write_args(
+    ledger: int, outcome: BatchOutcome, accounts: dict[int, AccountState], prev_head: str
+) -> tuple[list[object] | None, str]:
+    """SQL_WRITE_BATCH's parameters for an applied batch (None if it changed nothing) and the
+    chain head after it."""
+    if not outcome.created and not outcome.holds_changed:
+        return None, prev_head
+    c = outcome.created
+    # One pass builds the audit rows; the insert's columns are the same tuples transposed.
+    rows = [_row(t) for t in c]
+    head = audit.extend(prev_head, rows) if c else prev_head
+    cols = _columns(rows, 11)  # the audit row's order; [1] is the ledger, [9] user_data
+    tcols = [_pg_array(col) if i not in (1, 9) else "" for i, col in enumerate(cols)]
+    acols = [
+        _pg_array(col)
+        for col in _columns(
+            [
+                (a.id, a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending)
+                for a in (accounts[aid] for aid in outcome.touched_accounts)
+            ],
+            5,
+        )
+    ]
+    hc = outcome.holds_changed
+    args: list[object] = [
+        ledger,
+        tcols[0], tcols[2], tcols[3], tcols[4], tcols[5], tcols[6], tcols[7], tcols[8],
+        cols[9],
+        tcols[10],
+        *acols,
+        _pg_array([h.id for h in hc]),
+        _pg_array([h.debit_account_id for h in hc]),
+        _pg_array([h.credit_account_id for h in hc]),
+        _pg_array([h.amount for h in hc]),
+        _pg_array([h.code for h in hc]),
+        _pg_array([h.expires_at for h in hc]),
+        _pg_array([h.created_at for h in hc]),
+        [h.state.value for h in hc],
+        _pg_array([h.resolved_at for h in hc]),
+        c[0].timestamp if c else 0,
+        c[-1].timestamp if c else 0,
+        len(c),
+        prev_head,
+        head,
+    ]
+    return args, head
+
+
+async def _write(
+    conn: asyncpg.Connection | PoolConnectionProxy,
+    args: list[object],
+    on_write: Callable[[], None] | None,
+) -> None:
+    """Send a batch's write; ``on_write`` runs while the server executes it."""
+    write = conn.execute(SQL_WRITE_BATCH, *args)
+    if on_write is None:
+        await write
+        return
+    sent = asyncio.ensure_future(write)
+    try:
+        await asyncio.sleep(0)  # the write goes out...
+        on_write()  # ...and the caller's other work runs while the server executes it
+    finally:
+        await sent
 
 
 def _totals(accounts: Iterable[AccountState]) -> tuple[int, int, int, int]:

@@ -2,7 +2,8 @@
 
 A Hypothesis state machine runs random sequences of account batches, transfer batches (with
 duplicates, conflicting duplicates, linked chains that fail, holds, partial posts, voids,
-forced posts), account freezes/closures and waits for hold expiry against both
+forced posts), pipelined pairs of prepared batches with the ledger changed behind them,
+account freezes/closures and waits for hold expiry against both
 ``engine.store.Store`` and ``tests.ledger.model.Model``. After every step it requires the same
 statuses and timestamps, and reads back from PostgreSQL: every account's four fields (the
 accounts table and ``Store.get_account``), every stored transfer and hold state, double entry
@@ -43,8 +44,9 @@ from hypothesis.stateful import (
 from msgspec.structs import replace
 
 from engine.service import Engine
-from engine.store import Store
+from engine.store import SQL_SET_FLAGS, Prepared, Store, Tip
 from ledger.account import Account
+from ledger.apply import BatchOutcome
 from ledger.status import TransferStatus
 from ledger.transfer import Transfer
 from ledger.types import (
@@ -143,6 +145,11 @@ class StoreVersusModel(RuleBasedStateMachine):
         # transfer ids: a random prefix per run, the generator's counter in the low 32 bits
         self._uid_base = uuid.uuid4().int & ~0xFFFF_FFFF
         self.gen: TransferGen | None = None
+        # the state the last batch left, and the one before (a stale base for a preparation)
+        self.tip: Tip | None = None
+        self.old_tip: Tip | None = None
+        # flag changes made in SQL behind prepared batches, not yet told to the model
+        self.flag_changes: list[tuple[int, int, bool]] = []
 
     @property
     def store(self) -> Store:
@@ -304,11 +311,95 @@ class StoreVersusModel(RuleBasedStateMachine):
             self._post([completion, *gen.many(data.draw(st.integers(0, 3)))], [], sweep=False)
             assert self.model.state.holds[late.id].state is TransferState.EXPIRED
 
+    @rule(data=st.data())
+    def post_two_prepared(self, data: st.DataObject) -> None:
+        """The batcher's pipeline: the second batch is prepared on the state the first leaves
+        before the first commits. Something may change the ledger before either commit:
+
+        - a batch through the locked path moves the clock, so the prepared batch must be
+          refused and go down the locked path after it;
+        - a flag changed straight in SQL does not (flags change without the clock): the
+          prepared batches read the flags before it, so they are ordered before it.
+
+        Whatever happens, the answers are those of one batch after the other in that order.
+        A preparation on an older tip (the ledger moved since) must be refused too."""
+        gen = self._gen(data)
+        b1 = gen.many(data.draw(st.integers(1, 6), label="first"))
+        b2 = gen.many(data.draw(st.integers(1, 6), label="second"))
+        stale = self.old_tip is not None and chance(data.draw, 15)
+        tip = self.old_tip if stale else self.tip
+        p1 = self.run(self.store.prepare(self.ledger, b1, tip=tip))
+        assert p1 is not None, "the ledger has a clock"
+        p2 = self.run(self.store.prepare(self.ledger, b2, tip=p1.tip))
+        assert p2 is not None
+        where = data.draw(st.sampled_from(["nowhere", "before first", "between"]))
+        moved = where == "before first" and self._interfere(data, b1)
+        held = self.run(self.store.commit_prepared(p1))
+        assert held == (not stale and not moved), (where, stale, moved)
+        event(f"prepared first batch {'held' if held else 'missed'}")
+        self._settle(p1, b1, held)
+        moved2 = where == "between" and self._interfere(data, b2)
+        # the batcher never commits a preparation whose base did not commit as prepared
+        held2 = held and self.run(self.store.commit_prepared(p2))
+        if held:
+            assert held2 == (not moved2), where
+        self._settle(p2, b2, held2)
+        self._flags_changed()
+
+    def _interfere(self, data: st.DataObject, batch: list[Transfer]) -> bool:
+        """Change the ledger behind a prepared batch: freeze or unfreeze an account the batch
+        debits straight in SQL (as an operator would), or post a batch on the locked path.
+        Whether the clock moved."""
+        gen = self._gen(data)
+        mine = set(gen.mine)
+        debited = [t.debit_account_id for t in batch if t.debit_account_id in mine]
+        if debited and chance(data.draw, 60):
+            aid = data.draw(st.sampled_from(debited))
+            bit = int(AccountFlags.FROZEN)
+            now = self.model.state.accounts[aid].flags  # as the database has them
+            for aid2, bit2, add2 in self.flag_changes:
+                if aid2 == aid:
+                    now = (now | bit2) if add2 else (now & ~bit2)
+            add = not now & bit
+            flags = self.run(self.store.pool.fetchval(
+                SQL_SET_FLAGS, self.ledger, aid, bit if add else 0, 0 if add else bit))
+            assert flags == ((now | bit) if add else (now & ~bit))
+            # ordered after the batches prepared before it, unless they go the locked path
+            self.flag_changes.append((aid, bit, add))
+            event("a flag changed in SQL behind a prepared batch")
+            return False
+        self._post(gen.many(data.draw(st.integers(1, 3))), [], sweep=False)
+        event("a batch committed behind a prepared batch")
+        return True
+
+    def _flags_changed(self) -> None:
+        """Apply to the model the flag changes made since the last batch it was told about."""
+        for aid, bit, add in self.flag_changes:
+            a = self.model.state.accounts[aid]
+            a.flags = (a.flags | bit) if add else (a.flags & ~bit)
+        self.flag_changes.clear()
+
+    def _settle(self, p: Prepared, batch: list[Transfer], held: bool) -> None:
+        """Check a prepared batch's answers if it held, else post it on the locked path."""
+        if not held:
+            self._post(batch, [], sweep=False)
+            return
+        self._check(batch, [], p.outcome, p.tip.last - len(batch), sweep=False)
+        self.old_tip, self.tip = self.tip, p.tip
+
     def _post(self, batch: list[Transfer], ends: list[int], *, sweep: bool) -> None:
-        out = self.run(self.store.post_batch(
+        self._flags_changed()  # the locked path reads the flags as they are now
+        out, tip = self.run(self.store.post_locked(
             self.ledger, batch, request_ends=ends, expire_due=sweep))
         last = self.run(self.store.pool.fetchval(SQL_CLOCK, self.ledger))
-        first = last - len(batch)
+        assert tip.last == last
+        self.old_tip, self.tip = self.tip, tip
+        self._check(batch, ends, out, last - len(batch), sweep=sweep)
+
+    def _check(
+        self, batch: list[Transfer], ends: list[int], out: BatchOutcome, first: int, *,
+        sweep: bool,
+    ) -> None:
         loaded = {t.id for t in batch} | {t.pending_id for t in batch if t.pending_id}
         want, stamps = self.model.apply_batch(
             batch, first, request_ends=ends, expire_only=None if sweep else loaded)

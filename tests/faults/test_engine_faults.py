@@ -11,6 +11,7 @@ import asyncpg
 import httpx
 import pytest
 from litestar import get
+from litestar.params import FromPath
 
 from engine.api import create_app
 from engine.service import Engine
@@ -35,7 +36,7 @@ DATABASE_AWAY = {
 
 
 @get("/test/raise/{kind:str}")
-async def _raise(kind: str) -> None:
+async def _raise(kind: FromPath[str]) -> None:
     if kind == "bug":
         raise RuntimeError("a programming error with a secret-looking detail")
     raise DATABASE_AWAY[kind]
