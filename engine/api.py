@@ -240,7 +240,9 @@ def _token(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
     return token.strip()
 
 
-async def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def require_admin(
+    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+) -> None:
     """Guard: the admin token (a valid read token gets 403). Async, so that Litestar calls it
     in the event loop: a sync guard is sent to a worker thread, a hop per request."""
     token = _token(connection).encode()
@@ -252,7 +254,9 @@ async def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseR
     raise ApiError(401, ErrorCode.UNAUTHORIZED, "bad token")
 
 
-async def require_read(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def require_read(
+    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+) -> None:
     """Guard: the read or the admin token."""
     token = _token(connection).encode()
     state = connection.app.state

@@ -51,8 +51,10 @@ Server settings
   ``C.UTF-8`` collation provider (no dependence on the host's glibc locales), data checksums
   on (PostgreSQL 18 default), ``timezone = 'UTC'``.
 * Durability is never traded: ``fsync``, ``synchronous_commit`` and ``full_page_writes`` are
-  pinned ``on``.  ``shared_buffers`` is 256MB, or a quarter of RAM (cgroup limit honoured) if
-  that is less; ``max_connections = 100``.  The settings live in ``pgdata/onecard.conf``
+  pinned ``on``.  ``shared_buffers`` is a quarter of RAM (cgroup limit honoured), at most
+  4GB (256MB if the memory is unknown); checkpoints every 15 min (``max_wal_size = 8GB``) so
+  that a large ledger does not pay for a full-page image per touched page every GB of WAL;
+  ``max_connections = 100``.  The settings live in ``pgdata/onecard.conf``
   (rewritten at every start by this module, included from ``postgresql.conf``); operators can
   override them with ``ALTER SYSTEM`` (``postgresql.auto.conf`` wins).
 
@@ -91,6 +93,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
+
+from engine import limits
 
 __all__ = [
     "DATABASE",
@@ -390,8 +394,11 @@ def _memory_limit_bytes() -> int | None:
 
 def _postgres_settings(socket_dir: Path) -> dict[str, str]:
     mem = _memory_limit_bytes()
-    shared_mb = 256 if mem is None else max(32, min(256, mem // 4 // _MiB))
-    cache_mb = 1024 if mem is None else max(128, min(4096, mem // 2 // _MiB))
+    # A quarter of RAM, capped: the hot accounts and the transfer indexes' upper levels stay
+    # in shared buffers (the rest of RAM is the OS cache, which effective_cache_size tells).
+    cap = limits.EMBEDDED_SHARED_BUFFERS_MAX_MB
+    shared_mb = 256 if mem is None else max(32, min(cap, mem // 4 // _MiB))
+    cache_mb = 1024 if mem is None else max(128, min(16384, mem // 2 // _MiB))
     sockdir = str(socket_dir).replace("'", "''")
     return {
         # connections: unix socket only
@@ -410,9 +417,13 @@ def _postgres_settings(socket_dir: Path) -> dict[str, str]:
         "fsync": "on",
         "synchronous_commit": "on",
         "full_page_writes": "on",
-        "checkpoint_timeout": "10min",
-        "max_wal_size": "1GB",
-        "min_wal_size": "128MB",
+        # Every page's first change after a checkpoint writes the whole page to WAL: with a
+        # million purses each batch dirties thousands of distinct pages, so checkpoints are
+        # spaced by time (15 min), not forced every GB of WAL. Crash recovery replays at most
+        # that much WAL.
+        "checkpoint_timeout": "15min",
+        "max_wal_size": "8GB",
+        "min_wal_size": "256MB",
         # determinism
         "timezone": "'UTC'",
         "log_timezone": "'UTC'",

@@ -49,6 +49,7 @@ DB_POOL_MAX: Final = 10
 DB_CONNECT_TIMEOUT_S: Final = 5.0
 DB_COMMAND_TIMEOUT_S: Final = 30.0
 DB_ACQUIRE_TIMEOUT_S: Final = 2.0  # a request waits this long for a connection, then 503
+EMBEDDED_SHARED_BUFFERS_MAX_MB: Final = 4096  # the embedded server's cache: RAM/4, at most this
 MIGRATION_LOCK_KEY: Final = 0x0C0A4D  # advisory lock serialising concurrent migrators
 
 # -- terminal gateway --------------------------------------------------------------------------
