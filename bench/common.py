@@ -164,22 +164,24 @@ class Mix:
     def transfer(self) -> Transfer:
         """The next transfer of the mix."""
         c, rng = self._c, self._rng
-        roll = rng.randrange(1000)
+        draw = rng.random  # randrange/randint cost several Python calls each; this is one
+        n = len(c.purses)
+        roll = int(draw() * 1000)
         if roll < MEAL_PM or (self._plain and roll < MEAL_PM + HOLD_PM):
             t = Transfer(
                 id=self._ids.next(),
                 ledger=c.ledger,
-                debit_account_id=c.purses[rng.randrange(len(c.purses))],
+                debit_account_id=c.purses[int(draw() * n)],
                 credit_account_id=c.canteen,
-                amount=rng.randint(*MEAL_FEN),
+                amount=MEAL_FEN[0] + int(draw() * (MEAL_FEN[1] - MEAL_FEN[0] + 1)),
                 code=TransferCode.MEAL,
             )
         elif roll < MEAL_PM + HOLD_PM:
-            if len(self._holds) >= OPEN_HOLDS_MAX or (self._holds and rng.random() < 0.5):
+            if len(self._holds) >= OPEN_HOLDS_MAX or (self._holds and draw() < 0.5):
                 t = Transfer(
                     id=self._ids.next(),
                     ledger=c.ledger,
-                    amount=rng.randint(1, HOT_WATER_HOLD_FEN),
+                    amount=1 + int(draw() * HOT_WATER_HOLD_FEN),
                     flags=(TransferFlag.POST_PENDING,),
                     pending_id=self._holds.pop(0),
                 )
@@ -187,7 +189,7 @@ class Mix:
                 t = Transfer(
                     id=self._ids.next(),
                     ledger=c.ledger,
-                    debit_account_id=c.purses[rng.randrange(len(c.purses))],
+                    debit_account_id=c.purses[int(draw() * n)],
                     credit_account_id=c.water,
                     amount=HOT_WATER_HOLD_FEN,
                     code=TransferCode.HOT_WATER,
@@ -200,7 +202,7 @@ class Mix:
                 id=self._ids.next(),
                 ledger=c.ledger,
                 debit_account_id=c.clearing,
-                credit_account_id=c.purses[rng.randrange(len(c.purses))],
+                credit_account_id=c.purses[int(draw() * n)],
                 amount=TOPUP_FEN,
                 code=TransferCode.TOP_UP,
                 user_data=f"bank-{rng.getrandbits(48):012x}",

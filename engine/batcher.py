@@ -93,11 +93,13 @@ class _Request:
 class _Group:
     """One ledger's share of a batch, with where each transfer's answer goes."""
 
-    __slots__ = ("based_on", "ends", "places", "prepared", "transfers")
+    __slots__ = ("based_on", "ends", "prepared", "spans", "transfers")
 
     def __init__(self) -> None:
         self.transfers: list[Transfer] = []
-        self.places: list[tuple[int, int]] = []  # (request index, position in request)
+        # runs of consecutive transfers: (request index, first position in the request,
+        # first position in this group, length)
+        self.spans: list[tuple[int, int, int, int]] = []
         self.ends: list[int] = []
         self.prepared: Prepared | None = None  # applied ahead of the commit, if it could be
         self.based_on: Tip | None = None  # the tip it was prepared on (None: the database)
@@ -406,11 +408,16 @@ class _Answers:
     def _resolve(self) -> None:
         answers = self._answers
         for g, outcome in self._posted:
-            for (ri, pos), tid, st, ts in zip(
-                g.places, _id_strings(g.transfers), outcome.statuses, outcome.timestamps,
-                strict=True,
-            ):
-                answers[ri][pos] = TransferResult(tid, st, ts or None)
+            ids = _id_strings(g.transfers)
+            sts, stamps = outcome.statuses, outcome.timestamps
+            assert len(ids) == len(sts) == len(stamps), "one answer per transfer"
+            for ri, k0, j0, n in g.spans:
+                answers[ri][k0 : k0 + n] = [
+                    TransferResult(i, st, ts or None)
+                    for i, st, ts in zip(
+                        ids[j0 : j0 + n], sts[j0 : j0 + n], stamps[j0 : j0 + n], strict=True
+                    )
+                ]
         tally: Counter[TransferStatus] = Counter()
         for r, a in zip(self._requests, answers, strict=True):
             assert None not in a, "every transfer gets an answer"
@@ -459,7 +466,7 @@ def _group(
             if g is None:
                 g = groups[first] = _Group()
             g.transfers.extend(ts)
-            g.places.extend([(ri, k) for k in range(n)])
+            g.spans.append((ri, 0, len(g.transfers) - n, n))
             g.ends.append(len(g.transfers))
             continue
         touched: set[int] = set()
@@ -482,9 +489,8 @@ def _group(
                 g = groups.get(ledger)
                 if g is None:
                     g = groups[ledger] = _Group()
-                for k in range(i, j + 1):
-                    g.transfers.append(ts[k])
-                    g.places.append((ri, k))
+                g.spans.append((ri, i, len(g.transfers), j + 1 - i))
+                g.transfers.extend(ts[i : j + 1])
                 touched.add(ledger)
             i = j + 1
         for ledger in touched:

@@ -683,7 +683,7 @@ def _write_args(
         return None, prev_head
     c = outcome.created
     # One pass builds the audit rows; the insert's columns are the same tuples transposed.
-    rows = [_row(t) for t in c]
+    rows = [_astuple(t) for t in c]
     head = audit.extend(prev_head, rows) if c else prev_head
     cols = _columns(rows, 11)  # the audit row's order; [1] is the ledger, [9] user_data
     tcols = [_pg_array(col) if i not in (1, 9) else "" for i, col in enumerate(cols)]
@@ -774,25 +774,12 @@ def _pg_array(values: Sequence[object]) -> str:
     return "{" + _json(values).decode()[1:-1] + "}"
 
 
-def _columns(rows: Sequence[tuple[object, ...]], width: int) -> list[list[object]]:
-    """Transpose rows into ``width`` column lists (empty lists for no rows)."""
+def _columns(rows: Sequence[tuple[object, ...]], width: int) -> list[Sequence[object]]:
+    """Transpose rows into ``width`` columns (empty for no rows)."""
     if not rows:
-        return [[] for _ in range(width)]
-    return [list(col) for col in zip(*rows, strict=True)]
+        return [() for _ in range(width)]
+    return list(zip(*rows, strict=True))
 
 
-def _row(t: StoredTransfer) -> audit.Row:
-    """A transfer as an audit-chain row (also the column order of the batch insert)."""
-    return (
-        t.id,
-        t.ledger,
-        t.debit_account_id,
-        t.credit_account_id,
-        t.amount,
-        t.pending_id,
-        t.code,
-        t.flags,
-        t.timeout_s,
-        t.user_data,
-        t.timestamp,
-    )
+# A stored transfer's fields are in the audit row's order: ``astuple`` is its audit row.
+_astuple: Final = msgspec.structs.astuple

@@ -47,14 +47,15 @@ class StoredTransfer(msgspec.Struct, frozen=True, gc=False):
     amount released. Never changed after it is written.
     """
 
+    # In the audit chain's row order (ledger.audit.Row): a row is ``astuple`` of this struct.
     id: UUID
     ledger: int
     debit_account_id: int
     credit_account_id: int
     amount: int
+    pending_id: UUID | None
     code: int
     flags: int
-    pending_id: UUID | None
     timeout_s: int
     user_data: str | None
     timestamp: int

@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from engine.batcher import TransferResult
-from engine.store import _columns, _pg_array, _row
+from engine.store import _astuple, _columns, _pg_array
 from ledger import audit
 from ledger.account import AccountState
 from ledger.apply import apply_transfers
@@ -77,13 +77,14 @@ def test_write_columns(benchmark: Any) -> None:
     outcome = apply_transfers(
         _meals(BATCH), accounts=_accounts(), transfers={}, holds={}, first_timestamp=T0
     )
-    rows = [_row(t) for t in outcome.created]
+    rows = [_astuple(t) for t in outcome.created]
     cols = benchmark(_columns, rows, 11)
     assert len(cols) == 11 and all(len(c) == BATCH for c in cols)
-    assert cols[0] == [t.id for t in outcome.created]
-    assert cols[4] == [t.amount for t in outcome.created]
-    assert cols[10] == [t.timestamp for t in outcome.created]
-    assert _columns([], 5) == [[], [], [], [], []]
+    assert list(cols[0]) == [t.id for t in outcome.created]
+    assert list(cols[4]) == [t.amount for t in outcome.created]
+    assert list(cols[5]) == [t.pending_id for t in outcome.created]
+    assert list(cols[10]) == [t.timestamp for t in outcome.created]
+    assert _columns([], 5) == [(), (), (), (), ()]
 
 
 def test_pg_array_literal(benchmark: Any) -> None:
@@ -100,7 +101,7 @@ def test_audit_chain_hash(benchmark: Any) -> None:
     outcome = apply_transfers(
         _meals(BATCH), accounts=_accounts(), transfers={}, holds={}, first_timestamp=T0
     )
-    rows = [_row(t) for t in outcome.created]
+    rows = [_astuple(t) for t in outcome.created]
     head = benchmark(audit.extend, audit.GENESIS, rows)
     assert head == audit.extend(audit.GENESIS, rows) and len(head) == 64
     changed = [*rows[:-1], (*rows[-1][:4], rows[-1][4] + 1, *rows[-1][5:])]
