@@ -21,6 +21,7 @@ from bench.loop import Bar
 from bench.options import Options, add_arguments, options
 from bench.report import RESULTS_DIR, save, show
 from engine.cli import command, subcommand
+from engine.service import tune_gc
 
 WORKLOAD_MODULES = {
     "core": "bench.core",
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(p, with_dsn=True)
     args = p.parse_args(argv)
     dsn = args.dsn or os.environ.get("ONECARD_DSN") or DEFAULT_DSN
+    tune_gc()  # as `onecard serve` runs: the in-process engine is measured as deployed
     if dsn != "embedded":
         return int(uvloop.run(run_bench(options(args, dsn))))
     from engine.embedded import EmbeddedPostgres

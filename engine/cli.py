@@ -13,6 +13,7 @@ from typing import Any
 import uvloop
 
 from engine.config import DEFAULT_DATA_DIR, DEFAULT_HTTP, DEFAULT_ISO, parse_hostport
+from engine.service import tune_gc
 
 log = logging.getLogger("onecard")
 
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     fn = _COMMANDS[args.command]
     try:
         with database(args) as dsn:
+            tune_gc()
             code = uvloop.run(fn(args, dsn))
     except KeyboardInterrupt:
         return 130

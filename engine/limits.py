@@ -38,6 +38,13 @@ KEEP_ALIVE_S: Final = 5
 # In-flight requests are answered for at most this long after SIGTERM, then cancelled.
 GRACEFUL_SHUTDOWN_S: Final = 10
 
+# -- the Python runtime --------------------------------------------------------------------------
+# Cyclic garbage collection thresholds (generation 0, 1, 2). A batch allocates a hundred
+# thousand short-lived objects, none in cycles; at Python's default (700, 10, 10) collections
+# took ~18% of the committer's CPU (bench core: 39k vs 47k transfers/s). Generation 0 then
+# holds at most this many objects, so memory stays bounded.
+GC_THRESHOLDS: Final = (50_000, 50, 100)
+
 # -- background work ---------------------------------------------------------------------------
 # A background loop that dies of an error it did not expect is restarted after this pause:
 # a dead expirer would leave every hold pending forever.
