@@ -14,7 +14,8 @@ than ``BATCH_ANSWER_DEFER_MAX_S``). Python's work and PostgreSQL's then overlap 
 alternating. A preparation only commits if the ledger's clock shows nothing but N happened
 since (``Store.commit_prepared``); otherwise, and whenever N itself did not commit as prepared,
 the batch takes the locked path (``Store.post_locked``), so the answers are always those of
-one batch after the other. With nothing queued the answer goes out at once.
+one batch after the other. With nothing queued, or for a batch smaller than
+``BATCH_ANSWER_DEFER_MIN_TRANSFERS``, the answer goes out at once.
 
 A full queue refuses at once (``Overloaded``: HTTP 503, terminal 96), so memory stays bounded.
 """
@@ -235,6 +236,10 @@ class Batcher:
                 pending: _Answers | None = None
                 if flight is not None:
                     pending = await self._land(flight)
+                    small = limits.BATCH_ANSWER_DEFER_MIN_TRANSFERS
+                    if pending is not None and pending.size < small:
+                        pending.deliver()  # holding a small batch back only adds latency
+                        pending = None
                     flight = None
                     batch.keep_prepared_on(self._tips)
                     # what could not be prepared on the batch in flight is prepared on what it
@@ -384,6 +389,11 @@ class _Answers:
         self._posted = posted
         self._done = False
         self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def size(self) -> int:
+        """Transfers answered."""
+        return sum(len(g.transfers) for g, _ in self._posted)
 
     def deliver_by(self, delay_s: float) -> None:
         """Deliver at the latest ``delay_s`` from now (at the next await after it)."""

@@ -85,7 +85,8 @@ COALESCE_MAX_BATCH: Final = 2048
 # A coalescer whose queue ran dry keeps its connection this long for the next request before
 # it gives it back (giving it back costs a reset round trip; under load work comes every ms).
 COALESCE_LINGER_S: Final = 0.05
-# Run once on each connection a campus coalescer takes (the pool's reset undoes it). A shared
+# Run once on each connection a campus coalescer takes (the engine's pool already sets it as a
+# session default; a pool with the default reset would undo a SET on release). A shared
 # read of a large batch can be costed past jit_above_cost; compiling it takes ~40 ms, many
 # times what running it takes.
 COALESCE_SESSION: Final = "SET jit = off"

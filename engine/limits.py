@@ -16,6 +16,9 @@ BATCH_RETRIES: Final = 3  # a batch whose connection broke is retried (idempoten
 # Under load a committed batch is answered while the next batch's write is on the server; if
 # that write has not gone out by then (a clock lock held elsewhere), it is answered anyway.
 BATCH_ANSWER_DEFER_MAX_S: Final = 0.25
+# ...but only a batch this large: answering a small one costs little, and holding it back
+# would add a whole commit to its callers' latency when the load is moderate.
+BATCH_ANSWER_DEFER_MIN_TRANSFERS: Final = 512
 
 # -- HTTP --------------------------------------------------------------------------------------
 MAX_BODY_BYTES: Final = 4 * 1024 * 1024  # 8190 transfers of ~400 bytes each
