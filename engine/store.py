@@ -80,11 +80,22 @@ SELECT {_ACCOUNT_COLS} FROM accounts
 WHERE ledger = $1 AND id = ANY(ARRAY(SELECT unnest($2::text::bigint[])))
 ORDER BY id FOR UPDATE
 """
-SQL_READ_ACCOUNTS = f"""
-SELECT {_ACCOUNT_COLS} FROM accounts
-WHERE ledger = $1 AND id = ANY(ARRAY(SELECT unnest($2::text::bigint[])))
+# A preparation's reads take no lock; each also answers the ledger's clock as of the same
+# snapshot (on every row; one row of NULLs but the clock if nothing matched), so a write that
+# lands between them, or after the tip they extend, is seen and the preparation given up.
+SQL_PEEK_TRANSFERS = f"""
+SELECT x.*, c.last_timestamp AS clock_last, c.chain_head AS clock_head
+FROM ledgers c LEFT JOIN LATERAL ({SQL_LOAD_TRANSFERS}) x ON true
+WHERE c.ledger = $2
 """
-SQL_READ_CLOCK = "SELECT last_timestamp, chain_head FROM ledgers WHERE ledger = $1"
+SQL_PEEK_ACCOUNTS = f"""
+SELECT a.*, c.last_timestamp AS clock_last, c.chain_head AS clock_head
+FROM ledgers c LEFT JOIN LATERAL (
+    SELECT {_ACCOUNT_COLS} FROM accounts
+    WHERE ledger = $1 AND id = ANY(ARRAY(SELECT unnest($2::text::bigint[])))
+) a ON true
+WHERE c.ledger = $1
+"""
 # A prepared batch commits only on the clock it was prepared on. The row lock this takes (or
 # waits for, while the previous batch commits) serialises the ledger's writers as SQL_RESERVE.
 SQL_ADVANCE = """
@@ -98,35 +109,57 @@ SQL_FOREIGN_ACCOUNTS = f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE id = ANY($1:
 
 # Array parameters of numbers and UUIDs travel as array literals (text, see _pg_array);
 # only the free-text columns (user_data, hold state) use asyncpg's binary arrays.
-SQL_WRITE_BATCH = """
-WITH ins AS (
+_WRITE_CTES = """
+ins AS (
     INSERT INTO transfers (ledger, id, debit_account_id, credit_account_id, amount, pending_id,
                            code, flags, timeout_s, user_data, timestamp)
     SELECT $1, * FROM unnest($2::text::uuid[], $3::text::bigint[], $4::text::bigint[],
                              $5::text::bigint[], $6::text::uuid[], $7::text::int[],
                              $8::text::int[], $9::text::int[], $10::text[], $11::text::bigint[])
+    {where}
 ), acc AS (
     UPDATE accounts a
     SET debits_posted = u.dp, credits_posted = u.cp, debits_pending = u.dq,
         credits_pending = u.cq
     FROM unnest($12::text::bigint[], $13::text::bigint[], $14::text::bigint[],
                 $15::text::bigint[], $16::text::bigint[]) AS u(id, dp, cp, dq, cq)
-    WHERE a.ledger = $1 AND a.id = u.id
+    WHERE a.ledger = $1 AND a.id = u.id {and_}
 ), hld AS (
     INSERT INTO holds (ledger, id, debit_account_id, credit_account_id, amount, code,
                        expires_at, created_at, state, resolved_at)
     SELECT $1, * FROM unnest($17::text::uuid[], $18::text::bigint[], $19::text::bigint[],
                              $20::text::bigint[], $21::text::int[], $22::text::bigint[],
                              $23::text::bigint[], $24::text[], $25::text::bigint[])
+    {where}
     ON CONFLICT (id, ledger) DO UPDATE
         SET state = EXCLUDED.state, resolved_at = EXCLUDED.resolved_at
 ), aud AS (
     INSERT INTO audit_batches (ledger, first_timestamp, last_timestamp, transfer_count,
                                prev_head, head)
-    SELECT $1, $26, $27, $28, $29, $30 WHERE $28 > 0
+    SELECT $1, $26, $27, $28, $29, $30 WHERE $28 > 0 {and_}
 )
-UPDATE ledgers SET chain_head = $30 WHERE ledger = $1
 """
+# The locked path's write, inside the batch's transaction (the clock row is already locked).
+SQL_WRITE_BATCH = (
+    "WITH "
+    + _WRITE_CTES.format(where="", and_="")
+    + "UPDATE ledgers SET chain_head = $30 WHERE ledger = $1"
+)
+# A prepared batch's commit: one statement, so one round trip and its own transaction. The
+# clock advances only if it still reads what the preparation assumed ($32 and the chain head
+# $29); every write is conditional on that, so a moved clock writes nothing (answers 0). The
+# clock row is locked first (the other parts wait for `clk`): the batches' lock order.
+SQL_COMMIT_PREPARED = (
+    """WITH clk AS (
+    UPDATE ledgers SET last_timestamp = $31, chain_head = $30
+    WHERE ledger = $1 AND last_timestamp = $32 AND chain_head = $29
+    RETURNING 1
+), """
+    + _WRITE_CTES.format(
+        where="WHERE EXISTS (SELECT FROM clk)", and_="AND EXISTS (SELECT FROM clk)"
+    )
+    + "SELECT count(*) FROM clk"
+)
 
 SQL_ACCOUNTS_BY_ID = f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE id = ANY($1::bigint[])"
 SQL_LOCK_ACCOUNT_IDS = (
@@ -230,7 +263,7 @@ class Tip:
     hold the batch read or wrote, as the batch left them. The next batch of the ledger may be
     prepared on it; it is only trusted once the clock proves nothing else happened between."""
 
-    __slots__ = ("accounts", "head", "holds", "last", "ledger", "transfers")
+    __slots__ = ("accounts", "head", "holds", "last", "ledger", "pending_from", "transfers")
 
     def __init__(
         self,
@@ -240,6 +273,8 @@ class Tip:
         accounts: dict[int, AccountState],
         transfers: dict[UUID, StoredTransfer],
         holds: dict[UUID, Hold],
+        *,
+        pending_from: tuple[int, str] | None = None,
     ) -> None:
         self.ledger = ledger
         self.last = last  # the last engine timestamp the batch reserved
@@ -247,6 +282,8 @@ class Tip:
         self.accounts = accounts
         self.transfers = transfers
         self.holds = holds
+        # for a prepared batch maybe not committed yet: the clock (last, head) it extends
+        self.pending_from = pending_from
 
 
 class Prepared:
@@ -500,23 +537,28 @@ class Store:
         """Apply ``batch`` to the state ``tip`` leaves (the previous batch of this ledger, maybe
         still being written), or else to the ledger's committed state, without taking a lock.
 
-        Returns None when the ledger has no clock yet. Nothing is written: the result is only
-        good for :meth:`commit_prepared`, which checks the assumption it rests on.
+        Returns None when the ledger has no clock yet, or its reads show that the ledger moved
+        (another writer) while they ran or since ``tip``: the batch then takes the locked path.
+        Nothing is written: the result is only good for :meth:`commit_prepared`, which checks
+        the assumption it rests on once more, under the clock's lock.
         """
+        seen: set[tuple[int, str]] = set()
         async with self._acquire() as conn:
-            if tip is None:
-                clock = await conn.fetchrow(SQL_READ_CLOCK, ledger)
-                if clock is None:
-                    return None
-                last: int = clock["last_timestamp"]
-                prev_head: str = clock["chain_head"]
-            else:
-                assert tip.ledger == ledger, (tip.ledger, ledger)
-                last, prev_head = tip.last, tip.head
-            # read after the clock: a writer committing in between moves the clock
             accounts, transfers, holds = await _load(
-                conn, ledger, batch, known=tip, due_before=None
+                conn, ledger, batch, known=tip, due_before=None, clocks=seen
             )
+        if tip is None:
+            if len(seen) != 1:
+                return None  # no clock yet, or a write landed between the two reads
+            ((last, prev_head),) = seen
+        else:
+            assert tip.ledger == ledger, (tip.ledger, ledger)
+            expected = {(tip.last, tip.head)}
+            if tip.pending_from is not None:
+                expected.add(tip.pending_from)  # the tip's own batch not committed yet
+            if not seen <= expected:
+                return None  # the ledger moved on without the tip: prepare nothing on it
+            last, prev_head = tip.last, tip.head
         slots = timestamps_needed(len(batch))
         first = max(now_ns(), last + 1)
         before = _totals(accounts.values())
@@ -532,7 +574,10 @@ class Store:
         args, head = _write_args(ledger, outcome, accounts, prev_head)
         return Prepared(
             outcome=outcome,
-            tip=Tip(ledger, first + slots - 1, head, accounts, transfers, holds),
+            tip=Tip(
+                ledger, first + slots - 1, head, accounts, transfers, holds,
+                pending_from=(last, prev_head),
+            ),
             after=last,
             after_head=prev_head,
             args=args,
@@ -543,15 +588,15 @@ class Store:
     ) -> bool:
         """Commit a prepared batch if the ledger is still exactly where it was prepared;
         False (nothing written) if anything changed it in between."""
-        async with self._acquire() as conn, conn.transaction():
-            advanced = await conn.fetchval(
-                SQL_ADVANCE, p.tip.ledger, p.after, p.after_head, p.tip.last
-            )
-            if advanced is None:
-                return False
-            if p.args is not None:
-                await _write(conn, p.args, on_write)
-        return True
+        async with self._acquire() as conn:
+            if p.args is None:  # nothing to write: the clock still moves (it reserved stamps)
+                advanced = await conn.fetchval(
+                    SQL_ADVANCE, p.tip.ledger, p.after, p.after_head, p.tip.last
+                )
+                return advanced is not None
+            n = await _send(conn, SQL_COMMIT_PREPARED, [*p.args, p.tip.last, p.after], on_write)
+        assert n in (0, 1), n
+        return n == 1
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -614,12 +659,14 @@ async def _load(
     *,
     known: Tip | None,
     due_before: int | None,
+    clocks: set[tuple[int, str]] | None = None,
 ) -> tuple[dict[int, AccountState], dict[UUID, StoredTransfer], dict[UUID, Hold]]:
     """Every account, transfer and hold ``batch`` names (by id, pending_id, account and the
-    holds' accounts). Without ``known``: read in the batch's transaction, this ledger's accounts
-    locked in id order. With ``known`` (a previous batch's tip), without locks: the transfers
-    and holds it holds are taken from it, the rest read; accounts are all read, with the
-    balances it holds. ``due_before``: also the holds overdue then."""
+    holds' accounts). Without ``clocks``: read in the batch's transaction, this ledger's
+    accounts locked in id order. With ``known`` (a previous batch's tip): the transfers and
+    holds it holds are taken from it, the rest read; accounts are all read, with the balances
+    it holds. ``due_before``: also the holds overdue then. ``clocks``: read without
+    locks, collecting the ledger's clock (last timestamp, chain head) as each read saw it."""
     ids = {t.id for t in batch}
     ids.update(t.pending_id for t in batch if t.pending_id is not None)
     transfers: dict[UUID, StoredTransfer] = {}
@@ -634,7 +681,12 @@ async def _load(
                     holds[tid] = h
                 ids.discard(tid)
     if ids:
-        for r in await conn.fetch(SQL_LOAD_TRANSFERS, _pg_array(list(ids)), ledger):
+        sql = SQL_LOAD_TRANSFERS if clocks is None else SQL_PEEK_TRANSFERS
+        for r in await conn.fetch(sql, _pg_array(list(ids)), ledger):
+            if clocks is not None:
+                clocks.add((r["clock_last"], r["clock_head"]))
+                if r["id"] is None:
+                    continue  # the clock's row: nothing matched
             st = _transfer(r)
             # a uuid collision across ledgers: prefer this ledger's row
             if st.id not in transfers or st.ledger == ledger:
@@ -652,9 +704,13 @@ async def _load(
         account_ids.add(h.credit_account_id)
     account_ids.discard(0)
     accounts: dict[int, AccountState] = {}
-    if account_ids:
-        sql = SQL_LOCK_ACCOUNTS if known is None else SQL_READ_ACCOUNTS
+    if account_ids or clocks is not None:  # a peek reads the clock even with no accounts
+        sql = SQL_LOCK_ACCOUNTS if clocks is None else SQL_PEEK_ACCOUNTS
         for r in await conn.fetch(sql, ledger, _pg_array(sorted(account_ids))):
+            if clocks is not None:
+                clocks.add((r["clock_last"], r["clock_head"]))
+                if r[0] is None:
+                    continue  # the clock's row: nothing matched
             a = _account(r)
             if known is not None:
                 # Balances as the previous batch left them (it may not have committed yet);
@@ -728,16 +784,27 @@ async def _write(
     on_write: Callable[[], None] | None,
 ) -> None:
     """Send a batch's write; ``on_write`` runs while the server executes it."""
-    write = conn.execute(SQL_WRITE_BATCH, *args)
+    await _send(conn, SQL_WRITE_BATCH, args, on_write)
+
+
+async def _send(
+    conn: asyncpg.Connection | PoolConnectionProxy,
+    sql: str,
+    args: list[object],
+    on_write: Callable[[], None] | None,
+) -> object:
+    """Run ``sql`` (its first column of its first row is answered); ``on_write`` runs once it
+    has been sent, while the server executes it."""
+    query = conn.fetchval(sql, *args)
     if on_write is None:
-        await write
-        return
-    sent = asyncio.ensure_future(write)
+        return await query
+    sent = asyncio.ensure_future(query)
     try:
-        await asyncio.sleep(0)  # the write goes out...
+        await asyncio.sleep(0)  # the statement goes out...
         on_write()  # ...and the caller's other work runs while the server executes it
     finally:
-        await sent
+        result = await sent
+    return result
 
 
 def _totals(accounts: Iterable[AccountState]) -> tuple[int, int, int, int]:
