@@ -506,19 +506,9 @@ class Store:
         accounts, transfers, holds = await _load(
             conn, ledger, batch, known=None, due_before=first if expire_due else None
         )
-        before = _totals(accounts.values())
-        outcome = apply_transfers(
-            batch,
-            accounts=accounts,
-            transfers=transfers,
-            holds=holds,
-            first_timestamp=first,
-            request_ends=request_ends,
+        outcome, args, head = _apply(
+            ledger, batch, request_ends, accounts, transfers, holds, first, prev_head
         )
-        # Double entry, checked apart from the rules that should guarantee it: the batch moves
-        # as much onto debits as onto credits (untouched accounts add nothing to the difference).
-        _check_zero_sum(before, _totals(accounts.values()), ledger)
-        args, head = _write_args(ledger, outcome, accounts, prev_head)
         tip = Tip(ledger, first + slots - 1, head, accounts, transfers, holds)
         if args is not None:
             await _write(conn, args, on_write)
@@ -561,17 +551,9 @@ class Store:
             last, prev_head = tip.last, tip.head
         slots = timestamps_needed(len(batch))
         first = max(now_ns(), last + 1)
-        before = _totals(accounts.values())
-        outcome = apply_transfers(
-            batch,
-            accounts=accounts,
-            transfers=transfers,
-            holds=holds,
-            first_timestamp=first,
-            request_ends=request_ends,
+        outcome, args, head = _apply(
+            ledger, batch, request_ends, accounts, transfers, holds, first, prev_head
         )
-        _check_zero_sum(before, _totals(accounts.values()), ledger)
-        args, head = _write_args(ledger, outcome, accounts, prev_head)
         return Prepared(
             outcome=outcome,
             tip=Tip(
@@ -728,6 +710,34 @@ async def _load(
                 _check_read(a)
                 accounts[a.id] = a
     return accounts, transfers, holds
+
+
+def _apply(
+    ledger: int,
+    batch: Sequence[Transfer],
+    request_ends: Sequence[int],
+    accounts: dict[int, AccountState],
+    transfers: dict[UUID, StoredTransfer],
+    holds: dict[UUID, Hold],
+    first: int,
+    prev_head: str,
+) -> tuple[BatchOutcome, list[object] | None, str]:
+    """Apply a loaded batch (the dicts are updated in place); its outcome, its write's
+    parameters (None if it changes nothing) and the chain head after it."""
+    before = _totals(accounts.values())
+    outcome = apply_transfers(
+        batch,
+        accounts=accounts,
+        transfers=transfers,
+        holds=holds,
+        first_timestamp=first,
+        request_ends=request_ends,
+    )
+    # Double entry, checked apart from the rules that should guarantee it: the batch moves
+    # as much onto debits as onto credits (untouched accounts add nothing to the difference).
+    _check_zero_sum(before, _totals(accounts.values()), ledger)
+    args, head = _write_args(ledger, outcome, accounts, prev_head)
+    return outcome, args, head
 
 
 def _write_args(

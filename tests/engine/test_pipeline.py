@@ -22,14 +22,13 @@ from engine.batcher import Batcher
 from engine.service import Engine
 from engine.store import SQL_SET_FLAGS
 from engine.verify import verify
-from ledger.account import Account
-from ledger.status import AccountStatus, TransferStatus
+from ledger.status import TransferStatus
 from ledger.transfer import Transfer
-from ledger.types import AccountFlag, AccountFlags, AccountKind, TransferCode
+from ledger.types import AccountFlags, TransferCode
+from tests.bench.test_hot_accounts import PURSE_FUNDS, Campus
 from tests.conftest import Ids
 
 PURSES: Final = 40
-FUNDS: Final = 100_000_000
 SQL_BALANCES: Final = """
 SELECT id, credits_posted - debits_posted AS balance FROM accounts WHERE ledger = $1
 """
@@ -42,34 +41,11 @@ def _speculation(outcome: str) -> float:
     return v or 0.0
 
 
-class Campus:
-    """A ledger with funded purses, a hot merchant and a clearing account."""
-
-    def __init__(self, ids: Ids) -> None:
-        self.ledger = ids.ledger()
-        self.purses = ids.accounts(PURSES)
-        self.merchant, self.clearing = ids.accounts(2)
-
-    async def load(self, engine: Engine) -> None:
-        dmnec = (AccountFlag.DEBITS_MUST_NOT_EXCEED_CREDITS,)
-        accounts = [Account(id=p, ledger=self.ledger, kind=AccountKind.PURSE, flags=dmnec)
-                    for p in self.purses]
-        accounts += [
-            Account(id=self.merchant, ledger=self.ledger, kind=AccountKind.MERCHANT),
-            Account(id=self.clearing, ledger=self.ledger, kind=AccountKind.CLEARING),
-        ]
-        assert set(await engine.store.create_accounts(accounts)) == {AccountStatus.CREATED}
-        tops = [Transfer(id=uuid.uuid4(), ledger=self.ledger, debit_account_id=self.clearing,
-                         credit_account_id=p, amount=FUNDS, code=TransferCode.TOP_UP)
-                for p in self.purses]
-        out = await engine.store.post_batch(self.ledger, tops)
-        assert set(out.statuses) == {TransferStatus.CREATED}
-
-    def meal(self, rng: random.Random, purse: int | None = None) -> Transfer:
-        return Transfer(id=uuid.UUID(int=rng.getrandbits(128), version=4), ledger=self.ledger,
-                        debit_account_id=purse or rng.choice(self.purses),
-                        credit_account_id=self.merchant, amount=rng.randint(300, 2500),
-                        code=TransferCode.MEAL)
+def _meal(c: Campus, rng: random.Random, purse: int | None = None) -> Transfer:
+    return Transfer(id=uuid.UUID(int=rng.getrandbits(128), version=4), ledger=c.ledger,
+                    debit_account_id=purse or rng.choice(c.purses),
+                    credit_account_id=c.merchant, amount=rng.randint(300, 2500),
+                    code=TransferCode.MEAL)
 
 
 async def _load(batcher: Batcher, c: Campus, seed: int, stop: asyncio.Event,
@@ -78,7 +54,7 @@ async def _load(batcher: Batcher, c: Campus, seed: int, stop: asyncio.Event,
     rng = random.Random(f"{c.ledger}/{seed}")  # ids unique across tests and runs' ledgers
     last: list[Transfer] = []
     while not stop.is_set():
-        req = [c.meal(rng) for _ in range(4)]
+        req = [_meal(c, rng) for _ in range(4)]
         if last and rng.random() < 0.1:
             req[0] = last[0]  # a retry: answers exists
         for t, r in zip(req, await batcher.submit(req), strict=True):
@@ -96,15 +72,15 @@ async def _check_books(engine: Engine, c: Campus, created: dict[uuid.UUID, Trans
     spent = {p: 0 for p in c.purses}
     for t in created.values():
         spent[t.debit_account_id] += t.amount
-    assert {p: rows[p] for p in c.purses} == {p: FUNDS - spent[p] for p in c.purses}
+    assert {p: rows[p] for p in c.purses} == {p: PURSE_FUNDS - spent[p] for p in c.purses}
     assert rows[c.merchant] == sum(spent.values())
-    assert rows[c.clearing] == -FUNDS * PURSES
+    assert rows[c.clearing] == -PURSE_FUNDS * PURSES
     report = await verify(engine.store.pool, ledgers=[c.ledger])
     assert report.problems == [], report.problems
 
 
 async def test_batches_commit_as_prepared_under_load(engine: Engine, ids: Ids) -> None:
-    c = Campus(ids)
+    c = Campus(ids, PURSES)
     await c.load(engine)
     held0 = _speculation("held")
     stop = asyncio.Event()
@@ -119,7 +95,7 @@ async def test_batches_commit_as_prepared_under_load(engine: Engine, ids: Ids) -
 
 
 async def test_flag_changed_in_sql_is_obeyed_by_the_next_batch(engine: Engine, ids: Ids) -> None:
-    c = Campus(ids)
+    c = Campus(ids, PURSES)
     await c.load(engine)
     victim = c.purses[0]
     stop = asyncio.Event()
@@ -134,11 +110,11 @@ async def test_flag_changed_in_sql_is_obeyed_by_the_next_batch(engine: Engine, i
             async with engine.store.pool.acquire() as conn:
                 await conn.fetchval(SQL_SET_FLAGS, c.ledger, victim, frozen, 0)
             # the freeze has committed: a debit submitted now must see it
-            [r] = await engine.batcher.submit([c.meal(rng, victim)])
+            [r] = await engine.batcher.submit([_meal(c, rng, victim)])
             assert r.status is TransferStatus.DEBIT_ACCOUNT_FROZEN
             async with engine.store.pool.acquire() as conn:
                 await conn.fetchval(SQL_SET_FLAGS, c.ledger, victim, 0, frozen)
-            t = c.meal(rng, victim)
+            t = _meal(c, rng, victim)
             [r] = await engine.batcher.submit([t])
             assert r.status is TransferStatus.CREATED
             created[t.id] = t
@@ -152,7 +128,7 @@ async def test_flag_changed_in_sql_is_obeyed_by_the_next_batch(engine: Engine, i
 async def test_two_engines_on_one_ledger_answer_right(
     engine: Engine, dsn: str, ids: Ids
 ) -> None:
-    c = Campus(ids)
+    c = Campus(ids, PURSES)
     await c.load(engine)
     other = Engine(dsn, expirer_interval_s=3600)
     await other.start(run_migrations=False)
