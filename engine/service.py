@@ -36,9 +36,9 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 async def _reset_connection(conn: asyncpg.Connection) -> None:
     # asyncpg's default reset sends `SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
     # RESET ALL` on every release: a round trip and server work per batch, per read. The engine
-    # leaves no session state behind (transactions are managed, locks are transaction locks,
-    # settings are session defaults), so only an open transaction, which would be a bug, is
-    # rolled back.
+    # leaves no session state behind (transactions are managed; locks are transaction locks,
+    # except the migration lock, released in a `finally`; settings are session defaults), so
+    # only an open transaction, which would be a bug, is rolled back.
     if conn.is_in_transaction():
         log.error("a pooled connection came back inside a transaction; rolling back")
         await conn.execute("ROLLBACK")
