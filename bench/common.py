@@ -225,12 +225,18 @@ def with_database(dsn: str, name: str) -> str:
 
 @contextlib.asynccontextmanager
 async def scratch_database(
-    maintenance_dsn: str, tag: str, *, keep: bool = False, schema: bool = True
+    maintenance_dsn: str,
+    tag: str,
+    *,
+    keep: bool = False,
+    schema: bool = True,
+    prefix: str = "onecard_bench",
 ) -> AsyncIterator[str]:
     """A fresh database (migrated when ``schema``), dropped afterwards unless ``keep``."""
-    name = f"onecard_bench_{tag}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    name = f"{prefix}_{tag}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     conn = await asyncpg.connect(maintenance_dsn)
     try:
+        # DDL takes no parameters; the name is ours (letters, digits and hex only).
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()

@@ -477,18 +477,6 @@ class Store:
         async with self._acquire() as conn, conn.transaction():
             return await self._post_tip(conn, ledger, batch, request_ends, expire_due, on_write)
 
-    async def _post(
-        self,
-        conn: asyncpg.Connection | PoolConnectionProxy,
-        ledger: int,
-        batch: Sequence[Transfer],
-        request_ends: Sequence[int],
-        expire_due: bool,
-        on_write: Callable[[], None] | None = None,
-    ) -> BatchOutcome:
-        outcome, _ = await self._post_tip(conn, ledger, batch, request_ends, expire_due, on_write)
-        return outcome
-
     async def _post_tip(
         self,
         conn: asyncpg.Connection | PoolConnectionProxy,
@@ -511,7 +499,7 @@ class Store:
         )
         tip = Tip(ledger, first + slots - 1, head, accounts, transfers, holds)
         if args is not None:
-            await _write(conn, args, on_write)
+            await _send(conn, SQL_WRITE_BATCH, args, on_write)
         return outcome, tip
 
     # -- the next batch, prepared while the previous one commits -------------------------------
@@ -786,15 +774,6 @@ def _write_args(
         head,
     ]
     return args, head
-
-
-async def _write(
-    conn: asyncpg.Connection | PoolConnectionProxy,
-    args: list[object],
-    on_write: Callable[[], None] | None,
-) -> None:
-    """Send a batch's write; ``on_write`` runs while the server executes it."""
-    await _send(conn, SQL_WRITE_BATCH, args, on_write)
 
 
 async def _send(

@@ -78,7 +78,7 @@ async def test_hot_merchant_row_written_once_per_batch(engine: Engine, ids: Ids)
     batch = c.meals(5000, random.Random(1))
     async with engine.store.pool.acquire() as conn, conn.transaction():
         before = await conn.fetchval(SQL_XACT_UPDATES)
-        outcome = await engine.store._post(conn, c.ledger, batch, (), False)
+        outcome, _ = await engine.store._post_tip(conn, c.ledger, batch, (), False, None)
         updates = await conn.fetchval(SQL_XACT_UPDATES) - before
     assert set(outcome.statuses) == {TransferStatus.CREATED}
     touched = set(outcome.touched_accounts)
