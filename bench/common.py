@@ -1,9 +1,9 @@
 """What every workload shares: scratch databases, the campus fixture, the transfer mix,
 latency statistics, machine facts and the result record.
 
-Everything is deterministic for a given ``--seed``: account ids, the order of transfers, their
-amounts and ids (transfer ids are counters under a seed-derived prefix, so a rerun with the same
-seed on a fresh database posts the same transfers).
+Everything is deterministic for a given ``--seed``: account ids, the order of transfers and
+their amounts; transfer ids are UUIDv7 (the wall-clock millisecond, then seeded random bits), as
+the README advises clients, or seeded random UUIDv4 with ``--random-ids``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import msgspec
 from engine.migrate import migrate
 from engine.store import Store
 from ledger.account import Account
+from ledger.ids import uuid7
 from ledger.status import TransferStatus
 from ledger.transfer import Transfer
 from ledger.types import AccountFlag, AccountKind, TransferCode, TransferFlag
@@ -58,9 +59,10 @@ class Campus(msgspec.Struct, frozen=True):
     canteen: int
     water: int
     clearing: int
+    random_ids: bool = False  # its clients' transfer ids: UUIDv4 rather than UUIDv7
 
 
-def campus_ids(ledger: int, purses: int, *, base: int) -> Campus:
+def campus_ids(ledger: int, purses: int, *, base: int, random_ids: bool = False) -> Campus:
     """Account ids of a campus: purses ``base+1..base+purses``, then the three hot accounts."""
     top = base + purses
     return Campus(
@@ -69,6 +71,7 @@ def campus_ids(ledger: int, purses: int, *, base: int) -> Campus:
         canteen=top + 1,
         water=top + 2,
         clearing=top + 3,
+        random_ids=random_ids,
     )
 
 
@@ -89,7 +92,7 @@ def campus_accounts(c: Campus) -> list[Account]:
 
 def funding(c: Campus, *, seed: int) -> list[Transfer]:
     """One top-up per purse from the clearing account."""
-    ids = IdSource(seed, stream=-1)  # Mix streams are >= 0
+    ids = IdSource(seed, stream=-1, random_ids=c.random_ids)  # Mix streams are >= 0
     return [
         Transfer(
             id=ids.next(),
@@ -121,17 +124,19 @@ async def load_campus(store: Store, c: Campus, *, seed: int) -> None:
 
 
 class IdSource:
-    """Deterministic transfer ids that look random, as the gateway's hashed ids do (so index
-    inserts land all over the primary key, not at a few hot pages)."""
+    """One client's transfer ids: UUIDv7 (time-ordered, ``ledger.ids``), or random UUIDv4."""
 
-    __slots__ = ("_rng",)
+    __slots__ = ("_random", "_rng")
 
-    def __init__(self, seed: int, *, stream: int) -> None:
+    def __init__(self, seed: int, *, stream: int, random_ids: bool = False) -> None:
         self._rng = random.Random(f"onecard-bench/{seed}/{stream}")
+        self._random = random_ids
 
     def next(self) -> uuid.UUID:
         """The next id of this stream."""
-        return uuid.UUID(int=self._rng.getrandbits(128), version=4)
+        if self._random:
+            return uuid.UUID(int=self._rng.getrandbits(128), version=4)
+        return uuid7(time.time_ns() // 1_000_000, self._rng.getrandbits(74))
 
 
 class Mix:
@@ -145,7 +150,7 @@ class Mix:
         self._c = c
         self._plain = plain
         self._rng = random.Random(seed * 1_000_003 + stream)
-        self._ids = IdSource(seed, stream=stream)
+        self._ids = IdSource(seed, stream=stream, random_ids=c.random_ids)
         self._holds: list[uuid.UUID] = []
         self._recent: Transfer | None = None
         self._again: list[Transfer] | None = None

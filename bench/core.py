@@ -102,9 +102,13 @@ async def run(o: Options, bar: Bar) -> Result:
         engine = Engine(dsn)
         await engine.start(run_migrations=False)
         try:
-            core_c = campus_ids(CORE_LEDGER, o.purses, base=0)
-            naive_c = campus_ids(NAIVE_LEDGER, o.purses, base=NAIVE_ACCOUNT_BASE)
-            unbatched_c = campus_ids(UNBATCHED_LEDGER, o.purses, base=UNBATCHED_ACCOUNT_BASE)
+            core_c = campus_ids(CORE_LEDGER, o.purses, base=0, random_ids=o.random_ids)
+            naive_c = campus_ids(
+                NAIVE_LEDGER, o.purses, base=NAIVE_ACCOUNT_BASE, random_ids=o.random_ids
+            )
+            unbatched_c = campus_ids(
+                UNBATCHED_LEDGER, o.purses, base=UNBATCHED_ACCOUNT_BASE, random_ids=o.random_ids
+            )
             t = time.perf_counter()
             await load_campus(engine.store, core_c, seed=o.seed)
             if o.baselines:
@@ -194,6 +198,7 @@ def _config(o: Options) -> dict[str, object]:
         "warmup_s": o.warmup,
         "concurrency": o.concurrency,
         "request_size": o.request_size,
+        "transfer_ids": "uuid4" if o.random_ids else "uuid7",
         "purses": o.purses,
         "sweep": o.sweep,
         "sweep_sizes": o.sweep_sizes,

@@ -60,6 +60,7 @@ class Options(msgspec.Struct, kw_only=True):
     plot: bool
     progress: bool
     keep: bool
+    random_ids: bool
 
 
 def _ints(value: str) -> list[int]:
@@ -129,6 +130,9 @@ def add_arguments(p: argparse.ArgumentParser, *, with_dsn: bool) -> None:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the scratch databases")
+    p.add_argument("--random-ids", action="store_true",
+                   help="clients use random UUIDv4 transfer ids (default: time-ordered UUIDv7, "
+                   "as the README advises)")
 
 
 def options(args: argparse.Namespace, dsn: str) -> Options:
@@ -168,4 +172,5 @@ def options(args: argparse.Namespace, dsn: str) -> Options:
         plot=not args.no_plot,
         progress=not args.no_progress,
         keep=args.keep,
+        random_ids=args.random_ids,
     )

@@ -35,6 +35,7 @@ from bench.report import Result, target
 from engine.service import Engine
 from engine.store import now_ns
 from ledger import audit
+from ledger.ids import uuid7
 from ledger.types import AccountKind, TransferCode
 
 LEDGER: Final = 1
@@ -45,18 +46,22 @@ MEAL_FEN: Final = (300, 2_500)
 
 
 def _rows(
-    ledger: int, purses: int, transfers: int, seed: int, bar: Bar, total: int
+    c: Campus, transfers: int, seed: int, bar: Bar, total: int
 ) -> Iterator[audit.Row]:
     """Top-ups for every purse first (so none goes negative), then meals on the canteen with
-    a top-up every 20th transfer, at increasing timestamps over the past day."""
-    c = campus_ids(ledger, purses, base=0)
+    a top-up every 20th transfer, at increasing timestamps over the past day; ids as the
+    campus's clients make them (UUIDv7 of the posting time, or random)."""
+    ledger, purses = c.ledger, len(c.purses)
     rng = random.Random(seed)
     start = now_ns() - 2 * LOAD_WINDOW_NS
     step = max(1, LOAD_WINDOW_NS // max(transfers, 1))
     task = bar.task(f"COPY {transfers:,} transfers", total)
     for i in range(transfers):
         ts = start + (i + 1) * step
-        tid = uuid.UUID(int=rng.getrandbits(128), version=4)
+        if c.random_ids:
+            tid = uuid.UUID(int=rng.getrandbits(128), version=4)
+        else:
+            tid = uuid7(ts // 1_000_000, rng.getrandbits(74))
         if i < purses:
             p = c.purses[i]
             yield (tid, ledger, c.clearing, p, PURSE_FUNDS_FEN, None, int(TransferCode.TOP_UP),
@@ -79,7 +84,7 @@ async def load_large(dsn: str, o: Options, bar: Bar) -> tuple[int, float, int]:
     from bench.export_day import LoadAccount, load_ledger
 
     purses = max(1, o.accounts - 3)
-    c = campus_ids(LEDGER, purses, base=0)
+    c = campus_ids(LEDGER, purses, base=0, random_ids=o.random_ids)
     accounts = [LoadAccount(id=p, kind=AccountKind.PURSE, flags=1) for p in c.purses]
     accounts += [
         LoadAccount(id=c.canteen, kind=AccountKind.MERCHANT, code=2, name="canteen"),
@@ -91,7 +96,7 @@ async def load_large(dsn: str, o: Options, bar: Bar) -> tuple[int, float, int]:
     try:
         await load_ledger(
             conn, LEDGER, accounts,
-            _rows(LEDGER, purses, o.transfers, o.seed, bar, o.transfers),
+            _rows(c, o.transfers, o.seed, bar, o.transfers),
             created_at=now_ns() - 3 * LOAD_WINDOW_NS,
         )
         await conn.execute("VACUUM ANALYZE accounts")  # as autovacuum would after a load
@@ -117,7 +122,7 @@ async def run(o: Options, bar: Bar) -> Result:
         engine = Engine(dsn)
         await engine.start(run_migrations=False)
         try:
-            small_c = campus_ids(LEDGER, o.purses, base=0)
+            small_c = campus_ids(LEDGER, o.purses, base=0, random_ids=o.random_ids)
             await load_campus(engine.store, small_c, seed=o.seed)
             cpu.start()
             small = await core(engine, small_c, f"core, {o.purses:,} purses", 0)
@@ -131,7 +136,7 @@ async def run(o: Options, bar: Bar) -> Result:
         await engine.start(run_migrations=False)
         try:
             large = await core(
-                engine, campus_ids(LEDGER, purses, base=0),
+                engine, campus_ids(LEDGER, purses, base=0, random_ids=o.random_ids),
                 f"core, {o.accounts:,} accounts + {o.transfers:,} transfers", 1_000_000,
             )
         finally:
@@ -144,6 +149,7 @@ async def run(o: Options, bar: Bar) -> Result:
         seed=o.seed,
         config={"accounts": o.accounts, "transfers": o.transfers, "small_purses": o.purses,
                 "concurrency": o.concurrency, "request_size": o.request_size,
+                "transfer_ids": "uuid4" if o.random_ids else "uuid7",
                 "duration_s": o.duration},
         machine=m,
         transfers_per_s=large.transfers_per_s,

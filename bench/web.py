@@ -60,7 +60,7 @@ async def campus_server(
 ) -> AsyncIterator[tuple[str, Campus, Server]]:
     """A scratch database with the campus fixture loaded, served by ``onecard serve``."""
     async with scratch_database(o.dsn, tag, keep=o.keep) as dsn:
-        campus = campus_ids(LEDGER, o.purses, base=0)
+        campus = campus_ids(LEDGER, o.purses, base=0, random_ids=o.random_ids)
         pool = await create_pool(dsn, max_size=2)
         try:
             await load_campus(Store(pool), campus, seed=o.seed)
@@ -171,6 +171,7 @@ async def run(o: Options, bar: Bar) -> Result:
             "batched_clients": BATCHED_CLIENTS, "single_clients": o.concurrency,
             "paced_rate": rate, "paced_workers": PACED_WORKERS, "purses": o.purses,
             "sweep": o.sweep, "server": "onecard serve --no-iso (separate process)",
+            "transfer_ids": "uuid4" if o.random_ids else "uuid7",
         },
         machine=m,
         transfers_per_s=batched.transfers_per_s,

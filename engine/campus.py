@@ -46,7 +46,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequen
 from datetime import UTC, datetime, timedelta
 from datetime import time as dtime
 from typing import Any, Final, Generic, TypeVar
-from uuid import UUID, uuid5
+from uuid import UUID
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -57,6 +57,7 @@ from engine import limits
 from engine.batcher import RETRYABLE, Overloaded, TransferResult, Unavailable
 from engine.pin import verify_pin
 from engine.service import Engine
+from ledger import ids
 from ledger.account import Account
 from ledger.status import AccountStatus, TransferStatus
 from ledger.transfer import MAX_TIMEOUT_S, Transfer
@@ -331,7 +332,8 @@ def _ns(dt: datetime) -> int:
     return (dt - EPOCH) // timedelta(microseconds=1) * 1000
 
 
-# Part names: the transfers one operation posts, each id = uuid5(key, part).
+# Part names: the transfers one operation posts, each id = ids.child(key, part): derived, and
+# beside the request's key in time order (ledger/ids.py).
 _SUBSIDY: Final = "subsidy"
 _CASH: Final = "cash"
 _ROOM: Final = "room"
@@ -340,12 +342,12 @@ _ALL_PARTS: Final = (_SUBSIDY, _CASH, _ROOM)
 
 def part_id(key: UUID, part: str) -> UUID:
     """Id of one transfer of the operation ``key`` (deterministic: retries post nothing)."""
-    return uuid5(key, part)
+    return ids.child(key, part)
 
 
 def reversal_id(transfer_id: UUID) -> UUID:
     """Id of the transfer that undoes ``transfer_id``: one undo, however many reversals."""
-    return uuid5(transfer_id, "reversal")
+    return ids.child(transfer_id, "reversal")
 
 
 _PURCHASE_KINDS: Final = frozenset({TerminalKind.POS, TerminalKind.KIOSK})

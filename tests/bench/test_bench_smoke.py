@@ -11,10 +11,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Final
+from uuid import UUID
 
 import pytest
+
+from bench.common import IdSource, Mix, campus_ids
 
 REPO: Final = Path(__file__).resolve().parents[2]
 TIMEOUT_S: Final = 240
@@ -101,3 +105,23 @@ def test_core_without_yardsticks_is_quick(admin_dsn: str, tmp_path: Path) -> Non
     assert r["baselines"] == {} and r["ratios"] == {} and r["sweep"] == []
     assert r["plot_path"] is None
     assert [t["met"] for t in r["targets"]][1:] == [None, None]  # no yardstick, no verdict
+    assert r["config"]["transfer_ids"] == "uuid7"
+
+
+def test_clients_use_time_ordered_ids_unless_told_otherwise() -> None:
+    """The workload's ids are UUIDv7 of the wall clock (README's advice); --random-ids gives
+    seeded UUIDv4, the same for the same seed."""
+    before = time.time_ns() // 1_000_000
+    mix = Mix(campus_ids(1, 10, base=0), seed=1, stream=1)
+    v7 = [mix.transfer().id for _ in range(20)]
+    after = time.time_ns() // 1_000_000
+    assert all(u.version == 7 and before <= u.int >> 80 <= after for u in v7)
+    source = IdSource(1, stream=1)
+    assert len({source.next() for _ in range(1000)}) == 1000
+
+    def random_ids() -> list[UUID]:
+        mix = Mix(campus_ids(1, 10, base=0, random_ids=True), seed=1, stream=1)
+        return [mix.transfer().id for _ in range(20)]
+
+    v4 = random_ids()
+    assert all(u.version == 4 for u in v4) and v4 == random_ids()

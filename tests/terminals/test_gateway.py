@@ -149,9 +149,11 @@ def _msg(**kw: Any) -> Message:
     return Message(**base)
 
 
-def test_message_key_is_uuid5_of_terminal_stan_and_field7() -> None:
+def test_message_key_is_derived_from_terminal_stan_and_field7() -> None:
     k = message_key(TID, "000001", "0315203005")
-    assert k.version == 5
+    assert k.version == 8 and k.int >> 80 == 315203005  # sorts by field 7 (ledger/ids.py)
+    assert message_key(TID, "000001", "0315203006") > k
+    assert message_key("MECH0002", "999999", "0316000000") > k
     assert k == message_key(TID, "000001", "0315203005")
     assert k != message_key(TID, "000002", "0315203005")
     assert k != message_key("MECH0002", "000001", "0315203005")
