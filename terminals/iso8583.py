@@ -227,10 +227,10 @@ def parse_original(s: str) -> OriginalData:
 # The profile: one entry per data field, plus the library spec derived from it
 
 _CLASSES: Final = {
-    "n": re.compile(r"[0-9]*"),
-    "an": re.compile(r"[A-Za-z0-9]*"),
-    "ans": re.compile(r"[\x20-\x7e]*"),
-    "b": re.compile(r"[0-9A-F]*"),  # the library's hex form of binary data
+    "n": "[0-9]",
+    "an": "[A-Za-z0-9]",
+    "ans": "[\\x20-\\x7e]",
+    "b": "[0-9A-F]",  # the library's hex form of binary data
 }
 
 
@@ -270,6 +270,20 @@ class _Field(NamedTuple):
     desc: str
     check: Callable[[str], bool] | None = None
 
+    @property
+    def key(self) -> str:
+        """The field's key in a pyiso8583 document."""
+        return str(self.number)
+
+    def pattern(self) -> re.Pattern[str]:
+        """The whole wire text in one expression: character class and length (binary fields
+        count bytes, two hex digits each)."""
+        chars = _CLASSES[self.kind]
+        if self.kind == "b":
+            chars = f"(?:{chars}{chars})"
+        low = self.max_len if self.len_type == 0 else 1
+        return re.compile(f"{chars}{{{low},{self.max_len}}}", re.ASCII)
+
 
 _FIELDS: Final = (
     _Field(2, "card_no", "n", 2, 19, "Primary Account Number"),
@@ -289,8 +303,12 @@ _FIELDS: Final = (
     _Field(90, "original_data", "n", 0, 42, "Original Data Elements", _field90),
     _Field(102, "room_id", "ans", 2, 28, "Account Identification 1"),
 )
+# Per field, precomputed: (field, its document key, its wire pattern).
+_CHECKS: Final = tuple((f, f.key, f.pattern()) for f in _FIELDS)
 _MAC_PRIMARY: Final = 64
 _MAC_SECONDARY: Final = 128
+_MAC_KEYS: Final = (str(_MAC_PRIMARY), str(_MAC_SECONDARY))
+_HIGH_ATTRS: Final = tuple(f.attr for f in _FIELDS if f.number > _MAC_PRIMARY)
 _PROFILE: Final = frozenset([f.number for f in _FIELDS] + [_MAC_PRIMARY, _MAC_SECONDARY])
 _MTI_LEN: Final = 4
 _BITMAP_LEN: Final = 8
@@ -332,11 +350,10 @@ def encode_message(msg: Message, mac_key: bytes) -> bytes:
     Raises FormatError if a field breaks the profile.
     """
     doc = _to_doc(msg)
-    high = any(k.isdigit() and int(k) > _MAC_PRIMARY for k in doc)
-    mac_field = _MAC_SECONDARY if high else _MAC_PRIMARY
     # Encoding with a placeholder sets the MAC bit in the bitmap; the MAC, fixed-length and
-    # last, then replaces the placeholder's final 8 bytes.
-    doc[str(mac_field)] = _MAC_HEX_PLACEHOLDER
+    # last, then replaces the placeholder's final 8 bytes. Past field 64 it goes in 128.
+    high = any(getattr(msg, attr) is not None for attr in _HIGH_ATTRS)
+    doc[_MAC_KEYS[high]] = _MAC_HEX_PLACEHOLDER
     body = _lib_encode(doc)[:-MAC_LEN]
     return body + compute_mac(mac_key, body)
 
@@ -350,12 +367,12 @@ def _to_doc(msg: Message) -> dict[str, str]:
     if not isinstance(msg.mti, str) or not _is_digits(msg.mti, 4) or msg.mti[0] != "0":
         raise FormatError("bad MTI")
     doc = {"t": msg.mti}
-    for f in _FIELDS:
+    for f, key, pattern in _CHECKS:
         value = getattr(msg, f.attr)
         if value is not None:
             wire = _to_wire(f, value)
-            _check(f, wire)
-            doc[str(f.number)] = wire
+            _check(f, pattern, wire)
+            doc[key] = wire
     return doc
 
 
@@ -403,13 +420,13 @@ def decode_message(raw: bytes | bytearray) -> DecodedFrame:
             raise FormatError("trailing bytes after the last field") from None
         raise FormatError(f"field {exc.field}: {exc.msg}") from None
     values: dict[str, Any] = {}
-    for f in _FIELDS:
-        wire = doc.get(str(f.number))
+    for f, key, pattern in _CHECKS:
+        wire = doc.get(key)
         if wire is not None:
-            _check(f, wire)
+            _check(f, pattern, wire)
             values[f.attr] = _from_wire(f, wire)
     message = Message(mti=doc["t"], **values)
-    mac_key = str(_MAC_SECONDARY if secondary else _MAC_PRIMARY)
+    mac_key = _MAC_KEYS[secondary]
     if mac_key not in doc:
         return DecodedFrame(message, None, b"")
     return DecodedFrame(message, bytes.fromhex(doc[mac_key]), raw[:-MAC_LEN])
@@ -444,12 +461,21 @@ def _check_header(raw: bytes) -> bool:
 
 
 def _bits(bitmap: bytes, offset: int) -> set[int]:
-    return {
-        offset + i * 8 + bit + 1
-        for i, byte in enumerate(bitmap)
-        for bit in range(8)
-        if byte & (0x80 >> bit)
-    }
+    out: set[int] = set()
+    for i, byte in enumerate(bitmap):
+        if byte:
+            out.update(_BYTE_BITS[offset + i * 8][byte])
+    return out
+
+
+# _BYTE_BITS[base][byte]: the field numbers a bitmap byte flags, the byte's first bit being
+# field base + 1 (bases 0, 8, .., 120).
+_BYTE_BITS: Final = {
+    base: tuple(
+        tuple(base + bit + 1 for bit in range(8) if byte & (0x80 >> bit)) for byte in range(256)
+    )
+    for base in range(0, 128, 8)
+}
 
 
 def _from_wire(f: _Field, wire: str) -> object:
@@ -464,17 +490,22 @@ def _from_wire(f: _Field, wire: str) -> object:
 # Shared checks
 
 
-def _check(f: _Field, wire: str) -> None:
+def _check(f: _Field, pattern: re.Pattern[str], wire: str) -> None:
     """Validate one field's wire text (binary fields in the library's hex form)."""
+    if pattern.fullmatch(wire) is None:
+        _explain(f, wire)  # raises
+    if f.check is not None and not f.check(wire):
+        raise FormatError(f"field {f.number}: bad value")
+
+
+def _explain(f: _Field, wire: str) -> None:
+    """Raise the FormatError saying why ``wire`` does not match its field's pattern."""
     size = len(wire) // 2 if f.kind == "b" else len(wire)
     if f.len_type == 0 and size != f.max_len:
         raise FormatError(f"field {f.number}: length {size}, expected {f.max_len}")
     if f.len_type and not 1 <= size <= f.max_len:
         raise FormatError(f"field {f.number}: length {size}, expected 1..{f.max_len}")
-    if not wire.isascii() or _CLASSES[f.kind].fullmatch(wire) is None:
-        raise FormatError(f"field {f.number}: characters outside {f.kind}")
-    if f.check is not None and not f.check(wire):
-        raise FormatError(f"field {f.number}: bad value")
+    raise FormatError(f"field {f.number}: characters outside {f.kind}")
 
 
 def _is_digits(s: object, n: int) -> bool:
