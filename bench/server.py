@@ -27,6 +27,7 @@ START_TIMEOUT_S: Final = 60.0
 STOP_TIMEOUT_S: Final = 30.0
 HTTP_TIMEOUT_S: Final = 30.0
 MAX_HEADER_BYTES: Final = 64 * 1024
+_CODE_ROOT: Final = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class HttpError(Exception):
@@ -167,6 +168,11 @@ async def serve(dsn: str, *, iso: bool = False) -> AsyncIterator[Server]:
         argv += ["--iso", f"127.0.0.1:{iso_port}"] if iso_port else ["--no-iso"]
         env = {
             **os.environ,
+            # the server runs the code this bench was loaded from, whatever the working
+            # directory and whatever copy of onecard is installed
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (_CODE_ROOT, os.environ.get("PYTHONPATH", "")) if p
+            ),
             "ONECARD_ADMIN_TOKEN": ADMIN_TOKEN,
             "ONECARD_READ_TOKEN": READ_TOKEN,
         }
