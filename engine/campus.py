@@ -57,8 +57,8 @@ from engine import limits
 from engine.batcher import RETRYABLE, Overloaded, TransferResult, Unavailable
 from engine.pin import verify_pin
 from engine.service import Engine
-from ledger import ids
 from ledger.account import Account
+from ledger.ids import child
 from ledger.status import AccountStatus, TransferStatus
 from ledger.transfer import MAX_TIMEOUT_S, Transfer
 from ledger.types import (
@@ -332,7 +332,7 @@ def _ns(dt: datetime) -> int:
     return (dt - EPOCH) // timedelta(microseconds=1) * 1000
 
 
-# Part names: the transfers one operation posts, each id = ids.child(key, part): derived, and
+# Part names: the transfers one operation posts, each id = child(key, part): derived, and
 # beside the request's key in time order (ledger/ids.py).
 _SUBSIDY: Final = "subsidy"
 _CASH: Final = "cash"
@@ -342,12 +342,12 @@ _ALL_PARTS: Final = (_SUBSIDY, _CASH, _ROOM)
 
 def part_id(key: UUID, part: str) -> UUID:
     """Id of one transfer of the operation ``key`` (deterministic: retries post nothing)."""
-    return ids.child(key, part)
+    return child(key, part)
 
 
 def reversal_id(transfer_id: UUID) -> UUID:
     """Id of the transfer that undoes ``transfer_id``: one undo, however many reversals."""
-    return ids.child(transfer_id, "reversal")
+    return child(transfer_id, "reversal")
 
 
 _PURCHASE_KINDS: Final = frozenset({TerminalKind.POS, TerminalKind.KIOSK})
