@@ -63,13 +63,15 @@ class Campus:
         out = await engine.store.post_batch(self.ledger, tops)
         assert set(out.statuses) == {TransferStatus.CREATED}
 
+    def meal(self, rng: random.Random, purse: int | None = None) -> Transfer:
+        """A meal on the merchant, from ``purse`` or a random one."""
+        return Transfer(id=uuid.UUID(int=rng.getrandbits(128), version=4), ledger=self.ledger,
+                        debit_account_id=purse or rng.choice(self.purses),
+                        credit_account_id=self.merchant, amount=rng.randint(300, 2500),
+                        code=TransferCode.MEAL)
+
     def meals(self, n: int, rng: random.Random) -> list[Transfer]:
-        return [
-            Transfer(id=uuid.UUID(int=rng.getrandbits(128), version=4), ledger=self.ledger,
-                     debit_account_id=rng.choice(self.purses), credit_account_id=self.merchant,
-                     amount=rng.randint(300, 2500), code=TransferCode.MEAL)
-            for _ in range(n)
-        ]
+        return [self.meal(rng) for _ in range(n)]
 
 
 async def test_hot_merchant_row_written_once_per_batch(engine: Engine, ids: Ids) -> None:

@@ -24,7 +24,7 @@ from engine.store import SQL_SET_FLAGS
 from engine.verify import verify
 from ledger.status import TransferStatus
 from ledger.transfer import Transfer
-from ledger.types import AccountFlags, TransferCode
+from ledger.types import AccountFlags
 from tests.bench.test_hot_accounts import PURSE_FUNDS, Campus
 from tests.conftest import Ids
 
@@ -41,20 +41,13 @@ def _speculation(outcome: str) -> float:
     return v or 0.0
 
 
-def _meal(c: Campus, rng: random.Random, purse: int | None = None) -> Transfer:
-    return Transfer(id=uuid.UUID(int=rng.getrandbits(128), version=4), ledger=c.ledger,
-                    debit_account_id=purse or rng.choice(c.purses),
-                    credit_account_id=c.merchant, amount=rng.randint(300, 2500),
-                    code=TransferCode.MEAL)
-
-
 async def _load(batcher: Batcher, c: Campus, seed: int, stop: asyncio.Event,
                 created: dict[uuid.UUID, Transfer]) -> None:
     """One submitter: requests of 4 meals (with the odd retry) until ``stop``."""
     rng = random.Random(f"{c.ledger}/{seed}")  # ids unique across tests and runs' ledgers
     last: list[Transfer] = []
     while not stop.is_set():
-        req = [_meal(c, rng) for _ in range(4)]
+        req = [c.meal(rng) for _ in range(4)]
         if last and rng.random() < 0.1:
             req[0] = last[0]  # a retry: answers exists
         for t, r in zip(req, await batcher.submit(req), strict=True):
@@ -110,11 +103,11 @@ async def test_flag_changed_in_sql_is_obeyed_by_the_next_batch(engine: Engine, i
             async with engine.store.pool.acquire() as conn:
                 await conn.fetchval(SQL_SET_FLAGS, c.ledger, victim, frozen, 0)
             # the freeze has committed: a debit submitted now must see it
-            [r] = await engine.batcher.submit([_meal(c, rng, victim)])
+            [r] = await engine.batcher.submit([c.meal(rng, victim)])
             assert r.status is TransferStatus.DEBIT_ACCOUNT_FROZEN
             async with engine.store.pool.acquire() as conn:
                 await conn.fetchval(SQL_SET_FLAGS, c.ledger, victim, 0, frozen)
-            t = _meal(c, rng, victim)
+            t = c.meal(rng, victim)
             [r] = await engine.batcher.submit([t])
             assert r.status is TransferStatus.CREATED
             created[t.id] = t
