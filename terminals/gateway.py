@@ -54,6 +54,7 @@ from terminals.iso8583 import (
     encode_amounts,
     encode_message,
     encode_message_unmac,
+    is_digits,
     parse_original,
     response_mti,
 )
@@ -135,7 +136,7 @@ def message_key(terminal_id: str, stan: str, transmission_dt: str) -> UUID:
     clock) enters: a retransmission or reversal months later derives the same key.
     """
     dt = transmission_dt
-    prefix = int(dt) if len(dt) == 10 and dt.isascii() and dt.isdigit() else 0
+    prefix = int(dt) if is_digits(dt, 10) else 0
     return ordered(prefix, KEY_NAMESPACE.bytes, terminal_id.encode(), stan.encode(), dt.encode())
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "encode_message",
     "encode_message_unmac",
     "encode_original",
+    "is_digits",
     "parse_amounts",
     "parse_original",
     "response_mti",
@@ -103,7 +104,7 @@ class AccountType(StrEnum):
 
 def response_mti(mti: str) -> str:
     """Return the response MTI for a request or advice MTI (0200 -> 0210, 0220 -> 0230)."""
-    if not _is_digits(mti, 4) or int(mti[2]) % 2:
+    if not is_digits(mti, 4) or int(mti[2]) % 2:
         raise ValueError(f"{mti!r} is not a request or advice MTI")
     return f"{mti[:2]}{int(mti[2]) + 1}{mti[3]}"
 
@@ -164,9 +165,9 @@ def encode_amounts(blocks: Iterable[AmountBlock]) -> str:
     """Render field 54 from one to six blocks; raises FormatError on bad input."""
     parts: list[str] = []
     for b in blocks:
-        if not (_is_digits(b.account_type, 2) and _is_digits(b.amount_type, 2)):
+        if not (is_digits(b.account_type, 2) and is_digits(b.amount_type, 2)):
             raise FormatError("field 54: account and amount types are 2 digits")
-        if not _is_digits(b.currency, 3):
+        if not is_digits(b.currency, 3):
             raise FormatError("field 54: currency is 3 digits")
         if not _is_int(b.amount) or abs(b.amount) > _MAX_AMOUNT:
             raise FormatError("field 54: amount out of range")
@@ -211,14 +212,14 @@ _ORIGINAL_PAD: Final = "0" * 22
 
 def encode_original(mti: str, stan: str, transmission_dt: str) -> str:
     """Build field 90: original MTI + STAN + field 7 + 22 zeros (42 digits)."""
-    if not (_is_digits(mti, 4) and _is_digits(stan, 6) and _is_digits(transmission_dt, 10)):
+    if not (is_digits(mti, 4) and is_digits(stan, 6) and is_digits(transmission_dt, 10)):
         raise FormatError("field 90: original MTI/STAN/field 7 must be 4/6/10 digits")
     return f"{mti}{stan}{transmission_dt}{_ORIGINAL_PAD}"
 
 
 def parse_original(s: str) -> OriginalData:
     """Parse field 90; raises FormatError unless it is 20 digits followed by 22 zeros."""
-    if not _is_digits(s, 42) or s[20:] != _ORIGINAL_PAD:
+    if not is_digits(s, 42) or s[20:] != _ORIGINAL_PAD:
         raise FormatError("field 90: not MTI(4) + STAN(6) + field 7(10) + 22 zeros")
     return OriginalData(mti=s[:4], stan=s[4:10], transmission_dt=s[10:20])
 
@@ -331,7 +332,7 @@ SPEC: Final[dict[str, dict[str, Any]]] = {
     "p": _spec_entry("b", 0, _BITMAP_LEN, "Bitmap, Primary"),
     "1": _spec_entry("b", 0, _BITMAP_LEN, "Bitmap, Secondary"),
     **{
-        str(f.number): _spec_entry("b" if f.kind == "b" else "ascii", f.len_type, f.max_len, f.desc)
+        f.key: _spec_entry("b" if f.kind == "b" else "ascii", f.len_type, f.max_len, f.desc)
         for f in _FIELDS
     },
     str(_MAC_PRIMARY): _spec_entry("b", 0, MAC_LEN, "MAC"),
@@ -364,7 +365,7 @@ def encode_message_unmac(msg: Message) -> bytes:
 
 
 def _to_doc(msg: Message) -> dict[str, str]:
-    if not isinstance(msg.mti, str) or not _is_digits(msg.mti, 4) or msg.mti[0] != "0":
+    if not isinstance(msg.mti, str) or not is_digits(msg.mti, 4) or msg.mti[0] != "0":
         raise FormatError("bad MTI")
     doc = {"t": msg.mti}
     for f, key, pattern in _CHECKS:
@@ -508,7 +509,8 @@ def _explain(f: _Field, wire: str) -> None:
     raise FormatError(f"field {f.number}: characters outside {f.kind}")
 
 
-def _is_digits(s: object, n: int) -> bool:
+def is_digits(s: object, n: int) -> bool:
+    """``s`` is a string of exactly ``n`` ASCII digits."""
     return isinstance(s, str) and len(s) == n and s.isascii() and s.isdigit()
 
 
