@@ -123,8 +123,16 @@ async def load_campus(store: Store, c: Campus, *, seed: int) -> None:
             raise RuntimeError(f"funding answered {bad_t}")
 
 
+def client_id(rng: random.Random, unix_ms: int, *, random_ids: bool) -> uuid.UUID:
+    """A transfer id as the campus's clients make it at ``unix_ms``: UUIDv7 (time-ordered,
+    ``ledger.ids``), or random UUIDv4 (``random_ids``), the random bits drawn from ``rng``."""
+    if random_ids:
+        return uuid.UUID(int=rng.getrandbits(128), version=4)
+    return uuid7(unix_ms, rng.getrandbits(74))
+
+
 class IdSource:
-    """One client's transfer ids: UUIDv7 (time-ordered, ``ledger.ids``), or random UUIDv4."""
+    """One client's transfer ids (``client_id`` at the wall clock's millisecond)."""
 
     __slots__ = ("_random", "_rng")
 
@@ -134,9 +142,7 @@ class IdSource:
 
     def next(self) -> uuid.UUID:
         """The next id of this stream."""
-        if self._random:
-            return uuid.UUID(int=self._rng.getrandbits(128), version=4)
-        return uuid7(time.time_ns() // 1_000_000, self._rng.getrandbits(74))
+        return client_id(self._rng, time.time_ns() // 1_000_000, random_ids=self._random)
 
 
 class Mix:

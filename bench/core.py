@@ -198,7 +198,7 @@ def _config(o: Options) -> dict[str, object]:
         "warmup_s": o.warmup,
         "concurrency": o.concurrency,
         "request_size": o.request_size,
-        "transfer_ids": "uuid4" if o.random_ids else "uuid7",
+        "transfer_ids": o.transfer_ids,
         "purses": o.purses,
         "sweep": o.sweep,
         "sweep_sizes": o.sweep_sizes,

@@ -62,6 +62,11 @@ class Options(msgspec.Struct, kw_only=True):
     keep: bool
     random_ids: bool
 
+    @property
+    def transfer_ids(self) -> str:
+        """The clients' transfer id kind, as results record it."""
+        return "uuid4" if self.random_ids else "uuid7"
+
 
 def _ints(value: str) -> list[int]:
     try:

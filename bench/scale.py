@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Final
 
@@ -22,6 +21,7 @@ from bench.common import (
     CpuMeter,
     Stats,
     campus_ids,
+    client_id,
     load_campus,
     machine,
     now_stamp,
@@ -35,7 +35,6 @@ from bench.report import Result, target
 from engine.service import Engine
 from engine.store import now_ns
 from ledger import audit
-from ledger.ids import uuid7
 from ledger.types import AccountKind, TransferCode
 
 LEDGER: Final = 1
@@ -58,10 +57,7 @@ def _rows(
     task = bar.task(f"COPY {transfers:,} transfers", total)
     for i in range(transfers):
         ts = start + (i + 1) * step
-        if c.random_ids:
-            tid = uuid.UUID(int=rng.getrandbits(128), version=4)
-        else:
-            tid = uuid7(ts // 1_000_000, rng.getrandbits(74))
+        tid = client_id(rng, ts // 1_000_000, random_ids=c.random_ids)
         if i < purses:
             p = c.purses[i]
             yield (tid, ledger, c.clearing, p, PURSE_FUNDS_FEN, None, int(TransferCode.TOP_UP),
@@ -149,7 +145,7 @@ async def run(o: Options, bar: Bar) -> Result:
         seed=o.seed,
         config={"accounts": o.accounts, "transfers": o.transfers, "small_purses": o.purses,
                 "concurrency": o.concurrency, "request_size": o.request_size,
-                "transfer_ids": "uuid4" if o.random_ids else "uuid7",
+                "transfer_ids": o.transfer_ids,
                 "duration_s": o.duration},
         machine=m,
         transfers_per_s=large.transfers_per_s,

@@ -171,7 +171,7 @@ async def run(o: Options, bar: Bar) -> Result:
             "batched_clients": BATCHED_CLIENTS, "single_clients": o.concurrency,
             "paced_rate": rate, "paced_workers": PACED_WORKERS, "purses": o.purses,
             "sweep": o.sweep, "server": "onecard serve --no-iso (separate process)",
-            "transfer_ids": "uuid4" if o.random_ids else "uuid7",
+            "transfer_ids": o.transfer_ids,
         },
         machine=m,
         transfers_per_s=batched.transfers_per_s,
