@@ -11,6 +11,8 @@ harmless. A card points at a holder and carries the state machine and the spendi
 - ``daily_limit``: today's campus-local spending (meals, hot water, electricity; holds count
   while they hold, reversed spending does not) plus the new amount must not exceed it.
 - ``pin`` / ``pin_threshold``: above the threshold the terminal must prove the PIN (field 52).
+  Wrong PINs are counted per card and campus-local day (``pin_tries``): after
+  ``limits.PIN_TRIES_PER_DAY`` every PIN check of the card fails until the next day or a reset.
 
 Terminal operations (``purchase`` … ``reverse``) return a :class:`PaymentResult`; every transfer
 they post has an id derived from the request ``key``, so a retransmission never posts twice,
@@ -43,7 +45,7 @@ import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from datetime import time as dtime
 from typing import Any, Final, Generic, TypeVar
 from uuid import UUID
@@ -204,6 +206,7 @@ class Outcome(enum.StrEnum):
     CARD_NOT_ACTIVE = "card_not_active"
     INVALID_CARD = "invalid_card"
     INCORRECT_PIN = "incorrect_pin"
+    PIN_TRIES_EXCEEDED = "pin_tries_exceeded"
     DAILY_LIMIT_EXCEEDED = "daily_limit_exceeded"
     INVALID_AMOUNT = "invalid_amount"
     ORIGINAL_NOT_FOUND = "original_not_found"
@@ -408,6 +411,11 @@ def split_subsidy_first(amount: int, subsidy_available: int) -> tuple[int, int]:
     return from_subsidy, amount - from_subsidy
 
 
+def _showable(*balances: int) -> bool:
+    """Whether a terminal answer can show each of ``balances`` (field 54: 12 digits of fen)."""
+    return all(abs(b) <= limits.TERMINAL_FIELD_MAX_FEN for b in balances)
+
+
 def _card_refusal(status: CardStatus) -> Outcome | None:
     if status is CardStatus.LOST:
         return Outcome.LOST_CARD
@@ -505,6 +513,28 @@ UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, v.original_key
 FROM reversals v WHERE v.ledger = $1 AND v.original_key = ANY($3::uuid[])
 """
+# Wrong PINs (contract §5 v4), counted and read when each check is decided. $2..$4: one row per
+# (card, day) of a batch of PIN checks and how many of them were wrong; each row answers the
+# failures counted before the batch's own. Wrong PINs are added under the row's lock, so no
+# two processes count from the same number; rows are taken in card order (no deadlocks).
+SQL_PIN_TRIES = """
+WITH q AS (
+    SELECT * FROM unnest($2::text[], $3::date[], $4::bigint[]) AS q(card_no, day, wrong)
+), counted AS (
+    INSERT INTO pin_tries AS p (ledger, card_no, day, failures, updated_at)
+    SELECT $1, q.card_no, q.day, q.wrong, $5 FROM q WHERE q.wrong > 0
+    ORDER BY q.card_no, q.day
+    ON CONFLICT (ledger, card_no, day) DO UPDATE
+        SET failures = p.failures + excluded.failures, updated_at = excluded.updated_at
+    RETURNING p.card_no, p.day, p.failures
+)
+SELECT q.card_no, q.day, coalesce(c.failures - q.wrong, p.failures, 0) AS before
+FROM q
+LEFT JOIN counted c ON c.card_no = q.card_no AND c.day = q.day
+LEFT JOIN pin_tries p ON q.wrong = 0 AND p.ledger = $1 AND p.card_no = q.card_no
+                     AND p.day = q.day
+"""
+SQL_RESET_PIN_TRIES = "DELETE FROM pin_tries WHERE ledger = $1 AND card_no = $2"
 SQL_REMEMBER_REVERSAL = """
 INSERT INTO reversals (ledger, original_key, key, terminal_id, created_at)
 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (ledger, original_key) DO NOTHING
@@ -665,6 +695,15 @@ class _PartsQuery(msgspec.Struct, frozen=True):
 class _PartsAnswer(msgspec.Struct, frozen=True):
     parts: list[_Part]  # in timestamp order
     reversed: frozenset[UUID]
+
+
+class _PinTry(msgspec.Struct, frozen=True):
+    """One PIN check of a card on a campus-local day; ``wrong``: a wrong PIN block was sent
+    (counted). A right or missing one only asks for the count."""
+
+    card_no: str
+    day: date
+    wrong: bool
 
 
 class _AfterQuery(msgspec.Struct, frozen=True):
@@ -1014,6 +1053,12 @@ class Campus:
     terminal kinds: purchases at POS and kiosk terminals, holds and completions at water
     terminals, electricity at kiosks and POS, meter usage at meters, inquiries anywhere but a
     meter; anything else is INVALID_TRANSACTION.
+
+    Amounts: an operation moving more than ``max_amount`` fen, or one that would leave a purse
+    or room at a balance its answer cannot show (field 54: 12 digits), is INVALID_AMOUNT before
+    anything is posted. PINs: ``limits.PIN_TRIES_PER_DAY`` wrong PINs on a card in a local day
+    (counted in ``pin_tries``, shared by every process) make every later PIN check of the card
+    PIN_TRIES_EXCEEDED, the right PIN too, until the next local day or ``reset_pin_tries``.
     """
 
     def __init__(
@@ -1025,10 +1070,14 @@ class Campus:
         clock: Callable[[], datetime] | None = None,
         spend_ttl_s: float = SPEND_MEMORY_TTL_S,
         max_batch: int = COALESCE_MAX_BATCH,
+        max_amount: int = limits.TERMINAL_MAX_AMOUNT_FEN,
     ) -> None:
         if not 0 < hold_timeout_s <= MAX_TIMEOUT_S:
             raise ValueError(f"hold_timeout_s must be in 1..{MAX_TIMEOUT_S}")
+        if not 0 < max_amount <= limits.TERMINAL_FIELD_MAX_FEN:
+            raise ValueError(f"max_amount must be in 1..{limits.TERMINAL_FIELD_MAX_FEN}")
         self.engine = engine
+        self.max_amount = max_amount
         self.tz = ZoneInfo(tz)
         self.hold_timeout_s = hold_timeout_s
         self._clock = clock or (lambda: datetime.now(UTC))
@@ -1053,12 +1102,14 @@ class Campus:
         self._after_reads: Coalescer[_AfterQuery, _AfterAnswer] = reads("after", self._read_after)
         self._terminal_reads: Coalescer[str, Terminal | None] = reads(
             "terminals", self._read_terminals)
+        self._pin_tries: Coalescer[_PinTry, int] = reads("pins", self._count_pin_tries)
 
     @property
     def statements(self) -> int:
         """Shared hot-path read statements run so far (each serves a batch of requests)."""
         return sum(c.statements for c in (self._ref_reads, self._state_reads, self._part_reads,
-                                          self._after_reads, self._terminal_reads))
+                                          self._after_reads, self._terminal_reads,
+                                          self._pin_tries))
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -1292,12 +1343,51 @@ class Campus:
         self._count(ledger, transfers, results)
         return results
 
-    def _pin_ok(
-        self, term: Terminal, card_no: str, st: _CardState, amount: int, pin_block: bytes | None
-    ) -> bool:
-        if st.pin is None or amount <= (st.pin_threshold or 0):
-            return True
-        return pin_block is not None and verify_pin(term.mac_key, card_no, st.pin, pin_block)
+    # -- amounts and PINs ------------------------------------------------------------------------
+
+    def _amount_ok(self, amount: int) -> bool:
+        """A terminal amount this campus moves in one operation."""
+        return 0 < amount <= self.max_amount
+
+    async def _pin_refusal(
+        self, term: Terminal, card_no: str, st: _CardState, day: tuple[int, int],
+        pin_block: bytes | None, *, required: bool,
+    ) -> Outcome | None:
+        """None when the PIN lets the request through (no PIN asked for, or the right one
+        within the day's tries), else INCORRECT_PIN or PIN_TRIES_EXCEEDED.
+
+        Every PIN check asks ``pin_tries`` at decision time, the right PIN too: a stale count
+        would let a burst of guesses sent at once all see "no failures yet". A missing PIN is
+        not a guess (not counted) but is refused 75 once the tries are used up, like any."""
+        if st.pin is None or not required:
+            return None
+        right = pin_block is not None and verify_pin(term.mac_key, card_no, st.pin, pin_block)
+        attempt = _PinTry(card_no, self._local_date(day[0]), pin_block is not None and not right)
+        failures = await self._pin_tries.submit(term.ledger, attempt)
+        if failures >= limits.PIN_TRIES_PER_DAY:
+            return Outcome.PIN_TRIES_EXCEEDED
+        return None if right else Outcome.INCORRECT_PIN
+
+    @staticmethod
+    async def _count_pin_tries(conn: Connection, ledger: int, tries: list[_PinTry]) -> list[int]:
+        """The failures counted before each attempt of the batch (wrong ones are counted in the
+        batch's order: the sixth wrong PIN of a day sees five)."""
+        wrong: dict[tuple[str, date], int] = {}
+        for t in tries:
+            wrong[(t.card_no, t.day)] = wrong.get((t.card_no, t.day), 0) + t.wrong
+        rows = await conn.fetch(SQL_PIN_TRIES, ledger, [c for c, _ in wrong], [d for _, d in wrong],
+                                list(wrong.values()), time.time_ns())
+        running = {(r["card_no"], r["day"]): r["before"] for r in rows}
+        out = []
+        for t in tries:
+            n = running[(t.card_no, t.day)]
+            out.append(n)
+            running[(t.card_no, t.day)] = n + t.wrong
+        return out
+
+    def _local_date(self, day_start: int) -> date:
+        """The campus-local date of the day starting at ``day_start`` (engine ns)."""
+        return (EPOCH + timedelta(microseconds=day_start // 1000)).astimezone(self.tz).date()
 
     # -- terminals -------------------------------------------------------------------------------
 
@@ -1377,7 +1467,7 @@ class Campus:
     ) -> PaymentResult:
         if term.kind not in (_HOLD_KINDS if hold else _PURCHASE_KINDS):
             return PaymentResult(Outcome.INVALID_TRANSACTION)
-        if amount <= 0:
+        if not self._amount_ok(amount):
             return PaymentResult(Outcome.INVALID_AMOUNT)
         ref = await self._card_ref(term.ledger, card_no)
         if ref is None:
@@ -1405,15 +1495,21 @@ class Campus:
             if st.reversed:  # reversed before it arrived: approve, move nothing
                 return PaymentResult(Outcome.APPROVED, purses=balances)
             refusal = _card_refusal(st.status)
+            if refusal is None and not force:
+                refusal = await self._pin_refusal(term, card_no, st, day, pin_block,
+                                                  required=amount > (st.pin_threshold or 0))
             if refusal is not None:
                 return PaymentResult(refusal)
-            if not force and not self._pin_ok(term, card_no, st, amount, pin_block):
-                return PaymentResult(Outcome.INCORRECT_PIN)
             if not force and st.daily_limit is not None and (
                 self._spending(ref, day, st, remembered, token) + amount > st.daily_limit
             ):
                 return PaymentResult(Outcome.DAILY_LIMIT_EXCEEDED, purses=balances)
             from_subsidy, from_cash = split_subsidy_first(amount, st.subsidy)
+            # Without force the ledger keeps each purse between 0 and where it was; an advice
+            # posts past zero, so it is refused (13) where its answer could not show the rest.
+            if force and not _showable(st.cash - from_cash, st.subsidy - from_subsidy,
+                                       balances.total - amount):
+                return PaymentResult(Outcome.INVALID_AMOUNT)
             timeout = self.hold_timeout_s if hold else None
             transfers = [
                 Transfer(id=tid, ledger=ref.ledger, debit_account_id=debit,
@@ -1432,7 +1528,8 @@ class Campus:
         self, term: Terminal, *, card_no: str, pin_block: bytes | None = None
     ) -> PaymentResult:
         """Balance inquiry: the purses' available fen. No PIN is required (no amount), but a
-        PIN block that is sent must be right."""
+        PIN block that is sent must be right, and a wrong one counts towards the day's tries
+        (otherwise inquiries would be a free PIN oracle)."""
         return await self._guard(self._balance(term, card_no, pin_block))
 
     async def _balance(
@@ -1443,14 +1540,14 @@ class Campus:
         ref = await self._card_ref(term.ledger, card_no)
         if ref is None:
             return PaymentResult(Outcome.INVALID_CARD)
-        st = await self._card_state(ref, NIL_UUID, (), day=self.today(), want_spent=False)
+        day = self.today()
+        st = await self._card_state(ref, NIL_UUID, (), day=day, want_spent=False)
         refusal = _card_refusal(st.status)
+        if refusal is None:  # a PIN block that is sent is a PIN check: it counts, and 75 applies
+            refusal = await self._pin_refusal(term, card_no, st, day, pin_block,
+                                              required=pin_block is not None)
         if refusal is not None:
             return PaymentResult(refusal)
-        if pin_block is not None and st.pin is not None and not verify_pin(
-            term.mac_key, card_no, st.pin, pin_block
-        ):
-            return PaymentResult(Outcome.INCORRECT_PIN)
         return PaymentResult(Outcome.APPROVED, purses=PurseBalances(st.cash, st.subsidy))
 
     async def complete(
@@ -1474,7 +1571,7 @@ class Campus:
     ) -> PaymentResult:
         if term.kind not in _HOLD_KINDS:
             return PaymentResult(Outcome.INVALID_TRANSACTION)
-        if amount < 0:
+        if not 0 <= amount <= self.max_amount:  # 0 releases the whole hold
             return PaymentResult(Outcome.INVALID_AMOUNT)
         held_ids = {part_id(hold_key, p): p for p in (_SUBSIDY, _CASH)}
         done_ids = [part_id(key, p) for p in (_SUBSIDY, _CASH)]
@@ -1560,7 +1657,7 @@ class Campus:
     ) -> PaymentResult:
         if term.kind not in _ELECTRICITY_KINDS:
             return PaymentResult(Outcome.INVALID_TRANSACTION)
-        if amount <= 0:
+        if not self._amount_ok(amount):
             return PaymentResult(Outcome.INVALID_AMOUNT)
         ref = await self._card_ref(term.ledger, card_no)
         if ref is None:
@@ -1572,8 +1669,11 @@ class Campus:
             day = self.today()
             remembered, token = self._spent.lookup(ref.ledger, ref.purse_id, ref.subsidy_id,
                                                    day[0])
-            st = await self._card_state(ref, key, (tid,), day=day,
-                                        want_spent=remembered is None)
+            # the room's balance is read beside the card's: the answer must be able to show it
+            st, (rooms, _) = await asyncio.gather(
+                self._card_state(ref, key, (tid,), day=day, want_spent=remembered is None),
+                self._after(ref.ledger, key, (room,)),
+            )
             if st.existing:
                 parts = (await self._parts(ref.ledger, (tid,))).parts
                 ok = _matches(parts, credit=room, code=TransferCode.ELECTRICITY, amount=amount,
@@ -1585,15 +1685,20 @@ class Campus:
                 return await self._finish(ref.ledger, key, Outcome.APPROVED, None,
                                           purses=purses, room=room)
             refusal = _card_refusal(st.status)
+            if refusal is None:
+                refusal = await self._pin_refusal(term, card_no, st, day, pin_block,
+                                                  required=amount > (st.pin_threshold or 0))
             if refusal is not None:
                 return PaymentResult(refusal)
-            if not self._pin_ok(term, card_no, st, amount, pin_block):
-                return PaymentResult(Outcome.INCORRECT_PIN)
             if st.daily_limit is not None and (
                 self._spending(ref, day, st, remembered, token) + amount > st.daily_limit
             ):
                 return PaymentResult(Outcome.DAILY_LIMIT_EXCEEDED,
                                      purses=PurseBalances(st.cash, st.subsidy))
+            # the cash purse stays between 0 and where it was (no force); the room could grow
+            # past what its answer can show
+            if not _showable(rooms.get(room, 0) + amount):
+                return PaymentResult(Outcome.INVALID_AMOUNT)
             transfer = Transfer(id=tid, ledger=ref.ledger, debit_account_id=ref.purse_id,
                                 credit_account_id=room, amount=amount,
                                 code=TransferCode.ELECTRICITY,
@@ -1615,28 +1720,35 @@ class Campus:
     ) -> PaymentResult:
         if term.kind is not TerminalKind.METER:
             return PaymentResult(Outcome.INVALID_TRANSACTION)
-        if amount <= 0:
+        if not self._amount_ok(amount):
             return PaymentResult(Outcome.INVALID_AMOUNT)
         room = room_account_id(term.ledger, room_id)
         tid = part_id(key, _ROOM)
-        got = await self._parts(term.ledger, [tid], [key])
-        if got.parts:
-            ok = _matches(got.parts, credit=term.account_id,
-                          code=TransferCode.ELECTRICITY, amount=amount,
-                          flags=int(TransferFlags.FORCE)) and got.parts[0].debit_account_id == room
-            if not ok:
-                return PaymentResult(Outcome.DUPLICATE_DIFFERENT)
-            ts = got.parts[0].timestamp
-        elif got.reversed:
-            ts = None
-        else:
-            transfer = Transfer(id=tid, ledger=term.ledger, debit_account_id=room,
-                                credit_account_id=term.account_id, amount=amount,
-                                code=TransferCode.ELECTRICITY, flags=(TransferFlag.FORCE,),
-                                user_data=f"{term.terminal_id}:{room_id}")
-            outcome, ts = outcome_of(await self._submit([transfer]))
-            if outcome is not Outcome.APPROVED:
-                return PaymentResult(outcome)
+        # A room's advices take turns (in this process): each posts against the balance it
+        # checked, which its answer must be able to show (force posts past zero, unbounded).
+        async with self._holder_locks.hold(("room", term.ledger, room)):
+            got, (rooms, _) = await asyncio.gather(self._parts(term.ledger, [tid], [key]),
+                                                   self._after(term.ledger, key, (room,)))
+            if got.parts:
+                ok = _matches(got.parts, credit=term.account_id,
+                              code=TransferCode.ELECTRICITY, amount=amount,
+                              flags=int(TransferFlags.FORCE)
+                              ) and got.parts[0].debit_account_id == room
+                if not ok:
+                    return PaymentResult(Outcome.DUPLICATE_DIFFERENT)
+                ts = got.parts[0].timestamp
+            elif got.reversed:
+                ts = None
+            elif not _showable(rooms.get(room, 0) - amount):
+                return PaymentResult(Outcome.INVALID_AMOUNT)
+            else:
+                transfer = Transfer(id=tid, ledger=term.ledger, debit_account_id=room,
+                                    credit_account_id=term.account_id, amount=amount,
+                                    code=TransferCode.ELECTRICITY, flags=(TransferFlag.FORCE,),
+                                    user_data=f"{term.terminal_id}:{room_id}")
+                outcome, ts = outcome_of(await self._submit([transfer]))
+                if outcome is not Outcome.APPROVED:
+                    return PaymentResult(outcome)
         r = await self._finish(term.ledger, key, Outcome.APPROVED, ts, purses=None, room=room)
         if r.room_balance is None:
             return PaymentResult(Outcome.INVALID_TRANSACTION)
@@ -1873,6 +1985,17 @@ class Campus:
             Card(new_card_no, old.ledger, old.holder_id, CardStatus.ACTIVE, old.daily_limit,
                  old.pin, old.pin_threshold),
         )
+
+    async def reset_pin_tries(self, card_no: str) -> Card | Refused:
+        """The card office's reset: the card's wrong PINs are forgotten (every day's), so the
+        right PIN gets in again at once. The card itself is unchanged."""
+        async with self._conn() as conn:
+            r = await conn.fetchrow(SQL_CARD_BY_NO, card_no)
+            if r is None:
+                return Refused(Refusal.CARD_NOT_FOUND, f"no card {card_no}")
+            card = _card(r)
+            await conn.execute(SQL_RESET_PIN_TRIES, card.ledger, card_no)
+        return card
 
     async def card_balance(self, card_no: str) -> CardBalance | None:
         """The card and its holder's purses (whatever the card's state), or None."""

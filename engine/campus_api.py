@@ -6,9 +6,11 @@ conventions: writes need the admin token, reads the read token; malformed input 
 (a second active card, a closed card reported lost, ...) a 400 whose detail says why.
 
 Beyond the contract's list: ``POST /v1/cards/{card_no}/found`` (a lost card turned up: active
-again, purses unfrozen). ``POST /v1/subsidies`` credits subsidy purses from each ledger's fund;
-its body is a list of ``{ledger, holder_id, amount, batch_id}`` and the transfer id of an item is
-derived from (ledger, batch_id, holder_id), so posting the same batch again credits nobody twice.
+again, purses unfrozen) and ``POST /v1/cards/{card_no}/pin-tries/reset`` (the card office
+forgives the card's wrong PINs: after 5 in a day its PIN checks answer 75 until then).
+``POST /v1/subsidies`` credits subsidy purses from each ledger's fund; its body is a list of
+``{ledger, holder_id, amount, batch_id}`` and the transfer id of an item is derived from
+(ledger, batch_id, holder_id), so posting the same batch again credits nobody twice.
 """
 
 from __future__ import annotations
@@ -271,6 +273,12 @@ async def close_card(request: Request[Any, Any, Any], card_no: FromPath[str]) ->
     return _card_out(_ok(await _call(campus_of(request).close_card(_card_no(card_no)))))
 
 
+@post("/v1/cards/{card_no:str}/pin-tries/reset", before_request=require_admin, status_code=200)
+async def reset_pin_tries(request: Request[Any, Any, Any], card_no: FromPath[str]) -> CardOut:
+    """Forget the card's wrong PINs: its right PIN gets in again at once (extension)."""
+    return _card_out(_ok(await _call(campus_of(request).reset_pin_tries(_card_no(card_no)))))
+
+
 @get("/v1/cards/{card_no:str}/balance", before_request=require_read)
 async def card_balance(request: Request[Any, Any, Any], card_no: FromPath[str]) -> CardBalanceOut:
     """The card's status and its holder's purses."""
@@ -329,6 +337,7 @@ ROUTES: list[Callable[..., Awaitable[Any]] | Any] = [
     card_found,
     replace_card,
     close_card,
+    reset_pin_tries,
     card_balance,
     register_terminal,
     create_room,

@@ -73,3 +73,17 @@ GATEWAY_REQUEST_TIMEOUT_S: Final = 10.0  # an answer not ready by then is 96 (th
 GATEWAY_STOP_GRACE_S: Final = 10.0  # graceful stop waits this long for in-flight requests
 GATEWAY_MEMORY_BATCH: Final = 1024  # remembered answers looked up / stored per statement
 GATEWAY_DB_POOL_MAX: Final = 3  # the gateway's own connections (answer memory)
+
+# -- terminal amounts and PINs (contract §5) ----------------------------------------------------
+# Fields 4 and 54 carry 12 digits of fen. A purse or room whose balance after an operation lies
+# beyond this could not be shown in the answer: such an operation is refused (13) before
+# anything is posted, never posted and then answered 96.
+TERMINAL_FIELD_MAX_FEN: Final = 10**12 - 1
+# The most one terminal operation may move (13 above it): 10,000.00 yuan. Offline advices and
+# room meter advices post with force, so this bounds what one message, from a faulty terminal
+# or a leaked terminal key, can push a purse below zero by.
+TERMINAL_MAX_AMOUNT_FEN: Final = 1_000_000
+# Wrong PINs a card may have in a campus-local day; after them every PIN-checked request of the
+# card answers 75 until the next day or until the card office resets the count. Without it a
+# balance inquiry is a free PIN oracle (10,000 four-digit PINs) for anyone with a terminal key.
+PIN_TRIES_PER_DAY: Final = 5

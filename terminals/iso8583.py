@@ -16,6 +16,7 @@ from typing import Any, Final, NamedTuple, TypeGuard
 import iso8583
 import msgspec
 
+from engine.limits import TERMINAL_FIELD_MAX_FEN
 from terminals.mac import MAC_LEN, compute_mac, verify_mac
 
 __all__ = [
@@ -89,6 +90,7 @@ class ResponseCode(StrEnum):
     EXCEEDS_DAILY_LIMIT = "61"
     CARD_NOT_ACTIVE = "62"
     MAC_FAILURE = "63"
+    PIN_TRIES_EXCEEDED = "75"
     DUPLICATE_DIFFERENT = "94"
     SYSTEM_ERROR = "96"
 
@@ -148,7 +150,7 @@ class DecodedFrame(msgspec.Struct, frozen=True):
 
 _BLOCK_LEN: Final = 20
 _MAX_BLOCKS: Final = 6  # 120 / 20, the LLLVAR maximum of field 54
-_MAX_AMOUNT: Final = 10**12 - 1
+_MAX_AMOUNT: Final = TERMINAL_FIELD_MAX_FEN  # 12 digits of fen (fields 4 and 54)
 _BLOCK_RE: Final = re.compile(r"(\d{2})(\d{2})(\d{3})([CD])(\d{12})")
 
 

@@ -189,6 +189,7 @@ def test_every_outcome_has_a_response_code() -> None:
     expected = {
         Outcome.APPROVED: "00", Outcome.INSUFFICIENT_FUNDS: "51", Outcome.LOST_CARD: "41",
         Outcome.CARD_NOT_ACTIVE: "62", Outcome.INVALID_CARD: "14", Outcome.INCORRECT_PIN: "55",
+        Outcome.PIN_TRIES_EXCEEDED: "75",
         Outcome.DAILY_LIMIT_EXCEEDED: "61", Outcome.INVALID_AMOUNT: "13",
         Outcome.ORIGINAL_NOT_FOUND: "25", Outcome.INVALID_TRANSACTION: "12",
         Outcome.DUPLICATE_DIFFERENT: "94", Outcome.OVERLOADED: "96", Outcome.UNAVAILABLE: "96",

@@ -441,7 +441,8 @@ def test_response_codes_match_contract() -> None:
         "INVALID_AMOUNT": "13", "INVALID_CARD": "14", "ORIGINAL_NOT_FOUND": "25",
         "FORMAT_ERROR": "30", "LOST_CARD": "41", "INSUFFICIENT_FUNDS": "51",
         "INCORRECT_PIN": "55", "EXCEEDS_DAILY_LIMIT": "61", "CARD_NOT_ACTIVE": "62",
-        "MAC_FAILURE": "63", "DUPLICATE_DIFFERENT": "94", "SYSTEM_ERROR": "96",
+        "MAC_FAILURE": "63", "PIN_TRIES_EXCEEDED": "75", "DUPLICATE_DIFFERENT": "94",
+        "SYSTEM_ERROR": "96",
     }  # fmt: skip
 
 
