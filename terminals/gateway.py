@@ -3,7 +3,8 @@
 Every frame runs the contract's checks in order, the first failure answering: format (``30``),
 terminal and MAC (``63``), merchant id (``03``), then the business rules of
 ``engine.campus.Campus``, whose Outcome becomes field 39. Every answer carries a MAC except
-the unknown-terminal ``63`` (and a ``30`` to a frame that names no known terminal).
+the unknown-terminal ``63`` (and a ``30`` to a frame that names no known terminal); a frame
+that does not decode is answered from what ``iso8583.salvage`` reads of it (fields 7, 11, 41).
 
 Idempotency: a request's key is derived from terminal id + STAN + field 7 (``message_key``:
 time-ordered by field 7, the rest a hash, see ``ledger.ids``). The campus
@@ -57,6 +58,7 @@ from terminals.iso8583 import (
     is_digits,
     parse_original,
     response_mti,
+    salvage,
 )
 
 if TYPE_CHECKING:
@@ -600,8 +602,9 @@ class Gateway:
             log.debug("gateway: undecodable frame (%s)", e.reason)
             if not _is_request_mti(payload[:4]):
                 return None  # nothing to pair an answer with: a clean close
-            mti = response_mti(payload[:4].decode())
-            return _Reply(Message(mti=mti, response_code=ResponseCode.FORMAT_ERROR), None)
+            salvaged = salvage(payload)  # fields 7, 11 and 41, as far as they can be read
+            assert salvaged is not None, "a request MTI is four digits"
+            return await self._format_error(salvaged)
         msg = decoded.message
         if not _is_request_mti(msg.mti.encode()):
             return None  # an answer MTI sent to us: a confused peer
@@ -630,13 +633,20 @@ class Gateway:
             return _Reply(self._reply(msg, ResponseCode.SYSTEM_ERROR), term.mac_key)
         return _Reply(await self._once(term, op, msg), term.mac_key)
 
-    async def _format_error(self, msg: Message) -> _Reply:
+    async def _format_error(self, msg: Message) -> _Reply | None:
+        """The 30 to a malformed frame (decoded, or what ``salvage`` read of it), echoing what
+        it could read, MACed whenever field 41 names a known terminal (contract §5: every
+        answer to a known terminal carries a MAC; only 41 tells whose key that is)."""
         key = None
         if msg.terminal_id is not None:
-            # MAC the 30 when the terminal is known so it can trust the answer; best effort.
-            with contextlib.suppress(Exception):
+            try:
                 term = await self.campus.terminal(msg.terminal_id)
-                key = None if term is None else term.mac_key
+            except Exception:
+                # Maybe a known terminal: an unMACed answer would break the rule, and closing
+                # tells the terminal to try again just as well (as for a well-formed frame).
+                log.warning("gateway: terminal lookup failed", exc_info=True)
+                return None
+            key = None if term is None else term.mac_key
         return _Reply(self._reply(msg, ResponseCode.FORMAT_ERROR), key)
 
     def _overloaded(self) -> bool:
