@@ -163,6 +163,10 @@ async def test_the_card_office_resets_the_count(w: World, api: Api) -> None:
         missing = await http.post("/v1/cards/6600000000000009/pin-tries/reset",
                                   headers=api.admin)
         assert missing.status_code == 404
+        bad = await http.post("/v1/cards/12ab/pin-tries/reset", headers=api.admin)
+        assert bad.status_code == 400
+        paths = (await http.get("/openapi.json")).json()["paths"]
+        assert "/v1/cards/{card_no}/pin-tries/reset" in paths
         r = await http.post(path, headers=api.admin)
         assert r.status_code == 200 and r.json() == {"card_no": p.card, "status": "active"}
     assert await codes(w.pos, p, [PIN]) == ["00"]
