@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import hmac
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -143,10 +144,34 @@ def rfc3339(ns: int) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# Numbers in paths and queries are ASCII digits only: Python's int() also takes other scripts'
+# digits (int("\u0661") == 1: an Arabic-Indic one in a path would read account 1), signs,
+# spaces and underscores; str.isdigit() even takes "\u00b2", which int() then refuses (a 500).
+# Nineteen digits hold every int64.
+_ASCII_INT: Final = re.compile(r"[0-9]{1,19}")
+# A transfer id in a path: the two forms a JSON body accepts (hyphenated, or 32 hex digits).
+# uuid.UUID() alone also takes braces, "urn:uuid:", "+", "_" and other scripts' digits.
+_UUID_TEXT: Final = re.compile(
+    r"[0-9A-Fa-f]{8}(-?)[0-9A-Fa-f]{4}\1[0-9A-Fa-f]{4}\1[0-9A-Fa-f]{4}\1[0-9A-Fa-f]{12}"
+)
+# RFC 3339 date-time with an offset (datetime.fromisoformat alone also takes ISO week dates,
+# the basic format and a U+0000 inside the time).
+_RFC3339: Final = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
+def parse_ascii_int(raw: str) -> int | None:
+    """``raw`` as a non-negative int if it is 1..19 ASCII digits, else None."""
+    return int(raw) if _ASCII_INT.fullmatch(raw) else None
+
+
 def parse_rfc3339(value: str) -> int:
     """RFC 3339 (with offset) to engine nanoseconds; raises ApiError(400) otherwise."""
+    value = value.replace(" ", "+")  # an unescaped '+' in a query string reads as a space
     try:
-        dt = datetime.fromisoformat(value.replace("Z", "+00:00").replace(" ", "+"))
+        dt = (datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+              if _RFC3339.fullmatch(value) else None)
     except ValueError:
         dt = None
     if dt is None or dt.tzinfo is None:
@@ -177,22 +202,27 @@ def view(rec: TransferRecord) -> TransferView:
 
 
 def _account_id(raw: str) -> int:
-    if not raw.isdigit() or not 0 < int(raw) <= INT64_MAX:
+    aid = parse_ascii_int(raw)
+    if aid is None or not 0 < aid <= INT64_MAX:
         raise ApiError(400, ErrorCode.INVALID_PARAMETER, f"not an account id: {raw!r}")
-    return int(raw)
+    return aid
 
 
 def _int_param(request: Request[Any, Any, Any], name: str, default: int, lo: int, hi: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = lo - 1
-    if not lo <= value <= hi:
+    value = parse_ascii_int(raw)
+    if value is None or not lo <= value <= hi:
         raise ApiError(400, ErrorCode.INVALID_PARAMETER, f"{name} must be in {lo}..{hi}")
     return value
+
+
+def parse_transfer_id(raw: str) -> UUID:
+    """A transfer id from a path; raises ApiError(400) unless it is a UUID in ASCII hex."""
+    if not _UUID_TEXT.fullmatch(raw):
+        raise ApiError(400, ErrorCode.INVALID_PARAMETER, f"not a UUID: {raw!r}")
+    return UUID(raw)
 
 
 def _engine(request: Request[Any, Any, Any]) -> Engine:
@@ -310,10 +340,7 @@ async def create_transfers(
 @get("/v1/transfers/{transfer_id:str}", before_request=require_read)
 async def get_transfer(request: Request[Any, Any, Any], transfer_id: FromPath[str]) -> TransferView:
     """One transfer with its timestamp and state."""
-    try:
-        tid = UUID(transfer_id)
-    except ValueError:
-        raise ApiError(400, ErrorCode.INVALID_PARAMETER, "not a UUID") from None
+    tid = parse_transfer_id(transfer_id)
     rec = await _engine(request).store.get_transfer(tid)
     if rec is None:
         raise ApiError(404, ErrorCode.NOT_FOUND, f"no transfer {tid}")

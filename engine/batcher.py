@@ -18,6 +18,13 @@ one batch after the other. With nothing queued, or for a batch smaller than
 ``BATCH_ANSWER_DEFER_MIN_TRANSFERS``, the answer goes out at once.
 
 A full queue refuses at once (``Overloaded``: HTTP 503, terminal 96), so memory stays bounded.
+
+Whoever keeps a view of the ledger above it (the campus's daily-spending memory) registers a
+:class:`CommitObserver`: it hears every group this process commits, with the transfers it
+created, before any caller of that batch is answered, whichever door (HTTP, terminal,
+in-process) the transfers came through; and it hears when a group's outcome is unknown (a
+commit whose connection broke may have committed: its retry answers ``exists``, so its
+transfers are never reported as created).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import time
 import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from typing import Final, cast
+from typing import Final, Protocol, cast
 
 import asyncpg
 import msgspec
@@ -37,7 +44,7 @@ from engine import limits, metrics
 from engine.store import Prepared, Store, Tip, now_ns
 from ledger.apply import BatchOutcome
 from ledger.status import TransferStatus
-from ledger.transfer import Transfer
+from ledger.transfer import StoredTransfer, Transfer
 from ledger.types import TransferFlags, transfer_flag_bits
 
 log = logging.getLogger(__name__)
@@ -73,6 +80,17 @@ class Overloaded(Exception):
 
 class Unavailable(Exception):
     """The database could not be reached: try again later."""
+
+
+class CommitObserver(Protocol):
+    """Hears what the committer did, in the committer's task (so it must be cheap and must
+    not await: it runs on the path of every batch)."""
+
+    def committed(self, ledger: int, created: Sequence[StoredTransfer]) -> None:
+        """A group of ``ledger`` committed; ``created`` are the transfers it wrote."""
+
+    def unknown(self, ledger: int) -> None:
+        """Something may have committed on ``ledger`` without being reported."""
 
 
 class TransferResult(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -160,11 +178,34 @@ class Batcher:
         # per ledger, the state the latest batch leaves (the next batch is prepared on it)
         self._tips: dict[int, Tip] = {}
         self._missed: set[int] = set()  # ledgers whose last prepared batch found them moved
+        # held weakly: an observer goes away with its owner (tests make many campuses)
+        self._observers: weakref.WeakSet[CommitObserver] = weakref.WeakSet()
 
     @property
     def queued(self) -> int:
         """Transfers waiting for the committer."""
         return self._queued
+
+    def observe(self, observer: CommitObserver) -> None:
+        """Tell ``observer`` about every group committed from now on (held weakly)."""
+        self._observers.add(observer)
+
+    def _committed(self, ledger: int, created: Sequence[StoredTransfer]) -> None:
+        if not created:
+            return
+        for o in self._observers:
+            try:
+                o.committed(ledger, created)
+            except Exception:  # an observer's bug must not fail a committed batch
+                log.exception("commit observer failed")
+                self._unknown(ledger)
+
+    def _unknown(self, ledger: int) -> None:
+        for o in self._observers:
+            try:
+                o.unknown(ledger)
+            except Exception:
+                log.exception("commit observer failed")
 
     def start(self) -> None:
         """Start the committer task."""
@@ -293,6 +334,8 @@ class Batcher:
             return await flight.task
         except Exception as e:  # answer every waiter; the committer itself carries on
             self._tips.clear()  # nothing is known about what the batch left
+            for ledger in flight.batch.groups:
+                self._unknown(ledger)
             taken = flight.batch.requests
             if isinstance(e, Unavailable) or len(taken) == 1:
                 log.exception("batch failed", exc_info=e)
@@ -327,6 +370,7 @@ class Batcher:
                     except RETRYABLE as e:
                         metrics.BATCH_RETRIES.inc()
                         log.warning("prepared batch failed (%s); retrying locked", e)
+                        self._unknown(ledger)  # it may have committed: the retry says exists
                 if held:
                     assert p is not None
                     outcome, tip = p.outcome, p.tip
@@ -344,6 +388,7 @@ class Batcher:
                         self._missed.discard(ledger)
                     outcome, tip = await self._post_with_retry(ledger, g, on_write=hook)
                 self._tips[ledger] = tip
+                self._committed(ledger, outcome.created)
                 posted.append((g, outcome))
                 hook = None
             return _Answers(batch.requests, batch.answers, posted)
@@ -361,6 +406,7 @@ class Batcher:
                     ledger, g.transfers, request_ends=g.ends, on_write=on_write
                 )
             except RETRYABLE as e:
+                self._unknown(ledger)  # it may have committed: the retry says exists
                 if attempt == limits.BATCH_RETRIES:
                     raise Unavailable(f"database unavailable: {e}") from e
                 metrics.BATCH_RETRIES.inc()

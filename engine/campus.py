@@ -31,7 +31,8 @@ shares a transaction, so the reads grow with the load in rows, not in round trip
 numbers map to holders and purses through a cache (that mapping never changes); the card's
 state itself is read fresh in the shared statement, so a report-lost, replacement or closure
 takes effect at once, from any process. Today's spending is remembered per holder after a
-first read (see :class:`_SpendMemory`).
+first read and kept up to date from every commit the batcher reports, whatever its door (see
+:class:`_SpendMemory`).
 """
 
 from __future__ import annotations
@@ -56,13 +57,13 @@ import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
 from engine import limits
-from engine.batcher import RETRYABLE, Overloaded, TransferResult, Unavailable
+from engine.batcher import RETRYABLE, Batcher, Overloaded, TransferResult, Unavailable
 from engine.pin import verify_pin
 from engine.service import Engine
 from ledger.account import Account
 from ledger.ids import child
 from ledger.status import AccountStatus, TransferStatus
-from ledger.transfer import MAX_TIMEOUT_S, Transfer
+from ledger.transfer import MAX_TIMEOUT_S, StoredTransfer, Transfer
 from ledger.types import (
     INT64_MAX,
     NIL_UUID,
@@ -94,7 +95,7 @@ COALESCE_LINGER_S: Final = 0.05
 # times what running it takes.
 COALESCE_SESSION: Final = "SET jit = off"
 # Today's spending of a holder is re-read from the ledger at least this often, so spending
-# through another process (which this one cannot see) is counted within this long.
+# through another engine process (whose commits this one does not hear) counts within this long.
 SPEND_MEMORY_TTL_S: Final = 5.0
 MAX_REMEMBERED_HOLDERS: Final = 262_144  # holders whose spending today is remembered
 
@@ -113,6 +114,9 @@ _PENDING: Final = int(TransferFlags.PENDING)
 _POST: Final = int(TransferFlags.POST_PENDING)
 _VOID: Final = int(TransferFlags.VOID_PENDING)
 _SPENDING_CODES: Final = (TransferCode.MEAL, TransferCode.HOT_WATER, TransferCode.ELECTRICITY)
+_SPENDING_CODE_SET: Final = frozenset(int(c) for c in _SPENDING_CODES)  # plain ints: hot path
+_REVERSAL_CODE: Final = int(TransferCode.REVERSAL)
+_NS_PER_S: Final = 1_000_000_000
 _CARD_NO: Final = re.compile(r"[0-9]{8,19}")  # the cards table's CHECK
 _ANY_LEDGER: Final = 0  # coalescing key of reads that find their ledger (terminals by id)
 TERMINAL_ID_LEN: Final = 8  # field 41 (ans8); the terminals table's CHECK
@@ -442,7 +446,11 @@ WHERE c.ledger = $1 AND c.card_no = ANY($2::text[])
 # (only where it is asked for and the card has a limit): spending codes debiting the holder's
 # purses within the local day, a hold while it still holds (its post counts once settled),
 # nothing that was reversed (a reversal carries the reversed transfer's id in user_data);
-# with it the earliest timeout of the holds it counted, after which the sum falls by itself.
+# with it the earliest timeout of the holds it counted, after which the sum falls by itself,
+# and the ledger's clock as this statement saw it: every transfer stamped at or before it is in
+# the sum, none after it (see _SpendMemory). The sum is numeric, capped at the bigint range:
+# two purses' debits may add up past it, and one overflow would fail every payment sharing
+# the statement (a capped sum is still over any limit).
 # The sum walks transfers_debit per purse (and transfers_credit for the reversal check), never
 # the ledger's whole day: the ranges are row comparisons on (account, timestamp), which no other
 # index can serve, so even stale statistics (a fresh ledger) cannot turn a limited payment into
@@ -452,6 +460,7 @@ SELECT q.i, c.status, c.daily_limit, c.pin, c.pin_threshold,
        p.credits_posted - p.debits_posted - p.debits_pending AS cash,
        s.credits_posted - s.debits_posted - s.debits_pending AS subsidy,
        d.spent, d.hold_expiry,
+       (SELECT l.last_timestamp FROM ledgers l WHERE l.ledger = $1) AS clock,
        EXISTS (SELECT 1 FROM reversals v WHERE v.ledger = $1 AND v.original_key = q.key)
            AS reversed,
        EXISTS (SELECT 1 FROM transfers e WHERE e.ledger = $1 AND e.id IN (q.part_a, q.part_b))
@@ -464,7 +473,7 @@ JOIN cards c ON c.ledger = $1 AND c.card_no = q.card_no
 JOIN accounts p ON p.ledger = $1 AND p.id = q.purse_id
 JOIN accounts s ON s.ledger = $1 AND s.id = q.subsidy_id
 LEFT JOIN LATERAL (
-    SELECT coalesce(sum(t.amount), 0)::bigint AS spent,
+    SELECT least(coalesce(sum(t.amount), 0), {INT64_MAX})::bigint AS spent,
            min(hd.expires_at) FILTER (WHERE hd.state = 'pending' AND hd.expires_at > 0)
                AS hold_expiry
     FROM unnest(ARRAY[q.purse_id, q.subsidy_id]) AS a(id)
@@ -649,6 +658,7 @@ class _CardState(msgspec.Struct, frozen=True):
     subsidy: int
     spent: int | None  # None: not summed (not asked for, or the card has no limit)
     hold_expiry: int | None  # earliest timeout of the holds ``spent`` counts
+    clock: int  # the ledger's last timestamp as the read saw it (0: no transfer yet)
     reversed: bool
     existing: bool
 
@@ -838,96 +848,174 @@ def _settle(
 
 class _HolderSpend:
     """One holder's remembered spending: day start -> (fen, good until (monotonic s), earliest
-    hold timeout it counts (engine ns, 0: none)); ``dropped``: tick of the last drop."""
+    hold timeout it counts (engine ns, 0: none), the ledger clock the sum was read at)."""
 
-    __slots__ = ("accounts", "days", "dropped")
+    __slots__ = ("accounts", "days")
 
-    def __init__(self, accounts: tuple[int, int], dropped: int) -> None:
+    def __init__(self, accounts: tuple[int, int]) -> None:
         self.accounts = accounts
-        self.days: dict[int, tuple[int, float, int]] = {}
-        self.dropped = dropped
+        self.days: dict[int, tuple[int, float, int, int]] = {}
+
+
+class _Reading:
+    """A read of one holder's spending in flight, and what this process committed meanwhile
+    that may or may not be in it: (timestamp, fen, hold timeout) of spending added, and
+    whether anything lowered the spending (then the read is not remembered)."""
+
+    __slots__ = ("accounts", "added", "lowered")
+
+    def __init__(self, accounts: tuple[tuple[int, int], tuple[int, int]]) -> None:
+        self.accounts = accounts
+        self.added: list[tuple[int, int, int]] = []
+        self.lowered = False
 
 
 class _SpendMemory:
-    """Today's spending per holder (for daily limits), remembered after a first read.
+    """Today's spending per holder (for daily limits), remembered after a first read; the
+    batcher's :class:`~engine.batcher.CommitObserver`.
 
-    The ledger's own sum is read on first touch (in the shared card-state statement); this
-    process's spending is added as it commits; anything that lowers spending (a completion,
-    a reversal, a hold reaching its timeout) drops the holder's entry, and the next payment
-    reads the sum again. Dropping is always safe (the re-read is exact), and a remembered sum
-    is never lower than the ledger's as far as this process knows: between a completion or a
-    reversal committing and the drop it may still count the higher amount for a moment.
+    The ledger's own sum is read on first touch (in the shared card-state statement, with the
+    ledger's clock as that statement saw it). From then on every group this process commits is
+    reported here, whatever door it came through (a terminal, ``POST /v1/transfers``, a
+    subsidy), and the spending it adds is added: what the read counts (``SQL_CARD_STATES``),
+    the spending codes debiting the holder's purses, a hold while it holds. A transfer stamped
+    at or before the clock of the read is in the sum already and is not added twice; one
+    committed while the read was in flight is collected for it (:class:`_Reading`) and added
+    if the read did not see it. Anything that lowers spending (a hold posted or voided, a
+    reversal crediting the purse, a hold reaching its timeout) drops the holder's entry, and
+    the next payment reads the sum again. So within this process the remembered sum is the
+    ledger's, never lower. A commit whose outcome is unknown (``unknown``) forgets everything.
 
-    Spending through *another* process is not seen until the entry ages out (``ttl_s``); the
-    limit is a per-process guarantee (see :class:`Campus`), the money is not: the ledger
-    refuses every overdraft and every debit of a frozen purse whoever submits it.
+    Spending through *another* engine process is not reported here; it is counted once the
+    entry ages out (``ttl_s``) and the sum is read again: the limit is exact per process (see
+    :class:`Campus`), the money is exact everywhere (the ledger refuses every overdraft and
+    every debit of a frozen purse whoever submits it).
 
-    A read racing a drop (a completion committed while the sum was being read) must not store
-    what it read: every drop takes a new tick, and a read stores only if no drop of its holder
-    happened since it started (see ``store`` for a holder's very first read).
+    Until :meth:`watching` (the Campus registered it with a batcher that reports commits)
+    nothing is remembered: every limited payment reads the sum.
     """
 
-    def __init__(self, *, ttl_s: float, max_holders: int) -> None:
+    def __init__(self, *, ttl_s: float, max_holders: int, day_of: Callable[[int], int]) -> None:
         self._ttl_s = ttl_s
         self._max = max_holders
+        self._day_of = day_of
+        self.watching = False
         # (ledger, purse id) and (ledger, subsidy id) both name the holder's one record
         self._holders: dict[tuple[int, int], _HolderSpend] = {}
-        self._tick = 0
+        self._reading: dict[tuple[int, int], _Reading] = {}  # at most one per holder (its lock)
 
-    def lookup(self, ledger: int, purse: int, subsidy: int, day: int) -> tuple[int | None, int]:
-        """(remembered spending of the local day starting at ``day``, or None; the token a
-        read started now passes to ``store``)."""
+    def lookup(self, ledger: int, purse: int, day: int) -> int | None:
+        """The remembered spending of the local day starting at ``day``, or None."""
         rec = self._holders.get((ledger, purse))
         entry = None if rec is None else rec.days.get(day)
         if entry is not None:
             assert rec is not None
-            spent, until, hold_expiry = entry
+            spent, until, hold_expiry, _ = entry
             if time.monotonic() < until and (not hold_expiry or time.time_ns() < hold_expiry):
-                return spent, self._tick
+                return spent
             del rec.days[day]
-        return None, self._tick
+        return None
 
-    def store(self, ledger: int, purse: int, subsidy: int, day: int, spent: int,
-              hold_expiry: int | None, token: int) -> None:
-        """Remember ``spent`` as read by a read that started at ``token``.
+    def begin(self, ledger: int, purse: int, subsidy: int) -> _Reading:
+        """A read of the holder's spending starts now: collect what commits meanwhile."""
+        r = _Reading(((ledger, purse), (ledger, subsidy)))
+        for k in r.accounts:
+            self._reading[k] = r
+        return r
 
-        Records are made here, for holders whose card has a limit, not for every payer. A
-        holder's first read can therefore miss a drop that raced it; what it stores is then
-        too high (the drop lowered spending), never too low, until the entry ages out."""
+    def end(self, r: _Reading) -> None:
+        """The read is over (answered or failed): stop collecting for it."""
+        for k in r.accounts:
+            if self._reading.get(k) is r:
+                del self._reading[k]
+
+    def finish(self, r: _Reading, day: int, spent: int, hold_expiry: int | None,
+               as_of: int) -> int:
+        """The read answered ``spent`` at ledger clock ``as_of``: remember it (unless something
+        lowered the spending meanwhile) and return it with what committed after it."""
+        self.end(r)
+        expiry = hold_expiry or 0
+        for ts, amount, hold in r.added:
+            if ts > as_of and self._day_of(ts) == day:
+                spent += amount
+                expiry = hold if hold and (not expiry or hold < expiry) else expiry
+        if self.watching and not r.lowered:
+            self._store(r.accounts, day, spent, expiry, as_of)
+        return spent
+
+    def _store(self, accounts: tuple[tuple[int, int], tuple[int, int]], day: int, spent: int,
+               hold_expiry: int, as_of: int) -> None:
+        (ledger, purse), (_, subsidy) = accounts
         rec = self._holders.get((ledger, purse))
         if rec is None:
             if len(self._holders) >= 2 * self._max:
                 oldest = next(iter(self._holders))  # dicts keep insertion order
                 for aid in self._holders[oldest].accounts:
                     self._holders.pop((oldest[0], aid), None)
-            rec = _HolderSpend((purse, subsidy), token)
+            rec = _HolderSpend((purse, subsidy))
             self._holders[(ledger, purse)] = rec
             self._holders[(ledger, subsidy)] = rec
-        elif rec.dropped > token:
-            return
         now = time.monotonic()
-        for d in [d for d, (_, until, _) in rec.days.items() if until <= now]:
+        for d in [d for d, (_, until, _, _) in rec.days.items() if until <= now]:
             del rec.days[d]
-        rec.days[day] = (spent, now + self._ttl_s, hold_expiry or 0)
+        rec.days[day] = (spent, now + self._ttl_s, hold_expiry, as_of)
 
-    def add(self, ledger: int, account: int, day: int, amount: int, hold_expiry: int = 0) -> None:
-        """This process committed ``amount`` of spending debiting ``account`` on ``day``."""
-        rec = self._holders.get((ledger, account))
-        entry = None if rec is None else rec.days.get(day)
-        if rec is None or entry is None:
-            return  # nothing remembered: the next read sums it from the ledger
-        spent, until, expiry = entry
+    def committed(self, ledger: int, created: Sequence[StoredTransfer]) -> None:
+        """The batcher committed ``created`` on ``ledger`` (any door, this process)."""
+        holders, reading = self._holders, self._reading
+        if not holders and not reading:
+            return
+        for t in created:  # per transfer: a set lookup, nothing more for the rest
+            if t.code in _SPENDING_CODE_SET:
+                key = (ledger, t.debit_account_id)
+                if key not in holders and key not in reading:
+                    continue
+                if t.flags & (_POST | _VOID):  # a hold resolved: the sum falls, read it again
+                    self._lower(key)
+                else:
+                    expiry = (t.timestamp + t.timeout_s * _NS_PER_S
+                              if t.flags & _PENDING and t.timeout_s else 0)
+                    self._add(key, t.timestamp, t.amount, expiry)
+            elif t.code == _REVERSAL_CODE:  # spending given back no longer counts
+                key = (ledger, t.credit_account_id)
+                if key in holders or key in reading:
+                    self._lower(key)
+
+    def unknown(self, ledger: int) -> None:
+        """Something may have committed unreported: forget everything, read sums again."""
+        self._holders.clear()
+        for r in self._reading.values():
+            r.lowered = True  # not remembered; still exact as far as it saw
+
+    def _add(self, key: tuple[int, int], ts: int, amount: int, hold_expiry: int) -> None:
+        r = self._reading.get(key)
+        if r is not None:
+            r.added.append((ts, amount, hold_expiry))
+        rec = self._holders.get(key)
+        if rec is None:
+            return
+        day = self._day_of(ts)
+        entry = rec.days.get(day)
+        if entry is None:
+            return  # nothing remembered for that day: the next read sums it from the ledger
+        spent, until, expiry, as_of = entry
+        if ts <= as_of:
+            return  # the read that made the entry counted it already
         if hold_expiry and (not expiry or hold_expiry < expiry):
             expiry = hold_expiry
-        rec.days[day] = (spent + amount, until, expiry)
+        rec.days[day] = (spent + amount, until, expiry, as_of)
+
+    def _lower(self, key: tuple[int, int]) -> None:
+        r = self._reading.get(key)
+        if r is not None:
+            r.lowered = True
+        rec = self._holders.get(key)
+        if rec is not None:
+            rec.days.clear()
 
     def drop(self, ledger: int, account: int) -> None:
         """Forget the spending of the holder owning ``account`` (any account: no-op)."""
-        self._tick += 1
-        rec = self._holders.get((ledger, account))
-        if rec is not None:
-            rec.days.clear()
-            rec.dropped = self._tick
+        self._lower((ledger, account))
 
 
 def _card(r: asyncpg.Record) -> Card:
@@ -1038,15 +1126,22 @@ def _bounded_put(cache: dict[Any, Any], key: Any, value: Any, limit: int) -> Non
 class Campus:
     """Holders, cards, terminals and rooms of every ledger, over one started :class:`Engine`.
 
-    Daily limits are race-free within this process: a per-holder asyncio lock is held from
-    reading today's spending until the batcher has answered, and this process's spending is
-    remembered per holder (re-read from the ledger at least every ``spend_ttl_s``). Two engine
-    *processes* share neither, so spending through another process counts here only once the
-    remembered sum is re-read: a holder paying through two processes within that window can
-    exceed the limit by what the other process let through meanwhile. The money itself stays
-    safe across processes because the ledger refuses any overdraft and any debit of a frozen
-    purse inside the batch transaction. Card states are never remembered: each payment reads
-    the card in the same shared statement as its purses.
+    Daily limits count every spending this process commits, whatever door it came through:
+    today's sum is read from the ledger once, and then the batcher reports every committed
+    group to the spending memory (see :class:`_SpendMemory`), so a meal posted with
+    ``POST /v1/transfers`` counts for the very next terminal payment. Terminal payments of one
+    holder are race-free within this process: a per-holder asyncio lock is held from reading
+    today's spending until the batcher has answered. A raw ledger transfer takes no such lock
+    and checks no limit (the ledger knows none): it counts from the moment it commits, so only
+    a terminal payment checked while it was in flight can pass alongside it.
+
+    Two engine *processes* on one database each hear only their own commits: spending through
+    another process counts here once the remembered sum is read again (at least every
+    ``spend_ttl_s``), so a holder paying through two processes within that window can exceed
+    the limit by what the other process let through meanwhile. The money itself stays safe
+    across processes because the ledger refuses any overdraft and any debit of a frozen purse
+    inside the batch transaction. Card states are never remembered: each payment reads the
+    card in the same shared statement as its purses.
 
     ``clock`` (default: the wall clock) only decides which campus-local day it is now; each
     transfer counts towards the local day of its engine timestamp. Operations are tied to
@@ -1084,7 +1179,9 @@ class Campus:
         self._terminals: dict[str, Terminal] = {}
         self._cards: dict[tuple[int, str], _CardRef] = {}
         self._holder_locks = _KeyedLocks()
-        self._spent = _SpendMemory(ttl_s=spend_ttl_s, max_holders=MAX_REMEMBERED_HOLDERS)
+        self._spent = _SpendMemory(ttl_s=spend_ttl_s, max_holders=MAX_REMEMBERED_HOLDERS,
+                                   day_of=self._day_of)
+        self._watched: object = None  # the batcher the spending memory hears commits from
         self._day: tuple[int, int] = (0, 0)  # the local day _day_of answered last: [start, end)
 
         def pool() -> asyncpg.Pool:
@@ -1223,6 +1320,7 @@ class Campus:
                 subsidy=r["subsidy"],
                 spent=r["spent"],
                 hold_expiry=r["hold_expiry"],
+                clock=r["clock"] or 0,
                 reversed=r["reversed"],
                 existing=r["existing"],
             )
@@ -1307,41 +1405,51 @@ class Campus:
 
     # -- daily spending --------------------------------------------------------------------------
 
-    def _spending(
-        self, ref: _CardRef, day: tuple[int, int], st: _CardState, remembered: int | None,
-        token: int,
-    ) -> int:
-        """Today's spending for the limit check: remembered, or as just read (and then
-        remembered)."""
-        if remembered is not None:
-            return remembered
-        spent = st.spent or 0
-        if st.spent is not None:
-            self._spent.store(ref.ledger, ref.purse_id, ref.subsidy_id, day[0], spent,
-                              st.hold_expiry, token)
-        return spent
+    def _watch(self) -> bool:
+        """Register the spending memory with the engine's batcher (again after a restart made a
+        new one); False if the batcher cannot report commits (nothing is remembered then)."""
+        batcher = self.engine.batcher
+        if self._watched is not batcher:
+            self._watched = batcher
+            self._spent.unknown(0)  # commits of the old batcher's last moments were not heard
+            # a stand-in (tests wrap the batcher) reports nothing: then nothing is remembered
+            self._spent.watching = isinstance(batcher, Batcher)
+            if isinstance(batcher, Batcher):
+                batcher.observe(self._spent)
+        return self._spent.watching
 
-    def _count(
-        self, ledger: int, transfers: Sequence[Transfer], results: Sequence[TransferResult]
-    ) -> None:
-        """Add what this process just posted to the remembered spending of its holder."""
-        for t, r in zip(transfers, results, strict=True):
-            if r.status is TransferStatus.CREATED and r.timestamp:
-                expiry = r.timestamp + t.timeout_s * 1_000_000_000 if t.timeout_s else 0
-                self._spent.add(ledger, t.debit_account_id, self._day_of(r.timestamp), t.amount,
-                                expiry)
+    async def _state_and_spending(
+        self, ref: _CardRef, key: UUID, parts: Sequence[UUID], *, day: tuple[int, int],
+        want_spent: bool,
+    ) -> tuple[_CardState, int]:
+        """The card's state and, if ``want_spent``, today's spending for the limit check (0 for
+        a card without a limit): remembered, or read with the state and then remembered."""
+        remembered = (
+            self._spent.lookup(ref.ledger, ref.purse_id, day[0])
+            if want_spent and self._watch() else None
+        )
+        if remembered is not None or not want_spent:
+            st = await self._card_state(ref, key, parts, day=day, want_spent=False)
+            return st, remembered or 0
+        reading = self._spent.begin(ref.ledger, ref.purse_id, ref.subsidy_id)
+        try:
+            st = await self._card_state(ref, key, parts, day=day, want_spent=True)
+        finally:
+            self._spent.end(reading)
+        if st.spent is None:  # the card has no limit: nothing summed, nothing to remember
+            return st, 0
+        return st, self._spent.finish(reading, day[0], st.spent, st.hold_expiry, st.clock)
 
     async def _post_spending(self, ledger: int, transfers: list[Transfer]) -> list[TransferResult]:
-        """Submit a spending chain and count what it posted; if the outcome is unknown (the
-        batcher failed), forget the holder's spending so it is read again."""
+        """Submit a spending chain (the batcher reports what it posted to the spending memory);
+        if the outcome is unknown (the batcher failed), forget the holder's spending so it is
+        read again."""
         try:
-            results = await self._submit(_chain(transfers))
+            return await self._submit(_chain(transfers))
         except BaseException:
             for t in transfers:
                 self._spent.drop(ledger, t.debit_account_id)
             raise
-        self._count(ledger, transfers, results)
-        return results
 
     # -- amounts and PINs ------------------------------------------------------------------------
 
@@ -1478,12 +1586,8 @@ class Campus:
         purses = (ref.purse_id, ref.subsidy_id)
         async with self._holder_locks.hold((ref.ledger, ref.holder_id)):
             day = self.today()
-            remembered, token = (
-                (None, 0) if force
-                else self._spent.lookup(ref.ledger, ref.purse_id, ref.subsidy_id, day[0])
-            )
-            st = await self._card_state(ref, key, ids, day=day,
-                                        want_spent=not force and remembered is None)
+            st, spent = await self._state_and_spending(ref, key, ids, day=day,
+                                                       want_spent=not force)
             if st.existing:  # a retransmission: answer from what the first attempt posted
                 parts = (await self._parts(ref.ledger, ids)).parts
                 ok = _matches(parts, credit=term.account_id, code=code, amount=amount,
@@ -1500,9 +1604,7 @@ class Campus:
                                                   required=amount > (st.pin_threshold or 0))
             if refusal is not None:
                 return PaymentResult(refusal)
-            if not force and st.daily_limit is not None and (
-                self._spending(ref, day, st, remembered, token) + amount > st.daily_limit
-            ):
+            if not force and st.daily_limit is not None and spent + amount > st.daily_limit:
                 return PaymentResult(Outcome.DAILY_LIMIT_EXCEEDED, purses=balances)
             from_subsidy, from_cash = split_subsidy_first(amount, st.subsidy)
             # Without force the ledger keeps each purse between 0 and where it was; an advice
@@ -1667,11 +1769,9 @@ class Campus:
         purses = (ref.purse_id, ref.subsidy_id)
         async with self._holder_locks.hold((ref.ledger, ref.holder_id)):
             day = self.today()
-            remembered, token = self._spent.lookup(ref.ledger, ref.purse_id, ref.subsidy_id,
-                                                   day[0])
             # the room's balance is read beside the card's: the answer must be able to show it
-            st, (rooms, _) = await asyncio.gather(
-                self._card_state(ref, key, (tid,), day=day, want_spent=remembered is None),
+            (st, spent), (rooms, _) = await asyncio.gather(
+                self._state_and_spending(ref, key, (tid,), day=day, want_spent=True),
                 self._after(ref.ledger, key, (room,)),
             )
             if st.existing:
@@ -1690,9 +1790,7 @@ class Campus:
                                                   required=amount > (st.pin_threshold or 0))
             if refusal is not None:
                 return PaymentResult(refusal)
-            if st.daily_limit is not None and (
-                self._spending(ref, day, st, remembered, token) + amount > st.daily_limit
-            ):
+            if st.daily_limit is not None and spent + amount > st.daily_limit:
                 return PaymentResult(Outcome.DAILY_LIMIT_EXCEEDED,
                                      purses=PurseBalances(st.cash, st.subsidy))
             # the cash purse stays between 0 and where it was (no force); the room could grow

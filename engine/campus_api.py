@@ -38,26 +38,31 @@ from engine.campus import (
     TerminalKind,
 )
 from engine.service import Engine
-from engine.subsidy import Grant, grant_subsidies
+from engine.subsidy import MAX_BATCH_ID_LEN, Grant, grant_problem, grant_subsidies
 from ledger.account import AccountName, HolderId
-from ledger.types import INT32_MAX, INT64_MAX, AccountKind
+from ledger.types import INT32_MAX, INT64_MAX, TEXT_WITHOUT_NUL, AccountKind, whole_match
 
 T = TypeVar("T")
 
 # -- wire shapes -----------------------------------------------------------------------------
 
+# Patterns match whole strings only (whole_match: "12345678\n" is no card number; it would
+# pass a plain ^...$ and then fail the table's CHECK, a 500).
 LedgerNo = Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)]
-CardNo = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{8,19}$")]
-Pin = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{4,6}$")]
+CardNo = Annotated[str, msgspec.Meta(pattern=whole_match("[0-9]{8,19}"))]
+Pin = Annotated[str, msgspec.Meta(pattern=whole_match("[0-9]{4,6}"))]
 Fen = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
 PositiveFen = Annotated[int, msgspec.Meta(ge=1, le=INT64_MAX)]
 AccountNo = Annotated[int, msgspec.Meta(ge=1, le=INT64_MAX)]
 # ISO 8583 "ans": printable ASCII; the lengths are fields 41, 42 and 102.
-TerminalId = Annotated[str, msgspec.Meta(pattern=r"^[\x20-\x7e]{8}$")]
-MerchantId = Annotated[str, msgspec.Meta(pattern=r"^[\x20-\x7e]{15}$")]
-RoomId = Annotated[str, msgspec.Meta(pattern=r"^[\x20-\x7e]{1,28}$")]
-MacKeyHex = Annotated[str, msgspec.Meta(pattern=r"^[0-9A-Fa-f]{64}$")]
-BatchId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+TerminalId = Annotated[str, msgspec.Meta(pattern=whole_match(r"[\x20-\x7e]{8}"))]
+MerchantId = Annotated[str, msgspec.Meta(pattern=whole_match(r"[\x20-\x7e]{15}"))]
+RoomId = Annotated[str, msgspec.Meta(pattern=whole_match(r"[\x20-\x7e]{1,28}"))]
+MacKeyHex = Annotated[str, msgspec.Meta(pattern=whole_match("[0-9A-Fa-f]{64}"))]
+# It goes into every grant's user_data ("subsidy " + it), which holds 256 bytes: up to 64
+# characters, and at most MAX_BATCH_ID_BYTES bytes of UTF-8 (checked by engine.subsidy).
+BatchId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_BATCH_ID_LEN,
+                                      pattern=TEXT_WITHOUT_NUL)]
 
 
 class HolderIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -323,9 +328,13 @@ async def grant(
         raise ApiError(400, ErrorCode.INVALID_BODY, "the list of subsidies is empty")
     if len(data) > limits.MAX_TRANSFERS_PER_REQUEST:
         raise ApiError(413, ErrorCode.TOO_LARGE, f"at most {limits.MAX_TRANSFERS_PER_REQUEST}")
+    grants = [Grant(d.ledger, d.holder_id, d.amount, d.batch_id) for d in data]
+    for i, g in enumerate(grants):  # before anything reaches a batch (see grant_problem)
+        problem = grant_problem(g)
+        if problem is not None:
+            raise ApiError(400, ErrorCode.INVALID_BODY, f"[{i}]: {problem}")
     engine: Engine = request.app.state.engine
-    results = await _call(grant_subsidies(
-        engine, [Grant(d.ledger, d.holder_id, d.amount, d.batch_id) for d in data]))
+    results = await _call(grant_subsidies(engine, grants))
     return [SubsidyOut(r.ledger, r.holder_id, r.id, str(r.status), r.timestamp)
             for r in results]
 

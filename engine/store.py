@@ -205,7 +205,10 @@ SELECT * FROM (
 # released in the window. Every range is an index range scan bounded by the window: the lower
 # bound is a scalar subquery (an InitPlan parameter the index condition can use; joining `w`
 # only filters after scanning from the start of history), and `resolved_at > 0` repeats the
-# holds indexes' partial predicate so the planner may use them.
+# holds indexes' partial predicate so the planner may use them. The sums are numeric (sum of
+# bigint): holds created and released in the window may add up far past the bigint range
+# (two voided holds of 6e18 fen) although each field at any instant fits; the result, a field
+# as it was at $3, is cast back to bigint, which also checks that it fits.
 _PENDING_FLAG = int(TransferFlags.PENDING)
 _VOID_FLAG = int(TransferFlags.VOID_PENDING)
 SQL_BALANCE_AT = f"""
@@ -215,30 +218,30 @@ WITH s AS (
     ORDER BY timestamp DESC LIMIT 1
 ), w AS (SELECT coalesce((SELECT timestamp FROM s), 0) AS lo)
 SELECT
-  coalesce((SELECT debits_posted FROM s), 0)
-    + coalesce((SELECT sum(amount)::bigint FROM transfers t
+  (coalesce((SELECT debits_posted FROM s), 0)
+    + coalesce((SELECT sum(amount) FROM transfers t
     WHERE t.ledger = $1 AND t.debit_account_id = $2 AND t.timestamp > (SELECT lo FROM w)
-      AND t.timestamp <= $3 AND t.flags & {_PENDING_FLAG | _VOID_FLAG} = 0), 0) AS dp,
-  coalesce((SELECT credits_posted FROM s), 0)
-    + coalesce((SELECT sum(amount)::bigint FROM transfers t
+      AND t.timestamp <= $3 AND t.flags & {_PENDING_FLAG | _VOID_FLAG} = 0), 0))::bigint AS dp,
+  (coalesce((SELECT credits_posted FROM s), 0)
+    + coalesce((SELECT sum(amount) FROM transfers t
     WHERE t.ledger = $1 AND t.credit_account_id = $2 AND t.timestamp > (SELECT lo FROM w)
-      AND t.timestamp <= $3 AND t.flags & {_PENDING_FLAG | _VOID_FLAG} = 0), 0) AS cp,
-  coalesce((SELECT debits_pending FROM s), 0)
-    + coalesce((SELECT sum(amount)::bigint FROM transfers t
+      AND t.timestamp <= $3 AND t.flags & {_PENDING_FLAG | _VOID_FLAG} = 0), 0))::bigint AS cp,
+  (coalesce((SELECT debits_pending FROM s), 0)
+    + coalesce((SELECT sum(amount) FROM transfers t
         WHERE t.ledger = $1 AND t.debit_account_id = $2 AND t.timestamp > (SELECT lo FROM w)
           AND t.timestamp <= $3 AND t.flags & {_PENDING_FLAG} <> 0), 0)
-    - coalesce((SELECT sum(amount)::bigint FROM holds h
+    - coalesce((SELECT sum(amount) FROM holds h
         WHERE h.ledger = $1 AND h.debit_account_id = $2 AND h.resolved_at > 0
           AND h.resolved_at > (SELECT lo FROM w)
-          AND h.resolved_at <= $3), 0) AS dq,
-  coalesce((SELECT credits_pending FROM s), 0)
-    + coalesce((SELECT sum(amount)::bigint FROM transfers t
+          AND h.resolved_at <= $3), 0))::bigint AS dq,
+  (coalesce((SELECT credits_pending FROM s), 0)
+    + coalesce((SELECT sum(amount) FROM transfers t
         WHERE t.ledger = $1 AND t.credit_account_id = $2 AND t.timestamp > (SELECT lo FROM w)
           AND t.timestamp <= $3 AND t.flags & {_PENDING_FLAG} <> 0), 0)
-    - coalesce((SELECT sum(amount)::bigint FROM holds h
+    - coalesce((SELECT sum(amount) FROM holds h
         WHERE h.ledger = $1 AND h.credit_account_id = $2 AND h.resolved_at > 0
           AND h.resolved_at > (SELECT lo FROM w)
-          AND h.resolved_at <= $3), 0) AS cq
+          AND h.resolved_at <= $3), 0))::bigint AS cq
 """
 SQL_SNAPSHOT = """
 WITH snap AS (

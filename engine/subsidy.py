@@ -59,14 +59,19 @@ from engine.service import Engine
 from engine.store import Store
 from ledger.account import Account
 from ledger.status import AccountStatus, TransferStatus
-from ledger.transfer import Transfer
+from ledger.transfer import USER_DATA_MAX_BYTES, Transfer
 from ledger.types import INT32_MAX, INT64_MAX, AccountKind, TransferCode, TransferFlags
 
 SUBSIDY_NAMESPACE: Final = UUID("6f1c0a52-3d1e-4b7a-9c55-0d5e1a7b2c10")
 SUBSIDY_CHUNK: Final = 1000  # transfers per batcher submission
 FUND_CODE: Final = 90
 FUND_OWNER: Final = "subsidy-fund"
-MAX_BATCH_ID_LEN: Final = 64
+MAX_BATCH_ID_LEN: Final = 64  # characters
+_USER_DATA_PREFIX: Final = "subsidy "
+# Every grant's user_data is "subsidy <batch id>" and holds USER_DATA_MAX_BYTES: a batch id of
+# 64 four-byte characters would not fit.
+MAX_BATCH_ID_BYTES: Final = USER_DATA_MAX_BYTES - len(_USER_DATA_PREFIX)
+MAX_HOLDER_ID_LEN: Final = 64  # the holders table's CHECK
 
 _NOT_POSTED: Final = int(TransferFlags.PENDING | TransferFlags.VOID_PENDING)
 EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -140,6 +145,32 @@ class ClearDownResult(msgspec.Struct, frozen=True):
     timestamp: int | None = None
 
 
+def grant_problem(g: Grant) -> str | None:
+    """What makes a grant impossible to post (None: nothing). Checked for every grant before
+    any is submitted: a value PostgreSQL refuses (U+0000 in text) would fail the whole
+    group-committed batch, other clients' transfers included."""
+    if not 0 < g.ledger <= INT32_MAX:
+        return f"ledger must be in 1..{INT32_MAX}"
+    if not 0 < g.amount <= INT64_MAX:
+        return f"amount must be in 1..{INT64_MAX}"
+    if not 0 < len(g.holder_id) <= MAX_HOLDER_ID_LEN or "\x00" in g.holder_id:
+        return f"holder_id must have 1..{MAX_HOLDER_ID_LEN} characters, none U+0000"
+    return batch_id_problem(g.batch_id)
+
+
+def batch_id_problem(batch_id: str) -> str | None:
+    """What is wrong with a batch id (None: nothing)."""
+    if not 0 < len(batch_id) <= MAX_BATCH_ID_LEN or "\x00" in batch_id:
+        return f"the batch id must have 1..{MAX_BATCH_ID_LEN} characters, none U+0000"
+    if len(batch_id.encode()) > MAX_BATCH_ID_BYTES:
+        return f"the batch id must fit in {MAX_BATCH_ID_BYTES} bytes of UTF-8"
+    return None
+
+
+def _user_data(batch_id: str) -> str:
+    return _USER_DATA_PREFIX + batch_id
+
+
 def fund_account_id(ledger: int) -> int:
     """The ledger's subsidy fund account id (deterministic)."""
     return derived_account_id(ledger, FUND_OWNER, AccountKind.FUND)
@@ -175,7 +206,12 @@ async def grant_subsidies(
 ) -> list[GrantResult]:
     """Credit each grant's holder's subsidy purse from its ledger's fund (code 5); results in
     input order. Chunks of ``SUBSIDY_CHUNK`` go through the batcher; ``on_progress`` hears how
-    many grants each chunk settled."""
+    many grants each chunk settled. A grant that cannot be posted (``grant_problem``) is a
+    ValueError before anything is done."""
+    for i, g in enumerate(grants):
+        problem = grant_problem(g)
+        if problem is not None:
+            raise ValueError(f"grant {i} ({g.holder_id!r}): {problem}")
     funds = {ledger: await ensure_fund(engine.store, ledger)
              for ledger in sorted({g.ledger for g in grants})}
     results: list[GrantResult] = []
@@ -189,7 +225,7 @@ async def grant_subsidies(
             Transfer(id=grant_transfer_id(g.ledger, g.batch_id, g.holder_id), ledger=g.ledger,
                      debit_account_id=funds[g.ledger],
                      credit_account_id=purses[(g.ledger, g.holder_id)], amount=g.amount,
-                     code=TransferCode.SUBSIDY, user_data=f"subsidy {g.batch_id}")
+                     code=TransferCode.SUBSIDY, user_data=_user_data(g.batch_id))
             for g in chunk
             if (g.ledger, g.holder_id) in purses
         ]
@@ -288,8 +324,9 @@ def read_grants(
 ) -> tuple[str, list[Grant]]:
     """Parse a subsidy file (see the module docstring); returns (batch id, grants)."""
     batch = batch_id or "file-" + hashlib.sha256(data).hexdigest()[:16]
-    if not 0 < len(batch) <= MAX_BATCH_ID_LEN:
-        raise FileError(f"the batch id must have 1..{MAX_BATCH_ID_LEN} characters")
+    problem = batch_id_problem(batch)
+    if problem is not None:
+        raise FileError(problem)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -307,12 +344,15 @@ def read_grants(
         holder = (row.get("holder_id") or "").strip()
         raw_amount = (row.get("amount_fen") or "").strip()
         raw_ledger = (row.get("ledger") or "").strip()
-        if not 0 < len(holder) <= 64:
-            raise FileError(f"line {n}: holder_id must have 1..64 characters")
-        if not raw_amount.isdigit() or not 0 < int(raw_amount) <= INT64_MAX:
+        if not 0 < len(holder) <= MAX_HOLDER_ID_LEN or "\x00" in holder:
+            raise FileError(f"line {n}: holder_id must have 1..{MAX_HOLDER_ID_LEN} characters,"
+                            " none U+0000")
+        # ASCII digits only: isdigit() alone takes "\u00b2" (int() then fails) and int()
+        # takes other scripts' digits
+        if not _is_number(raw_amount) or not 0 < int(raw_amount) <= INT64_MAX:
             raise FileError(f"line {n}: amount_fen must be a positive integer, not {raw_amount!r}")
         if raw_ledger:
-            if not raw_ledger.isdigit() or not 0 < int(raw_ledger) <= INT32_MAX:
+            if not _is_number(raw_ledger) or not 0 < int(raw_ledger) <= INT32_MAX:
                 raise FileError(f"line {n}: bad ledger {raw_ledger!r}")
             row_ledger = int(raw_ledger)
         elif ledger is not None:
@@ -324,6 +364,10 @@ def read_grants(
         seen.add((row_ledger, holder))
         grants.append(Grant(row_ledger, holder, int(raw_amount), batch))
     return batch, grants
+
+
+def _is_number(raw: str) -> bool:
+    return raw.isascii() and raw.isdigit()
 
 
 # -- command line ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import msgspec
 
 from ledger.status import AccountStatus
 from ledger.types import (
+    TEXT_WITHOUT_NUL,
     AccountFlag,
     AccountFlags,
     AccountId,
@@ -17,8 +18,8 @@ from ledger.types import (
     account_flag_bits,
 )
 
-HolderId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-AccountName = Annotated[str, msgspec.Meta(max_length=256)]
+HolderId = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=TEXT_WITHOUT_NUL)]
+AccountName = Annotated[str, msgspec.Meta(max_length=256, pattern=TEXT_WITHOUT_NUL)]
 
 
 class Account(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -19,6 +19,19 @@ NIL_UUID: Final = UUID(int=0)
 Fen = int
 """An amount of money in fen. Signed only where a balance may go negative."""
 
+# Text the engine stores: PostgreSQL text cannot hold U+0000, and a value it refuses inside a
+# group-committed batch or a shared read fails everyone's, so it is refused at the door.
+TEXT_WITHOUT_NUL: Final = r"^[^\x00]*$"
+
+
+def whole_match(body: str) -> str:
+    """A wire pattern (msgspec ``Meta(pattern=)``, JSON Schema) matching only whole strings
+    made of ``body``: Python's ``$`` also matches before a final newline (msgspec searches
+    with ``re``), so "12345678\\n" would pass ``^[0-9]{8,19}$`` and then break a database
+    CHECK. The lookahead refuses that newline and reads the same in ECMA 262 (JSON Schema)."""
+    return f"^{body}$(?!\\n)"
+
+
 # Wire-level ranges. Zero is admitted where the contract has a status for it (id/ledger must
 # not be zero), so the engine can answer that status instead of rejecting the whole request.
 AccountId = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]

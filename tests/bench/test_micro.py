@@ -15,6 +15,7 @@ import msgspec
 import pytest
 
 from engine.batcher import TransferResult
+from engine.campus import _SpendMemory
 from engine.store import _astuple, _columns, _pg_array
 from ledger import audit
 from ledger.account import AccountState
@@ -151,3 +152,18 @@ def test_iso8583_purchase_roundtrip(benchmark: Any, pos: TerminalClient) -> None
     assert decoded.verify(key) and not decoded.verify(b"x" * 32)
     assert decoded.message.amount == 1234 and decoded.message.card_no == "6210000000000001"
     assert decoded.message.stan == msg.stan
+
+
+def test_spend_memory_hears_a_batch(benchmark: Any) -> None:
+    """The campus's commit observer on a batch of 8190 meals, every purse's holder remembered
+    (the daily-limit memory's cost on the committer's path, per batch)."""
+    memory = _SpendMemory(ttl_s=3600, max_holders=PURSES, day_of=lambda ns: 0)
+    memory.watching = True
+    for p in range(1, PURSES + 1, 2):  # holders own two purses: (p, p + 1)
+        memory.finish(memory.begin(LEDGER, p, p + 1), 0, 0, None, T0)
+    outcome = apply_transfers(_meals(BATCH), accounts=_accounts(), transfers={}, holds={},
+                              first_timestamp=T0 + 1)
+    benchmark(memory.committed, LEDGER, outcome.created)
+    once = sum(t.amount for t in outcome.created if t.debit_account_id in (1, 2))
+    remembered = memory.lookup(LEDGER, 1, 0)  # holder (1, 2): every round added its meals
+    assert once > 0 and remembered is not None and remembered % once == 0

@@ -30,8 +30,8 @@ from engine.campus import (
 from engine.migrate import migrate
 from engine.service import Engine
 from ledger.status import TransferStatus
-from ledger.transfer import Transfer
-from ledger.types import TransferCode
+from ledger.transfer import StoredTransfer, Transfer
+from ledger.types import TransferCode, TransferFlags
 from tests.conftest import Ids
 from tests.databases import scratch_database
 from tests.engine.test_campus import World, card_number, make_world
@@ -127,11 +127,16 @@ async def test_spending_elsewhere_counts_once_the_memory_ages_out(engine: Engine
     here = Campus(engine, spend_ttl_s=0.3)
     w = await make_world(engine, here, ids, daily_limit=1_000)
     await w.top_up(10_000)
-    elsewhere = Campus(engine)  # another process, as far as `here` can tell
-    assert (await here.purchase(w.pos, card_no=w.card, amount=600, key=key())).outcome \
-        is Outcome.APPROVED
-    assert (await elsewhere.purchase(w.pos, card_no=w.card, amount=300, key=key())).outcome \
-        is Outcome.APPROVED
+    other = Engine(engine.dsn)  # another process: its own batcher, whose commits `here` misses
+    await other.start(run_migrations=False)
+    try:
+        elsewhere = Campus(other)
+        assert (await here.purchase(w.pos, card_no=w.card, amount=600, key=key())).outcome \
+            is Outcome.APPROVED
+        assert (await elsewhere.purchase(w.pos, card_no=w.card, amount=300, key=key())).outcome \
+            is Outcome.APPROVED
+    finally:
+        await other.stop()
     await asyncio.sleep(0.35)
     r = await here.purchase(w.pos, card_no=w.card, amount=101, key=key())
     assert r.outcome is Outcome.DAILY_LIMIT_EXCEEDED  # 600 + 300 + 101
@@ -185,47 +190,91 @@ async def test_a_hold_stops_counting_when_it_times_out(engine: Engine, ids: Ids)
     assert r.outcome is Outcome.APPROVED  # the remembered 800 went with the hold's timeout
 
 
+def _stored(ledger: int, debit: int, amount: int, ts: int, *, code: int = 1, flags: int = 0,
+            timeout_s: int = 0, credit: int = 5, user_data: str | None = None) -> StoredTransfer:
+    return StoredTransfer(id=uuid.uuid4(), ledger=ledger, debit_account_id=debit,
+                          credit_account_id=credit, amount=amount, pending_id=None, code=code,
+                          flags=flags, timeout_s=timeout_s, user_data=user_data, timestamp=ts)
+
+
+def _memory(ttl_s: float, max_holders: int) -> _SpendMemory:
+    m = _SpendMemory(ttl_s=ttl_s, max_holders=max_holders, day_of=lambda ns: ns // 86_400 * 86_400)
+    m.watching = True
+    return m
+
+
+def _read(m: _SpendMemory, purse: int, spent: int, *, hold_expiry: int | None = None,
+          as_of: int = 0) -> int:
+    r = m.begin(1, purse, purse + 1)
+    return m.finish(r, 0, spent, hold_expiry, as_of)
+
+
 def test_spend_memory_read_racing_a_drop_is_not_stored() -> None:
-    m = _SpendMemory(ttl_s=60, max_holders=10)
-    assert m.lookup(1, 10, 11, day=0) == (None, 0)
+    m = _memory(ttl_s=60, max_holders=10)
+    assert m.lookup(1, 10, day=0) is None
     m.drop(1, 11)  # no record yet: nothing to forget
-    spent, token = m.lookup(1, 10, 11, day=0)
-    m.store(1, 10, 11, 0, 400, None, token)
-    assert m.lookup(1, 10, 11, day=0)[0] == 400
+    assert _read(m, 10, 400) == 400
+    assert m.lookup(1, 10, day=0) == 400
     m.drop(1, 10)
-    spent, token = m.lookup(1, 10, 11, day=0)
-    assert spent is None
+    assert m.lookup(1, 10, day=0) is None
+    r = m.begin(1, 10, 11)
     m.drop(1, 11)  # e.g. a completion committed while the sum was being read
-    m.store(1, 10, 11, 0, 500, None, token)
-    assert m.lookup(1, 10, 11, day=0)[0] is None
-    spent, token = m.lookup(1, 10, 11, day=0)
-    m.store(1, 10, 11, 0, 500, None, token)
-    assert m.lookup(1, 10, 11, day=0)[0] == 500
-    m.add(1, 11, 0, 25)  # spending from the subsidy purse counts for the same holder
-    m.add(1, 10, 86_400, 7)  # another day's entry is not remembered: nothing to add to
-    assert m.lookup(1, 10, 11, day=0)[0] == 525
-    assert m.lookup(1, 10, 11, day=86_400)[0] is None
+    assert m.finish(r, 0, 500, None, 0) == 500
+    assert m.lookup(1, 10, day=0) is None
+    assert _read(m, 10, 500) == 500
+    assert m.lookup(1, 10, day=0) == 500
+    m.committed(1, [_stored(1, 11, 25, ts=1)])  # the subsidy purse counts for the same holder
+    m.committed(1, [_stored(1, 10, 7, ts=86_400)])  # another day: nothing remembered to add to
+    m.committed(1, [_stored(1, 10, 9, ts=2, code=4)])  # not a spending code
+    assert m.lookup(1, 10, day=0) == 525
+    assert m.lookup(1, 10, day=86_400) is None
     m.drop(1, 99)  # an account of no holder
-    assert m.lookup(1, 10, 11, day=0)[0] == 525
+    assert m.lookup(1, 10, day=0) == 525
+
+
+def test_spend_memory_counts_every_commit_once() -> None:
+    m = _memory(ttl_s=60, max_holders=10)
+    r = m.begin(1, 10, 11)
+    # committed while the read was in flight: one the read saw (at or before its clock), one
+    # it did not; each counts once
+    m.committed(1, [_stored(1, 10, 100, ts=50), _stored(1, 11, 30, ts=70)])
+    assert m.finish(r, 0, 100, None, 60) == 130
+    m.committed(1, [_stored(1, 10, 40, ts=55)])  # reported late, in the read's sum already
+    m.committed(1, [_stored(1, 10, 5, ts=80)])
+    assert m.lookup(1, 10, day=0) == 135
+    # a hold counts while it holds; its timeout ends what was remembered with it
+    m.committed(1, [_stored(1, 10, 50, ts=81, flags=int(TransferFlags.PENDING), timeout_s=1)])
+    assert m.lookup(1, 10, day=0) is None  # 81 ns + 1 s is long past
+    assert _read(m, 10, 135, as_of=90) == 135
+    m.committed(1, [_stored(1, 10, 50, ts=91, flags=int(TransferFlags.POST_PENDING))])
+    assert m.lookup(1, 10, day=0) is None  # a hold settled: read again
+    assert _read(m, 10, 135, as_of=95) == 135
+    m.committed(99, [_stored(99, 10, 50, ts=96)])  # another ledger's account 10
+    assert m.lookup(1, 10, day=0) == 135
+    m.committed(1, [_stored(1, 77, 5, ts=97, code=7, credit=11)])  # a reversal into the purse
+    assert m.lookup(1, 10, day=0) is None
+    assert _read(m, 10, 130, as_of=97) == 130
+    m.unknown(1)  # an outcome nobody reported: forget everything
+    assert m.lookup(1, 10, day=0) is None
 
 
 def test_spend_memory_ages_out_and_is_bounded() -> None:
-    m = _SpendMemory(ttl_s=0, max_holders=2)
-    _, token = m.lookup(1, 10, 11, day=0)
-    m.store(1, 10, 11, 0, 500, None, token)
-    assert m.lookup(1, 10, 11, day=0)[0] is None  # a ttl of 0 remembers nothing
-    m = _SpendMemory(ttl_s=60, max_holders=2)
+    m = _memory(ttl_s=0, max_holders=2)
+    _read(m, 10, 500)
+    assert m.lookup(1, 10, day=0) is None  # a ttl of 0 remembers nothing
+    m = _memory(ttl_s=60, max_holders=2)
     for purse in (10, 20, 30):
-        _, token = m.lookup(1, purse, purse + 1, day=0)
-        m.store(1, purse, purse + 1, 0, purse, None, token)
-    assert m.lookup(1, 30, 31, day=0)[0] == 30
+        _read(m, purse, purse)
+    assert m.lookup(1, 30, day=0) == 30
     assert len(m._holders) == 4  # two holders, two keys each: the oldest went
-    assert m.lookup(1, 10, 11, day=0)[0] is None
+    assert m.lookup(1, 10, day=0) is None
     # a hold's timeout in the past ends what was remembered with it
-    _, token = m.lookup(1, 20, 21, day=0)
-    m.store(1, 20, 21, 0, 800, 1, token)
-    assert m.lookup(1, 20, 21, day=0)[0] is None
-    assert m.lookup(1, 30, 31, day=0)[0] == 30
+    _read(m, 20, 800, hold_expiry=1)
+    assert m.lookup(1, 20, day=0) is None
+    assert m.lookup(1, 30, day=0) == 30
+    m.watching = False  # no batcher reports commits: nothing is remembered
+    _read(m, 40, 5)
+    assert m.lookup(1, 40, day=0) is None
 
 
 # -- the daily-spending sum's plan -----------------------------------------------------------

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
+from collections import Counter
+from collections.abc import Sequence
 from typing import Final
 
 from engine import metrics
@@ -23,7 +25,7 @@ from engine.service import Engine
 from engine.store import SQL_SET_FLAGS
 from engine.verify import verify
 from ledger.status import TransferStatus
-from ledger.transfer import Transfer
+from ledger.transfer import StoredTransfer, Transfer
 from ledger.types import AccountFlags
 from tests.bench.test_hot_accounts import PURSE_FUNDS, Campus
 from tests.conftest import Ids
@@ -72,9 +74,27 @@ async def _check_books(engine: Engine, c: Campus, created: dict[uuid.UUID, Trans
     assert report.problems == [], report.problems
 
 
+class _Heard:
+    """A commit observer recording what the batcher reports for one ledger."""
+
+    def __init__(self, ledger: int) -> None:
+        self.ledger = ledger
+        self.ids: Counter[uuid.UUID] = Counter()
+        self.unknowns = 0
+
+    def committed(self, ledger: int, created: Sequence[StoredTransfer]) -> None:
+        if ledger == self.ledger:
+            self.ids.update(t.id for t in created)
+
+    def unknown(self, ledger: int) -> None:
+        self.unknowns += 1
+
+
 async def test_batches_commit_as_prepared_under_load(engine: Engine, ids: Ids) -> None:
     c = Campus(ids, PURSES)
     await c.load(engine)
+    heard = _Heard(c.ledger)
+    engine.batcher.observe(heard)
     held0 = _speculation("held")
     stop = asyncio.Event()
     created: dict[uuid.UUID, Transfer] = {}
@@ -85,6 +105,9 @@ async def test_batches_commit_as_prepared_under_load(engine: Engine, ids: Ids) -
     assert len(created) > 500
     assert _speculation("held") - held0 > 5, "the pipeline never engaged"
     await _check_books(engine, c, created)
+    # every transfer created was reported to the commit observer once, on both paths
+    assert heard.unknowns == 0 and set(heard.ids) == set(created)
+    assert set(heard.ids.values()) == {1}
 
 
 async def test_flag_changed_in_sql_is_obeyed_by_the_next_batch(engine: Engine, ids: Ids) -> None:

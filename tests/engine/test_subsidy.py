@@ -87,7 +87,48 @@ def test_read_grants_refuses_bad_files(data: bytes, ledger: int | None, message:
         read_grants(data, ledger=ledger, batch_id=None)
 
 
+@pytest.mark.parametrize(
+    ("data", "batch_id", "message"),
+    [
+        # "\u00b2".isdigit() is True and int() refuses it: a traceback, not a FileError
+        ("holder_id,amount_fen\nS1,\u00b2\n", None, "line 2: amount_fen"),
+        # int() reads Arabic-Indic digits: this credited 100 fen
+        ("holder_id,amount_fen\nS1,\u0661\u0660\u0660\n", None, "line 2: amount_fen"),
+        ("holder_id,amount_fen,ledger\nS1,1,\u0667\n", None, "bad ledger"),
+        # PostgreSQL text cannot hold U+0000: it would fail the batch the grants go to
+        ("holder_id,amount_fen\nS\x001,1\n", None, "line 2: holder_id"),
+        ("holder_id,amount_fen\nS1,1\n", "b\x00", "U\\+0000"),
+        # "subsidy " + 63 four-byte characters is 260 bytes of user_data: more than 256
+        ("holder_id,amount_fen\nS1,1\n", "\U0001f35a" * 63, "bytes"),
+    ],
+)
+def test_read_grants_refuses_what_cannot_be_posted(
+    data: str, batch_id: str | None, message: str
+) -> None:
+    with pytest.raises(FileError, match=message):
+        read_grants(data.encode(), ledger=1, batch_id=batch_id)
+    assert read_grants(b"holder_id,amount_fen\nS1,1\n", ledger=1,
+                       batch_id="\U0001f35a" * 62)[1][0].amount == 1  # 256 bytes: fits
+
+
 # -- crediting -----------------------------------------------------------------------------------
+
+
+async def test_a_grant_that_cannot_be_posted_stops_everything_before_it_starts(
+    engine: Engine, ids: Ids
+) -> None:
+    """Checked for every grant before any is submitted (or the fund account created): one
+    batch id PostgreSQL refuses would fail the whole group-committed batch."""
+    ledger = ids.ledger()
+    await _holders(engine, ledger, "S1", "S2")
+    grants = [Grant(ledger, "S1", 100, "ok"), Grant(ledger, "S2", 100, "bad\x00")]
+    with pytest.raises(ValueError, match="grant 1"):
+        await grant_subsidies(engine, grants)
+    async with engine.store.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM transfers WHERE ledger = $1", ledger) \
+            == 0
+        assert await conn.fetchval(
+            "SELECT count(*) FROM accounts WHERE ledger = $1 AND kind = 'fund'", ledger) == 0
 
 
 async def test_grants_credit_once(engine: Engine, ids: Ids) -> None:
