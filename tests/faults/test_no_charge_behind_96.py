@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import asyncpg
 import pytest
 
-from engine.campus import Campus
+from engine.campus import Campus, Outcome
 from engine.service import Engine
 from engine.verify import verify
 from terminals.client import TerminalClient
-from terminals.gateway import Gateway, message_key
-from terminals.iso8583 import Message, decode_message, encode_message
+from terminals.gateway import AnswerMemory, Gateway, message_key, request_digest
+from terminals.iso8583 import Message, ResponseCode, decode_message, encode_message
 from tests.conftest import Ids
 from tests.faults.harness import check_books
 from tests.terminals.test_gateway_flows import World
@@ -203,4 +203,65 @@ async def test_electricity_declined_at_the_kiosk_is_not_charged(w: World, dsn: s
     assert again.response_code == "00"
     assert await w.purses(p) == (1_800, 0)
     assert await w.balance(room.account_id) == 1_200
+    await assert_books(w, dsn)
+
+
+SQL_REVERSE_ITSELF = """
+INSERT INTO reversals (ledger, original_key, key, terminal_id, created_at)
+VALUES ($1, $2, $2, $3, $4)
+"""
+
+
+async def died_after_storing_the_96(w: World, dsn: str, amount: int, cash: int) -> tuple[
+        Message, int]:
+    """A purchase posted, its 96 and its own reversal stored, and nothing taken back: what a
+    gateway leaves that dies between its give-up's claim and the undo. Returns the request
+    and the purse."""
+    p = await w.person(cash=cash)
+    req = w.pos.purchase(p.card, amount)
+    key = message_key(w.pos.terminal_id, req.stan or "", req.transmission_dt or "")
+    term = await w.campus.terminal(w.pos.terminal_id)
+    assert term is not None
+    posted = await w.campus.purchase(term, card_no=p.card, amount=amount, key=key)
+    assert posted.outcome is Outcome.APPROVED
+    assert w.gateway._pool is not None
+    memory = AnswerMemory(w.gateway._pool)
+    answer = w.gateway._reply(req, ResponseCode.SYSTEM_ERROR)
+    await memory.remember(w.ledger, key, term.terminal_id, request_digest(req), answer)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(SQL_REVERSE_ITSELF, w.ledger, key, term.terminal_id, time.time_ns())
+    finally:
+        await conn.close()
+    assert await w.balance(p.purse) == cash - amount
+    return req, p.purse
+
+
+async def test_an_undo_cut_short_is_completed_by_the_retransmission(w: World, dsn: str) -> None:
+    req, purse = await died_after_storing_the_96(w, dsn, 800, 3_000)
+    again = await w.pos.request(req)
+    assert again.response_code == "96"
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while await w.balance(purse) != 3_000:
+        assert time.monotonic() < deadline, "the posting behind the stored 96 was not taken back"
+        await asyncio.sleep(0.02)
+    assert await w.pos.request(req) == again  # and only once
+    assert await w.balance(purse) == 3_000
+    assert await w.balance(w.canteen) == 0
+    await assert_books(w, dsn)
+
+
+async def test_an_undo_cut_short_is_completed_by_the_next_start(
+    w: World, dsn: str, engine: Engine
+) -> None:
+    _, purse = await died_after_storing_the_96(w, dsn, 900, 2_000)
+    gw = Gateway(engine, campus=Campus(engine))
+    await gw.start("127.0.0.1", 0, sweep=True)
+    try:
+        assert gw._sweeper is not None
+        assert await gw._sweeper >= 1
+    finally:
+        await gw.stop()
+    assert await w.balance(purse) == 2_000
+    assert await w.balance(w.canteen) == 0
     await assert_books(w, dsn)
