@@ -16,6 +16,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from uuid import UUID
 
 import asyncpg
 import pytest
@@ -79,6 +80,14 @@ async def w(engine: Engine, ids: Ids) -> AsyncIterator[World]:
         await gw.stop()
 
 
+async def landed(w: World, key: UUID) -> None:
+    """Wait until the gateway's work on ``key`` has landed (posted and undone what it did)."""
+    t0 = time.monotonic()
+    while key in w.gateway._flights:
+        assert time.monotonic() - t0 < SETTLE_TIMEOUT_S, "the late work never landed"
+        await asyncio.sleep(0.005)
+
+
 @dataclass
 class Stalled:
     """What a request sent during a stall got, and how long the late work took afterwards."""
@@ -91,7 +100,6 @@ class Stalled:
 async def send_during_stall(w: World, dsn: str, client: TerminalClient, req: Message) -> Stalled:
     """Send ``req`` while the ledger is stalled, end the stall once it is answered, and wait
     until the late work has landed and everything it posted is taken back."""
-    gw = w.gateway
     key = message_key(client.terminal_id, req.stan or "", req.transmission_dt or "")
     async with stalled(dsn, w.ledger) as release:
         t0 = time.monotonic()
@@ -101,9 +109,7 @@ async def send_during_stall(w: World, dsn: str, client: TerminalClient, req: Mes
         await asyncio.sleep(STALL_AFTER_ANSWER_S)
         released_at = await release()
     assert waited >= DEADLINE_S  # answered at the deadline, while the write was still stuck
-    while key in gw._flights:  # the late work: posted, then its own undo
-        assert time.monotonic() - released_at < SETTLE_TIMEOUT_S, "the late work never landed"
-        await asyncio.sleep(0.005)
+    await landed(w, key)  # the late work: posted, then its own undo
     settle_s = time.monotonic() - released_at
     return Stalled(raw, decode_message(raw).message, settle_s)
 
@@ -264,4 +270,62 @@ async def test_an_undo_cut_short_is_completed_by_the_next_start(
         await gw.stop()
     assert await w.balance(purse) == 2_000
     assert await w.balance(w.canteen) == 0
+    await assert_books(w, dsn)
+
+
+SQL_LOCK_ANSWERS = "LOCK TABLE gateway_responses IN ACCESS EXCLUSIVE MODE"
+
+
+@contextlib.asynccontextmanager
+async def answers_locked(dsn: str) -> AsyncIterator[None]:
+    """The answer memory takes no read or write while this lasts (the database away, as far
+    as the gateway's give-up can tell: its claim does not finish)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute(SQL_LOCK_ANSWERS)
+            yield
+    finally:
+        await conn.close()
+
+
+async def test_96_sent_before_it_is_stored_when_nothing_else_can_be(w: World, dsn: str) -> None:
+    """The work looked up its key (nothing stored) and is stuck in the ledger; then the answer
+    memory stops answering too. At the deadline the claim cannot be stored in time: the 96 is
+    sent all the same (nothing else can be stored for the key now), the claim is stored once
+    the memory answers again, and the posting is taken back."""
+    p = await w.person(cash=4_000)
+    req = w.pos.purchase(p.card, 600)
+    key = message_key(w.pos.terminal_id, req.stan or "", req.transmission_dt or "")
+    async with stalled(dsn, w.ledger) as release:
+        sent = asyncio.create_task(w.pos.send_raw(encode_message(req, w.key)))
+        await asyncio.sleep(DEADLINE_S / 2)  # looked up, now waiting for the ledger
+        async with answers_locked(dsn):
+            raw = await sent
+            assert raw is not None
+            assert decode_message(raw).message.response_code == "96"
+        await release()
+    await landed(w, key)
+    assert await w.purses(p) == (4_000, 0)
+    assert await w.pos.send_raw(encode_message(req, w.key)) == raw  # stored as it was sent
+    assert await w.purses(p) == (4_000, 0)
+    await assert_books(w, dsn)
+
+
+async def test_no_answer_when_the_truth_is_not_known(w: World, dsn: str) -> None:
+    """The answer memory does not answer from the start: the work cannot even learn whether an
+    answer was stored before (an earlier approval, say). At the deadline the gateway cannot
+    store its 96 either, so it says nothing (closes the connection) rather than a 96 that may
+    be false; the retransmission gets the truth: the 96 stored meanwhile, nothing moved."""
+    p = await w.person(cash=4_000)
+    req = w.pos.purchase(p.card, 600)
+    key = message_key(w.pos.terminal_id, req.stan or "", req.transmission_dt or "")
+    async with answers_locked(dsn):
+        assert await w.pos.send_raw(encode_message(req, w.key)) is None
+    await landed(w, key)
+    async with TerminalClient("127.0.0.1", w.gateway.port, terminal_id=w.pos.terminal_id,
+                              merchant_id=w.pos.merchant_id, mac_key=w.key) as again:
+        answer = await again.request(req)
+    assert answer.response_code == "96" and answer.rrn is not None
+    assert await w.purses(p) == (4_000, 0)
     await assert_books(w, dsn)
