@@ -1881,16 +1881,59 @@ class Campus:
         """Post the undo of every transfer the operation ``original_key`` posted (once: the
         ids are derived); returns the first undo's timestamp, if anything was undone."""
         ids = [part_id(original_key, p) for p in _ALL_PARTS]
+        return (await self._undo_parts(ledger, original_key, ids))[1]
+
+    async def withdraw(self, ledger: int, *, key: UUID, hold_key: UUID | None = None) -> bool:
+        """Take back whatever the operation ``key`` posted, for a request that was answered
+        ``96`` (its deadline passed while its work went on): a posting is paid back (code 7),
+        a hold still pending is voided; with ``hold_key`` (``key`` is a completion) that hold
+        is released too if it is still pending. Either way the 96 moved no money net, and a
+        timed-out completion leaves its hold released: voided, or posted and paid back.
+
+        The caller must have remembered a reversal of ``key`` first (the gateway does it in
+        the statement that stores the 96). Then, as for :meth:`reverse`, whichever of this
+        read and the operation's own "read the reversal memory after posting" comes second
+        sees the other, so the money comes back exactly once, and an operation that has not
+        posted yet answers APPROVED and moves nothing when it does run.
+
+        Unlike ``reverse`` this reports whether it is done: True when nothing of the operation
+        is left to take back (taken back now or before, or never posted), False when that could
+        not be established (the database is away, the queue full, or a racing completion kept
+        moving the hold): call it again later. Idempotent; never raises for those.
+        """
+        ids = [part_id(key, p) for p in _ALL_PARTS]
+        if hold_key is not None:
+            ids += [part_id(hold_key, p) for p in (_SUBSIDY, _CASH)]
+        try:
+            done, _ = await self._undo_parts(ledger, key, ids)
+        except Overloaded:
+            return False
+        except (Unavailable, *RETRYABLE, asyncpg.PostgresError) as e:
+            log.warning("campus: could not take back %s yet: %s", key, e)
+            return False
+        return done
+
+    async def _undo_parts(
+        self, ledger: int, label: UUID, ids: Sequence[UUID]
+    ) -> tuple[bool, int | None]:
+        """Undo those of the transfers ``ids`` that exist: a pending hold is voided, anything
+        else posted is paid back; one linked chain, with derived ids (an undo already posted is
+        read, not posted again). Returns (nothing is left to undo, the first undo's timestamp);
+        ``label`` names the operation in the log."""
+        undo_ids = {reversal_id(i): i for i in ids}
         for _ in range(UNDO_ATTEMPTS):
             transfers: list[Transfer] = []
-            parts = (await self._parts(ledger, ids)).parts
+            got = (await self._parts(ledger, [*ids, *undo_ids])).parts
+            undone = {undo_ids[p.id]: p.timestamp for p in got if p.id in undo_ids}
+            parts = [p for p in got if p.id not in undo_ids]
+            stamps = [undone[p.id] for p in parts if p.id in undone]
             for p in parts:
                 if p.flags & _PENDING:
                     if p.state == "pending":
                         transfers.append(Transfer(id=reversal_id(p.id), ledger=ledger,
                                                   pending_id=p.id,
                                                   flags=(TransferFlag.VOID_PENDING,)))
-                elif not p.flags & _VOID:
+                elif not p.flags & _VOID and p.id not in undone:
                     # money back, even out of a room purse already burnt down: it was never due
                     transfers.append(Transfer(
                         id=reversal_id(p.id), ledger=ledger,
@@ -1898,7 +1941,7 @@ class Campus:
                         amount=p.amount, code=TransferCode.REVERSAL, flags=(TransferFlag.FORCE,),
                         user_data=str(p.id)))
             if not transfers:
-                return None
+                return True, min(stamps, default=None)
             try:
                 results = await self._submit(_chain(transfers))
             finally:  # spending given back no longer counts: today's sum is read again
@@ -1906,12 +1949,12 @@ class Campus:
                     self._spent.drop(ledger, p.debit_account_id)
             outcome, ts = outcome_of(results)
             if outcome is Outcome.APPROVED:
-                return ts
+                return True, min([*stamps, *([ts] if ts else [])], default=None)
             # a completion may have settled the hold between our read and our void: re-read
-            log.warning("campus: undo of %s failed (%s); retrying", original_key,
+            log.warning("campus: undo of %s failed (%s); retrying", label,
                         [r.status.value for r in results])
-        log.error("campus: could not undo %s", original_key)
-        return None
+        log.error("campus: could not undo %s", label)
+        return False, None
 
     # -- registry: holders -----------------------------------------------------------------------
 

@@ -73,6 +73,22 @@ GATEWAY_REQUEST_TIMEOUT_S: Final = 10.0  # an answer not ready by then is 96 (th
 GATEWAY_STOP_GRACE_S: Final = 10.0  # graceful stop waits this long for in-flight requests
 GATEWAY_MEMORY_BATCH: Final = 1024  # remembered answers looked up / stored per statement
 GATEWAY_DB_POOL_MAX: Final = 3  # the gateway's own connections (answer memory)
+# A money-moving request still at work when its deadline passes is given up: its 96 is stored
+# with its own reversal, then what it posted is taken back (contract §5 v4: a 96 moved no
+# money). Those steps need the database; while it is away each is retried, from the first
+# pause doubling up to the second, for as long as the gateway runs.
+GATEWAY_GIVE_UP_RETRY_S: Final = 0.1
+GATEWAY_GIVE_UP_RETRY_MAX_S: Final = 5.0
+# How long a given-up request waits for its 96 to be stored before it is sent anyway (if
+# nothing else can be stored for it) or the connection is closed unanswered (if its own answer
+# may be being stored): on top of the deadline, only while the database is slow or away.
+GATEWAY_GIVE_UP_WAIT_S: Final = 2.0
+# A gateway that starts takes back again what the requests given up in this window may have
+# posted (a process that died between storing a 96 and taking the postings back); a give-up
+# happens only when ledger writes stall past the deadline, so the window holds few, and at
+# most this many are looked at.
+GATEWAY_SWEEP_WINDOW_S: Final = 86_400.0
+GATEWAY_SWEEP_MAX: Final = 100_000
 
 # -- terminal amounts and PINs (contract §5) ----------------------------------------------------
 # Fields 4 and 54 carry 12 digits of fen. A purse or room whose balance after an operation lies

@@ -151,7 +151,7 @@ async def serve(dsn: str, args: argparse.Namespace) -> None:
         from terminals.gateway import Gateway
 
         gateway = Gateway(engine, campus=campus)
-        await gateway.start(*args.iso)
+        await gateway.start(*args.iso, sweep=True)
         log.info("terminal gateway on %s:%d", *args.iso)
     log.info("HTTP API on http://%s:%d (OpenAPI at /openapi.json)", host, port)
     # Both doors close at once on a signal: the gateway stops accepting and answers what it

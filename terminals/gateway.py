@@ -14,6 +14,12 @@ retransmission, even after a restart, gets the identical answer (same RRN, same 
 and a different message under the same key gets ``94`` without reaching the campus. Two
 copies of one request in flight at once share one execution (single flight).
 
+A ``96`` means that no money moved for that request, ever (contract §5 v4), also when the
+deadline (``request_timeout_s``) passes while the work goes on: the gateway then gives the
+request up before it answers (``Gateway._give_up``): the 96 is stored as its answer together
+with the request's own reversal, and whatever the work posts, before or after, is taken back
+exactly once (``Campus.withdraw``). A retransmission gets that stored 96 and posts nothing.
+
 Connections: 2-byte length frames, pipelining up to a per-connection bound (answers go back
 in request order), an idle timeout, a write timeout, a connection cap, a global in-flight
 cap. Overload (a full batcher queue or too many requests in flight) answers ``96`` at once.
@@ -30,7 +36,7 @@ import logging
 import os
 import time
 from datetime import datetime
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
@@ -325,6 +331,28 @@ def _amounts(op: Operation, result: PaymentResult) -> str | None:
         return None
 
 
+# Operations that move money: when the deadline passes while one of them is still at work, its
+# 96 is made true before it is sent (Gateway._give_up). An inquiry moves nothing. A reversal
+# only ever gives money back, and it is irrevocable once remembered (an original that arrives
+# later moves nothing), so its 96 keeps meaning "not confirmed yet": the terminal repeats it.
+_WITHDRAWABLE: Final = frozenset(
+    {
+        Operation.PURCHASE,
+        Operation.ADVICE,
+        Operation.HOLD,
+        Operation.COMPLETION,
+        Operation.ELECTRICITY,
+        Operation.METER,
+    }
+)
+
+
+def _given_up(answer: _Answer) -> bool:
+    """Whether a stored answer is the 96 of a request the gateway gave up (the only 96 that is
+    ever stored: every other one is sent without being remembered)."""
+    return answer.response.response_code == ResponseCode.SYSTEM_ERROR
+
+
 # Operations that move money need a positive amount (a completion's amount is the campus's
 # business: it knows the hold).
 _POSITIVE_AMOUNT: Final = frozenset(
@@ -352,6 +380,31 @@ FROM unnest($2::uuid[], $3::text[], $4::bytea[], $5::text[], $6::bytea[])
      AS u(key, terminal_id, digest, rrn, response)
 ON CONFLICT DO NOTHING
 RETURNING key
+"""
+# A given-up request's 96 stored as its answer and, in the same statement (both or neither), a
+# reversal of the request itself remembered in the campus's reversal memory (see
+# engine.campus.SQL_REMEMBER_REVERSAL; the reversal's key is the request's own). Only a key
+# whose answer this statement stores is reversed: an answer stored before stays the truth.
+SQL_CLAIM_ANSWERS: Final = """
+WITH stored AS (
+    INSERT INTO gateway_responses (ledger, key, terminal_id, request_digest, rrn, response)
+    SELECT $1, u.key, u.terminal_id, u.digest, u.rrn, u.response
+    FROM unnest($2::uuid[], $3::text[], $4::bytea[], $5::text[], $6::bytea[])
+         AS u(key, terminal_id, digest, rrn, response)
+    ON CONFLICT DO NOTHING
+    RETURNING key, terminal_id
+), reversed AS (
+    INSERT INTO reversals (ledger, original_key, key, terminal_id, created_at)
+    SELECT $1, s.key, s.key, s.terminal_id, $7 FROM stored s
+    ON CONFLICT (ledger, original_key) DO NOTHING
+)
+SELECT key FROM stored
+"""
+# Requests given up since $1 (engine ns): the reversals a request made of itself.
+SQL_GIVEN_UP: Final = """
+SELECT ledger, original_key FROM reversals
+WHERE key = original_key AND created_at >= $1
+ORDER BY created_at LIMIT $2
 """
 
 
@@ -396,11 +449,14 @@ class AnswerMemory:
         self._stores: Coalescer[_Row, bool] = Coalescer(
             get_pool, self._store_batch, max_batch=max_batch, name="onecard-gateway-stores"
         )
+        self._claims: Coalescer[_Row, bool] = Coalescer(
+            get_pool, self._claim_batch, max_batch=max_batch, name="onecard-gateway-claims"
+        )
 
     @property
     def statements(self) -> int:
         """Statements run so far (each serves a batch of lookups or of stores)."""
-        return self._lookups.statements + self._stores.statements
+        return self._lookups.statements + self._stores.statements + self._claims.statements
 
     async def lookup(self, ledger: int, key: UUID) -> _Answer | None:
         """The remembered answer for ``key``, or None."""
@@ -411,10 +467,30 @@ class AnswerMemory:
     ) -> _Answer:
         """Store ``response`` (with its RRN) unless an answer for ``key`` exists already;
         return the answer that is stored (this one, or the earlier one that won)."""
+        return await self._store(self._stores, ledger, key, terminal_id, digest, response)
+
+    async def claim(
+        self, ledger: int, key: UUID, terminal_id: str, digest: bytes, response: Message
+    ) -> _Answer:
+        """Store a given-up request's 96 as :meth:`remember` does and, in the same statement,
+        remember a reversal of the request itself (SQL_CLAIM_ANSWERS), unless an answer for
+        ``key`` exists already; return the answer that is stored (the 96, or the earlier one,
+        which is then left alone and nothing is reversed)."""
+        return await self._store(self._claims, ledger, key, terminal_id, digest, response)
+
+    async def _store(
+        self,
+        writer: Coalescer[_Row, bool],
+        ledger: int,
+        key: UUID,
+        terminal_id: str,
+        digest: bytes,
+        response: Message,
+    ) -> _Answer:
         for attempt in range(_RRN_ATTEMPTS):
             answer = msgspec.structs.replace(response, rrn=rrn_for(key, attempt))
             row = _Row(key, terminal_id, digest, answer.rrn or "", _encode_answer(answer))
-            if await self._stores.submit(ledger, row):
+            if await writer.submit(ledger, row):
                 return _Answer(digest, answer, True)
             stored = await self.lookup(ledger, key)
             if stored is not None:
@@ -447,6 +523,21 @@ class AnswerMemory:
         done = {r["key"] for r in inserted}
         return [r.key in done for r in rows]
 
+    @staticmethod
+    async def _claim_batch(conn: Connection, ledger: int, rows: list[_Row]) -> list[bool]:
+        inserted = await conn.fetch(
+            SQL_CLAIM_ANSWERS,
+            ledger,
+            [r.key for r in rows],
+            [r.terminal_id for r in rows],
+            [r.digest for r in rows],
+            [r.rrn for r in rows],
+            [r.response for r in rows],
+            time.time_ns(),
+        )
+        done = {r["key"] for r in inserted}
+        return [r.key in done for r in rows]
+
 
 # ---------------------------------------------------------------------------------------
 # The gateway
@@ -457,6 +548,38 @@ class _Reply(msgspec.Struct, frozen=True):
 
     message: Message
     mac_key: bytes | None
+
+
+class _Flight:
+    """One execution of a request key in this gateway, and who stores its answer.
+
+    ``verdict`` is the one task in this process that stores the key's answer: the work's own
+    answer (AnswerMemory.remember), or the 96 of a give-up (AnswerMemory.claim), whichever
+    starts first; the other then takes the verdict's answer instead of storing its own, so the
+    late work can never replace a 96 with an approval. ``fresh``: the work found no answer
+    stored for the key. ``promise``: the 96 a give-up may send before its claim is stored
+    (only when the claim is then certain to store it: the work was fresh and had not started
+    storing its own answer). ``given_up``: the deadline passed and the verdict is the 96's
+    claim (a retransmission then waits for that, not for the work).
+    """
+
+    __slots__ = (
+        "digest", "fresh", "given_up", "key", "msg", "op", "promise", "task", "term", "verdict"
+    )
+
+    def __init__(
+        self, term: Terminal, op: Operation, key: UUID, digest: bytes, msg: Message
+    ) -> None:
+        self.term = term
+        self.op = op
+        self.key = key
+        self.digest = digest
+        self.msg = msg
+        self.task: asyncio.Task[_Answer] | None = None
+        self.verdict: asyncio.Task[_Answer] | None = None
+        self.fresh = False
+        self.given_up = False
+        self.promise: _Answer | None = None
 
 
 class Gateway:
@@ -495,7 +618,10 @@ class Gateway:
         self._pool: asyncpg.Pool | None = None
         self._memory: AnswerMemory | None = None
         self._connections: dict[asyncio.Task[None], _Connection] = {}
-        self._flights: dict[UUID, asyncio.Task[_Answer]] = {}
+        self._flights: dict[UUID, _Flight] = {}
+        # given-up requests whose postings are being taken back (Gateway._settle), by key
+        self._settling: dict[UUID, asyncio.Task[None]] = {}
+        self._sweeper: asyncio.Task[int] | None = None
         self._inflight = 0
         self._stopping = False
         self._counters: dict[tuple[str, str | None], Counter] = {}
@@ -503,14 +629,47 @@ class Gateway:
 
     # -- life cycle ------------------------------------------------------------------------
 
-    async def start(self, host: str = "127.0.0.1", port: int = 8583) -> None:
-        """Open the answer memory's pool and start listening on ``host:port`` (0: any)."""
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 8583, *, sweep: bool = False
+    ) -> None:
+        """Open the answer memory's pool and start listening on ``host:port`` (0: any).
+
+        ``sweep`` (``onecard serve`` sets it): also take back, in the background, whatever the
+        requests given up lately may still have posted (see ``sweep``)."""
         self._pool = await create_pool(self.engine.dsn, max_size=limits.GATEWAY_DB_POOL_MAX)
         self._memory = AnswerMemory(self._pool)
         self._stopping = False
         self._server = await asyncio.start_server(
             self._on_connect, host, port, backlog=min(self.max_connections, 4096)
         )
+        if sweep:
+            self._sweeper = asyncio.create_task(self.sweep(), name="onecard-gateway-sweep")
+
+    async def sweep(self) -> int:
+        """Take back what the requests given up in the last GATEWAY_SWEEP_WINDOW_S may still
+        have posted; returns how many there were.
+
+        A give-up stores its 96 and its reversal first and takes the postings back after; a
+        process that died in between (or stopped before the database came back) left that
+        undo to do. It is idempotent, so every start simply does it again for the recent ones.
+        A completion's hold is not released here (its key is not stored): it expires by itself.
+        """
+        assert self._pool is not None, "gateway not started"
+        since = time.time_ns() - int(limits.GATEWAY_SWEEP_WINDOW_S * 1_000_000_000)
+        delay = limits.GATEWAY_GIVE_UP_RETRY_S
+        while True:
+            try:
+                async with self._pool.acquire(timeout=limits.DB_ACQUIRE_TIMEOUT_S) as conn:
+                    rows = await conn.fetch(SQL_GIVEN_UP, since, limits.GATEWAY_SWEEP_MAX)
+                break
+            except Exception as e:
+                log.warning("gateway: sweep postponed (%s)", e)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, limits.GATEWAY_GIVE_UP_RETRY_MAX_S)
+        await asyncio.gather(*(self._withdraw(r["ledger"], r["original_key"]) for r in rows))
+        if rows:
+            log.info("gateway: swept %d given-up requests", len(rows))
+        return len(rows)
 
     @property
     def port(self) -> int:
@@ -543,7 +702,13 @@ class Gateway:
             await self._server.wait_closed()
             self._server = None
         if self._flights:  # work whose connection went away still finishes and is stored
-            await asyncio.wait(list(self._flights.values()), timeout=grace_s)
+            await asyncio.wait([f.task for f in self._flights.values() if f.task], timeout=grace_s)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        await self._stop_settling(grace_s)
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -631,7 +796,10 @@ class Gateway:
             return _Reply(self._reply(msg, ResponseCode.APPROVED), term.mac_key)
         if self._overloaded():
             return _Reply(self._reply(msg, ResponseCode.SYSTEM_ERROR), term.mac_key)
-        return _Reply(await self._once(term, op, msg), term.mac_key)
+        answer = await self._once(term, op, msg)
+        if answer is None:
+            return None  # not known whether it moved money: no answer rather than a wrong one
+        return _Reply(answer, term.mac_key)
 
     async def _format_error(self, msg: Message) -> _Reply | None:
         """The 30 to a malformed frame (decoded, or what ``salvage`` read of it), echoing what
@@ -655,30 +823,40 @@ class Gateway:
 
     # -- idempotency -----------------------------------------------------------------------
 
-    async def _once(self, term: Terminal, op: Operation, msg: Message) -> Message:
+    async def _once(self, term: Terminal, op: Operation, msg: Message) -> Message | None:
         assert msg.stan is not None and msg.transmission_dt is not None
         key = message_key(term.terminal_id, msg.stan, msg.transmission_dt)
         digest = request_digest(msg)
         flight = self._flights.get(key)
         if flight is None:
-            flight = asyncio.create_task(self._execute(term, op, key, digest, msg))
+            flight = _Flight(term, op, key, digest, msg)
+            flight.task = asyncio.create_task(self._execute(flight))
             self._flights[key] = flight
-            flight.add_done_callback(functools.partial(self._landed, key))
+            flight.task.add_done_callback(functools.partial(self._landed, key))
+        task = flight.task
+        assert task is not None
         self._inflight += 1
         try:
             # The flight is never awaited directly: a timed-out or disconnected caller must
             # not cancel posting half-way; it finishes and stores its answer for the
             # retransmission. (One future and one timer per request, which is what
             # wait_for(shield(...)) costs several times over.)
-            await _landing(flight, self.request_timeout_s)
+            if not flight.given_up:
+                await _landing(task, self.request_timeout_s)
+            if not task.done():
+                if flight.op not in _WITHDRAWABLE:
+                    log.warning("gateway: no answer for %s within %.1f s", key,
+                                self.request_timeout_s)
+                    return self._reply(msg, ResponseCode.SYSTEM_ERROR)
+                answer = await self._give_up(flight)
+                if answer is None:
+                    return None
+            elif task.cancelled() or task.exception() is not None:  # logged once, by _landed
+                return self._reply(msg, ResponseCode.SYSTEM_ERROR)
+            else:
+                answer = task.result()
         finally:
             self._inflight -= 1
-        if not flight.done():
-            log.warning("gateway: no answer for %s within %.1f s", key, self.request_timeout_s)
-            return self._reply(msg, ResponseCode.SYSTEM_ERROR)
-        if flight.cancelled() or flight.exception() is not None:  # logged once, by _landed
-            return self._reply(msg, ResponseCode.SYSTEM_ERROR)
-        answer = flight.result()
         if answer.digest != digest:
             return self._reply(msg, ResponseCode.DUPLICATE_DIFFERENT)
         return answer.response
@@ -690,13 +868,30 @@ class Gateway:
         if exc is not None:
             log.error("gateway: request %s failed", key, exc_info=exc)
 
-    async def _execute(
-        self, term: Terminal, op: Operation, key: UUID, digest: bytes, msg: Message
-    ) -> _Answer:
+    async def _execute(self, flight: _Flight) -> _Answer:
         assert self._memory is not None, "gateway not started"
+        term, key, digest = flight.term, flight.key, flight.digest
         stored = await self._memory.lookup(term.ledger, key)
         if stored is not None:
+            if _given_up(stored) and flight.op in _WITHDRAWABLE:
+                self._settle_later(flight)  # idempotent; completes one a crash cut short
             return stored
+        if flight.verdict is not None:  # given up while we looked: it is the answer
+            return await flight.verdict
+        flight.fresh = True
+        response = await self._work(flight)
+        if flight.verdict is None:  # nobody gave up: this is the key's answer
+            if response.response_code in _NOT_REMEMBERED:
+                return _Answer(digest, response, False)
+            flight.verdict = asyncio.create_task(
+                self._memory.remember(term.ledger, key, term.terminal_id, digest, response)
+            )
+        # given up meanwhile: the late work's answer is not stored, the 96 is the answer
+        return await flight.verdict
+
+    async def _work(self, flight: _Flight) -> Message:
+        """The answer the business rules give ``flight``'s request (not stored yet)."""
+        term, op, key, msg = flight.term, flight.op, flight.key, flight.msg
         result: PaymentResult | None = None
         if op is Operation.UNSUPPORTED:
             code = ResponseCode.INVALID_TRANSACTION
@@ -707,18 +902,125 @@ class Gateway:
                 result = await self._business(term, op, key, msg)
             except Exception:
                 log.exception("gateway: campus failed on %s %s", op.value, key)
-                return _Answer(digest, self._reply(msg, ResponseCode.SYSTEM_ERROR), False)
+                return self._reply(msg, ResponseCode.SYSTEM_ERROR)
             code = response_code_for(result.outcome)
-        response = self._reply(
+        return self._reply(
             msg,
             code,
             auth_id=auth_id_for(key) if code == ResponseCode.APPROVED else None,
             amounts=None if result is None else _amounts(op, result),
             timestamp=None if result is None else result.timestamp,
         )
-        if code in _NOT_REMEMBERED:
-            return _Answer(digest, response, False)
-        return await self._memory.remember(term.ledger, key, term.terminal_id, digest, response)
+
+    # -- giving up a request whose deadline passed -------------------------------------------
+
+    async def _give_up(self, flight: _Flight) -> _Answer | None:
+        """The answer to a money-moving request whose deadline passed while its work went on:
+        a ``96`` that is true, or the answer already stored for the request.
+
+        The 96 is stored as the request's answer together with the request's own reversal, in
+        one statement (AnswerMemory.claim), unless an answer is stored already: then that one
+        is sent, it is the truth. Once the claim is stored the work still going on cannot move
+        money for good: what it posted already is taken back by ``_settle``; what it posts
+        later is undone by its own read of the reversal memory after posting (Campus), and
+        ``_settle`` takes back again whatever is left once the work has landed; each undo has
+        derived ids, so the money comes back exactly once. In this process only one answer is
+        ever stored per key (``_Flight.verdict``), so the late work cannot replace the 96.
+
+        If the claim is not stored within GATEWAY_GIVE_UP_WAIT_S (the database is away), it
+        is retried in the background until it is, and then the postings are taken back. The
+        96 is sent meanwhile only if nothing but it can be stored for the key any more (the
+        work found no stored answer and had not started storing its own); otherwise the
+        connection is closed unanswered: the gateway does not know the truth yet, and the
+        terminal's retransmission will get the stored answer. The one thing this cannot rule
+        out is the same key in flight in another gateway process while the database is away.
+
+        Should the process die after the claim and before the undo, the undo is completed by
+        the retransmission of the request (``_execute`` finds the stored 96) or by the sweep
+        when a gateway starts (``_sweep``).
+        """
+        if flight.verdict is None:
+            log.warning("gateway: %s still at work after %.1f s: given up (96, taken back)",
+                        flight.key, self.request_timeout_s)
+            response = msgspec.structs.replace(
+                self._reply(flight.msg, ResponseCode.SYSTEM_ERROR), rrn=rrn_for(flight.key)
+            )
+            if flight.fresh:
+                flight.promise = _Answer(flight.digest, response, True)
+            flight.given_up = True
+            flight.verdict = asyncio.create_task(self._claim(flight, response))
+            self._settle_later(flight)
+        verdict = flight.verdict
+        await _landing(verdict, limits.GATEWAY_GIVE_UP_WAIT_S)
+        if verdict.done() and not verdict.cancelled() and verdict.exception() is None:
+            return verdict.result()
+        return flight.promise
+
+    async def _claim(self, flight: _Flight, response: Message) -> _Answer:
+        """Store ``response`` (the 96) with the request's own reversal, retried until stored."""
+        assert self._memory is not None
+        term = flight.term
+        delay = limits.GATEWAY_GIVE_UP_RETRY_S
+        while True:
+            try:
+                return await self._memory.claim(
+                    term.ledger, flight.key, term.terminal_id, flight.digest, response
+                )
+            except Exception as e:
+                log.warning("gateway: the 96 of %s is not stored yet (%s); retrying", flight.key, e)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, limits.GATEWAY_GIVE_UP_RETRY_MAX_S)
+
+    def _settle_later(self, flight: _Flight) -> None:
+        """Start taking back what a given-up request posted (once per key at a time)."""
+        if flight.key in self._settling:
+            return
+        task = asyncio.create_task(self._settle(flight))
+        self._settling[flight.key] = task
+        task.add_done_callback(functools.partial(self._settled, flight.key))
+
+    def _settled(self, key: UUID, task: asyncio.Task[None]) -> None:
+        if self._settling.get(key) is task:
+            del self._settling[key]
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            log.error("gateway: taking back %s failed", key, exc_info=exc)
+
+    async def _settle(self, flight: _Flight) -> None:
+        """Once the 96 is the stored answer: take back what the request posted, and again once
+        its work has landed (its own undo may have met a database error), each retried until
+        done. Nothing when another answer was stored first: that one is the truth."""
+        hold_key = None
+        if flight.op is Operation.COMPLETION:
+            hold_key = self._original_key(flight.term, flight.msg)
+        ledger, key, task = flight.term.ledger, flight.key, flight.task
+        if flight.verdict is None:  # a retransmission found the stored 96
+            await self._withdraw(ledger, key, hold_key)
+            return
+        if not _given_up(await flight.verdict):
+            return
+        await self._withdraw(ledger, key, hold_key)
+        if task is not None and not task.done():
+            await asyncio.wait([task])
+            await self._withdraw(ledger, key, hold_key)
+
+    async def _withdraw(self, ledger: int, key: UUID, hold_key: UUID | None = None) -> None:
+        delay = limits.GATEWAY_GIVE_UP_RETRY_S
+        while not await self.campus.withdraw(ledger, key=key, hold_key=hold_key):
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, limits.GATEWAY_GIVE_UP_RETRY_MAX_S)
+
+    async def _stop_settling(self, grace_s: float) -> None:
+        """Give the undo in progress ``grace_s``, then stop it (the retransmission or the next
+        start's sweep completes it) along with the claims still waiting for the database."""
+        if self._settling:
+            await asyncio.wait(list(self._settling.values()), timeout=grace_s)
+        late: list[asyncio.Task[Any]] = [*self._settling.values()]
+        late += [f.verdict for f in self._flights.values() if f.verdict is not None]
+        for t in late:
+            t.cancel()
+        if late:
+            await asyncio.wait(late)
 
     async def _business(
         self, term: Terminal, op: Operation, key: UUID, msg: Message
@@ -808,7 +1110,7 @@ class Gateway:
         )
 
 
-async def _landing(flight: asyncio.Task[_Answer], timeout_s: float) -> None:
+async def _landing(flight: asyncio.Future[Any], timeout_s: float) -> None:
     """Wait until ``flight`` is done or ``timeout_s`` has passed, whichever is first, without
     ever cancelling it (cancelling the waiter leaves the flight running)."""
     if flight.done():

@@ -1,0 +1,331 @@
+"""A ``96`` moves no money, ever (contract §5 v4), also when ledger writes stall past the
+gateway's deadline: the late posting must not charge a student whose terminal said "declined".
+
+Real PostgreSQL, real TCP: the engine, the campus and a gateway with a 1 s deadline run in this
+process; another session holds the ledger's clock row (``ledgers ... FOR UPDATE``, what a lock
+held elsewhere or a slow disk does to every ledger write) longer than the deadline. Each money
+moving operation then gets its 96, the stall ends, the late work lands, and afterwards: nothing
+moved net, the retransmission gets the byte-identical stored 96 and moves nothing, the terminal's
+new attempt (new STAN) is charged exactly once, and the books verify.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from uuid import UUID
+
+import asyncpg
+import pytest
+
+from engine.campus import Campus, Outcome
+from engine.service import Engine
+from engine.verify import verify
+from terminals.client import TerminalClient
+from terminals.gateway import AnswerMemory, Gateway, message_key, request_digest
+from terminals.iso8583 import Message, ResponseCode, decode_message, encode_message
+from tests.conftest import Ids
+from tests.faults.harness import check_books
+from tests.terminals.test_gateway_flows import World
+
+DEADLINE_S = 1.0  # the gateway's request_timeout_s in these tests (10 s in production)
+STALL_AFTER_ANSWER_S = 0.5  # the stall goes on this long after the 96 was sent
+SETTLE_TIMEOUT_S = 15.0
+
+SQL_STALL = "SELECT 1 FROM ledgers WHERE ledger = $1 FOR UPDATE"
+SQL_PENDING = (
+    "SELECT coalesce(sum(debits_pending + credits_pending), 0) FROM accounts WHERE ledger = $1"
+)
+SQL_REVERSED_ITSELF = (
+    "SELECT count(*) FROM reversals WHERE ledger = $1 AND original_key = $2 AND key = $2"
+)
+
+
+@contextlib.asynccontextmanager
+async def stalled(dsn: str, ledger: int) -> AsyncIterator[Callable[[], Awaitable[float]]]:
+    """Ledger writes of ``ledger`` wait while this holds its clock row; yields ``release``
+    (ends the stall early, returns the monotonic time it ended)."""
+    conn = await asyncpg.connect(dsn)
+    tx = conn.transaction()
+    await tx.start()
+    await conn.execute(SQL_STALL, ledger)
+    released: list[float] = []
+
+    async def release() -> float:
+        if not released:
+            await tx.rollback()
+            released.append(time.monotonic())
+        return released[0]
+
+    try:
+        yield release
+    finally:
+        await release()
+        await conn.close()
+
+
+@pytest.fixture
+async def w(engine: Engine, ids: Ids) -> AsyncIterator[World]:
+    campus = Campus(engine)
+    gw = Gateway(engine, campus=campus, request_timeout_s=DEADLINE_S)
+    await gw.start("127.0.0.1", 0)
+    world = await World(engine, campus, gw, ids).setup()
+    try:
+        yield world
+    finally:
+        await world.close()
+        await gw.stop()
+
+
+async def landed(w: World, key: UUID) -> None:
+    """Wait until the gateway's work on ``key`` has landed (posted and undone what it did)."""
+    t0 = time.monotonic()
+    while key in w.gateway._flights:
+        assert time.monotonic() - t0 < SETTLE_TIMEOUT_S, "the late work never landed"
+        await asyncio.sleep(0.005)
+
+
+@dataclass
+class Stalled:
+    """What a request sent during a stall got, and how long the late work took afterwards."""
+
+    raw: bytes  # the answer's payload, MAC included
+    answer: Message
+    settle_s: float  # from the end of the stall to nothing being left to take back
+
+
+async def send_during_stall(w: World, dsn: str, client: TerminalClient, req: Message) -> Stalled:
+    """Send ``req`` while the ledger is stalled, end the stall once it is answered, and wait
+    until the late work has landed and everything it posted is taken back."""
+    key = message_key(client.terminal_id, req.stan or "", req.transmission_dt or "")
+    async with stalled(dsn, w.ledger) as release:
+        t0 = time.monotonic()
+        raw = await client.send_raw(encode_message(req, w.key))
+        waited = time.monotonic() - t0
+        assert raw is not None
+        await asyncio.sleep(STALL_AFTER_ANSWER_S)
+        released_at = await release()
+    assert waited >= DEADLINE_S  # answered at the deadline, while the write was still stuck
+    await landed(w, key)  # the late work: posted, then its own undo
+    settle_s = time.monotonic() - released_at
+    return Stalled(raw, decode_message(raw).message, settle_s)
+
+
+async def assert_96_is_final(w: World, dsn: str, client: TerminalClient, req: Message,
+                             got: Stalled) -> None:
+    """The 96 is stored with the request's own reversal, and a retransmission gets it again,
+    byte for byte, and moves nothing."""
+    assert got.answer.response_code == "96", got.answer
+    assert got.answer.rrn is not None  # stored: it is the answer from now on
+    settling = list(w.gateway._settling.values())  # the give-up's last look, after landing
+    if settling:
+        await asyncio.wait(settling)
+    key = message_key(client.terminal_id, req.stan or "", req.transmission_dt or "")
+    conn = await asyncpg.connect(dsn)
+    try:
+        assert await conn.fetchval(SQL_REVERSED_ITSELF, w.ledger, key) == 1
+    finally:
+        await conn.close()
+    again = await client.send_raw(encode_message(req, w.key))
+    assert again == got.raw
+
+
+async def assert_books(w: World, dsn: str, *, holds: bool = False) -> None:
+    """``onecard verify`` passes and nothing is left pending; without ``holds`` also the fault
+    suite's check (it reads every transfer as posted, so it only fits a ledger without holds)."""
+    report = await verify(w.engine.store.pool, ledgers=[w.ledger])
+    assert report.ok, report
+    conn = await asyncpg.connect(dsn)
+    try:
+        assert await conn.fetchval(SQL_PENDING, w.ledger) == 0
+    finally:
+        await conn.close()
+    if not holds:
+        problems, _ = await check_books(dsn, w.ledger)
+        assert not problems, problems
+
+
+async def test_purchase_declined_at_the_terminal_is_not_charged(w: World, dsn: str) -> None:
+    p = await w.person(cash=5_000, subsidy=300)  # a 1_000 meal is split: two linked postings
+    req = w.pos.purchase(p.card, 1_000)
+    got = await send_during_stall(w, dsn, w.pos, req)
+    assert await w.purses(p) == (5_000, 300)
+    assert await w.balance(w.canteen) == 0
+    await assert_96_is_final(w, dsn, w.pos, req, got)
+    assert await w.purses(p) == (5_000, 300)
+    # the student pays again at the same till, a new STAN: charged once for the meal
+    assert (await w.pos.request(w.pos.purchase(p.card, 1_000))).response_code == "00"
+    assert await w.purses(p) == (4_300, 0)
+    assert await w.balance(w.canteen) == 1_000
+    await assert_books(w, dsn)
+    print(f"\nno charge behind 96: purchase undone {got.settle_s * 1000:.0f} ms after the stall")
+
+
+async def test_hold_declined_at_the_terminal_holds_nothing(w: World, dsn: str) -> None:
+    p = await w.person(cash=2_000, subsidy=100)
+    req = w.water.hold(p.card, 500)
+    got = await send_during_stall(w, dsn, w.water, req)
+    assert await w.purses(p) == (2_000, 100)  # nothing held either
+    await assert_96_is_final(w, dsn, w.water, req, got)
+    assert await w.purses(p) == (2_000, 100)
+    # a completion of the hold the terminal was told was declined settles nothing
+    done = await w.water.request(w.water.completion(req, 300))
+    assert done.response_code != "00"
+    assert await w.purses(p) == (2_000, 100)
+    assert await w.balance(w.water_acc) == 0
+    await assert_books(w, dsn, holds=True)
+    print(f"\nno charge behind 96: hold released {got.settle_s * 1000:.0f} ms after the stall")
+
+
+async def test_completion_declined_at_the_terminal_releases_the_hold(w: World, dsn: str) -> None:
+    p = await w.person(cash=2_000, subsidy=100)
+    hold = w.water.hold(p.card, 500)
+    assert (await w.water.request(hold)).response_code == "00"
+    assert await w.purses(p) == (1_600, 0)
+    req = w.water.completion(hold, 320, card_no=p.card)
+    got = await send_during_stall(w, dsn, w.water, req)
+    # no money moved for the completion, and the hold no longer holds anything
+    assert await w.purses(p) == (2_000, 100)
+    assert await w.balance(w.water_acc) == 0
+    await assert_96_is_final(w, dsn, w.water, req, got)
+    assert await w.purses(p) == (2_000, 100)
+    await assert_books(w, dsn, holds=True)
+    print(f"\nno charge behind 96: completion undone {got.settle_s * 1000:.0f} ms after the stall")
+
+
+async def test_electricity_declined_at_the_kiosk_is_not_charged(w: World, dsn: str) -> None:
+    p = await w.person(cash=3_000)
+    room = await w.room()
+    req = w.kiosk.electricity_purchase(p.card, 1_200, room.room_id)
+    got = await send_during_stall(w, dsn, w.kiosk, req)
+    assert await w.purses(p) == (3_000, 0)
+    assert await w.balance(room.account_id) == 0
+    await assert_96_is_final(w, dsn, w.kiosk, req, got)
+    assert await w.balance(room.account_id) == 0
+    again = await w.kiosk.request(w.kiosk.electricity_purchase(p.card, 1_200, room.room_id))
+    assert again.response_code == "00"
+    assert await w.purses(p) == (1_800, 0)
+    assert await w.balance(room.account_id) == 1_200
+    await assert_books(w, dsn)
+
+
+SQL_REVERSE_ITSELF = """
+INSERT INTO reversals (ledger, original_key, key, terminal_id, created_at)
+VALUES ($1, $2, $2, $3, $4)
+"""
+
+
+async def died_after_storing_the_96(w: World, dsn: str, amount: int, cash: int) -> tuple[
+        Message, int]:
+    """A purchase posted, its 96 and its own reversal stored, and nothing taken back: what a
+    gateway leaves that dies between its give-up's claim and the undo. Returns the request
+    and the purse."""
+    p = await w.person(cash=cash)
+    req = w.pos.purchase(p.card, amount)
+    key = message_key(w.pos.terminal_id, req.stan or "", req.transmission_dt or "")
+    term = await w.campus.terminal(w.pos.terminal_id)
+    assert term is not None
+    posted = await w.campus.purchase(term, card_no=p.card, amount=amount, key=key)
+    assert posted.outcome is Outcome.APPROVED
+    assert w.gateway._pool is not None
+    memory = AnswerMemory(w.gateway._pool)
+    answer = w.gateway._reply(req, ResponseCode.SYSTEM_ERROR)
+    await memory.remember(w.ledger, key, term.terminal_id, request_digest(req), answer)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(SQL_REVERSE_ITSELF, w.ledger, key, term.terminal_id, time.time_ns())
+    finally:
+        await conn.close()
+    assert await w.balance(p.purse) == cash - amount
+    return req, p.purse
+
+
+async def test_an_undo_cut_short_is_completed_by_the_retransmission(w: World, dsn: str) -> None:
+    req, purse = await died_after_storing_the_96(w, dsn, 800, 3_000)
+    again = await w.pos.request(req)
+    assert again.response_code == "96"
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while await w.balance(purse) != 3_000:
+        assert time.monotonic() < deadline, "the posting behind the stored 96 was not taken back"
+        await asyncio.sleep(0.02)
+    assert await w.pos.request(req) == again  # and only once
+    assert await w.balance(purse) == 3_000
+    assert await w.balance(w.canteen) == 0
+    await assert_books(w, dsn)
+
+
+async def test_an_undo_cut_short_is_completed_by_the_next_start(
+    w: World, dsn: str, engine: Engine
+) -> None:
+    _, purse = await died_after_storing_the_96(w, dsn, 900, 2_000)
+    gw = Gateway(engine, campus=Campus(engine))
+    await gw.start("127.0.0.1", 0, sweep=True)
+    try:
+        assert gw._sweeper is not None
+        assert await gw._sweeper >= 1
+    finally:
+        await gw.stop()
+    assert await w.balance(purse) == 2_000
+    assert await w.balance(w.canteen) == 0
+    await assert_books(w, dsn)
+
+
+SQL_LOCK_ANSWERS = "LOCK TABLE gateway_responses IN ACCESS EXCLUSIVE MODE"
+
+
+@contextlib.asynccontextmanager
+async def answers_locked(dsn: str) -> AsyncIterator[None]:
+    """The answer memory takes no read or write while this lasts (the database away, as far
+    as the gateway's give-up can tell: its claim does not finish)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute(SQL_LOCK_ANSWERS)
+            yield
+    finally:
+        await conn.close()
+
+
+async def test_96_sent_before_it_is_stored_when_nothing_else_can_be(w: World, dsn: str) -> None:
+    """The work looked up its key (nothing stored) and is stuck in the ledger; then the answer
+    memory stops answering too. At the deadline the claim cannot be stored in time: the 96 is
+    sent all the same (nothing else can be stored for the key now), the claim is stored once
+    the memory answers again, and the posting is taken back."""
+    p = await w.person(cash=4_000)
+    req = w.pos.purchase(p.card, 600)
+    key = message_key(w.pos.terminal_id, req.stan or "", req.transmission_dt or "")
+    async with stalled(dsn, w.ledger) as release:
+        sent = asyncio.create_task(w.pos.send_raw(encode_message(req, w.key)))
+        await asyncio.sleep(DEADLINE_S / 2)  # looked up, now waiting for the ledger
+        async with answers_locked(dsn):
+            raw = await sent
+            assert raw is not None
+            assert decode_message(raw).message.response_code == "96"
+        await release()
+    await landed(w, key)
+    assert await w.purses(p) == (4_000, 0)
+    assert await w.pos.send_raw(encode_message(req, w.key)) == raw  # stored as it was sent
+    assert await w.purses(p) == (4_000, 0)
+    await assert_books(w, dsn)
+
+
+async def test_no_answer_when_the_truth_is_not_known(w: World, dsn: str) -> None:
+    """The answer memory does not answer from the start: the work cannot even learn whether an
+    answer was stored before (an earlier approval, say). At the deadline the gateway cannot
+    store its 96 either, so it says nothing (closes the connection) rather than a 96 that may
+    be false; the retransmission gets the truth: the 96 stored meanwhile, nothing moved."""
+    p = await w.person(cash=4_000)
+    req = w.pos.purchase(p.card, 600)
+    key = message_key(w.pos.terminal_id, req.stan or "", req.transmission_dt or "")
+    async with answers_locked(dsn):
+        assert await w.pos.send_raw(encode_message(req, w.key)) is None
+    await landed(w, key)
+    async with TerminalClient("127.0.0.1", w.gateway.port, terminal_id=w.pos.terminal_id,
+                              merchant_id=w.pos.merchant_id, mac_key=w.key) as again:
+        answer = await again.request(req)
+    assert answer.response_code == "96" and answer.rrn is not None
+    assert await w.purses(p) == (4_000, 0)
+    await assert_books(w, dsn)
