@@ -23,7 +23,6 @@ from litestar import Request, get, post
 from litestar.params import FromPath, JSONBody
 
 from engine import limits
-from engine.api import ApiError, ErrorCode, require_admin, require_read
 from engine.batcher import RETRYABLE, Overloaded, Unavailable
 from engine.campus import (
     DEFAULT_TZ,
@@ -35,6 +34,7 @@ from engine.campus import (
     RegistryStatus,
     TerminalKind,
 )
+from engine.http.app import ApiError, ErrorCode, require_admin, require_read
 from engine.service import Engine
 from engine.subsidy import Grant, grant_subsidies
 from ledger.account import AccountName, HolderId
