@@ -14,7 +14,7 @@ import msgspec
 
 from bench.common import Campus, CpuProbe, Mix, Stats, database_of, scratch_database
 from bench.loop import Bar, Request, closed_loop
-from engine.service import create_pool
+from engine.db.pool import create_pool
 from engine.store import Store
 from ledger.types import AccountFlags
 

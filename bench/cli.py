@@ -20,7 +20,6 @@ from bench.common import DEFAULT_DSN, now_stamp
 from bench.loop import Bar
 from bench.options import Options, add_arguments, options
 from bench.report import RESULTS_DIR, save, show
-from engine.cli import command, subcommand
 from engine.service import tune_gc
 
 WORKLOAD_MODULES = {
@@ -48,16 +47,6 @@ async def run_bench(o: Options) -> int:
     return 0
 
 
-@subcommand("bench", HELP)
-def _arguments(p: argparse.ArgumentParser) -> None:
-    add_arguments(p, with_dsn=False)
-
-
-@command("bench")
-async def _onecard_bench(args: argparse.Namespace, dsn: str) -> int:
-    return await run_bench(options(args, dsn))
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m bench``."""
     p = argparse.ArgumentParser(prog="python -m bench", description=HELP)
@@ -67,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_gc()  # as `onecard serve` runs: the in-process engine is measured as deployed
     if dsn != "embedded":
         return int(uvloop.run(run_bench(options(args, dsn))))
-    from engine.embedded import EmbeddedPostgres
+    from engine.db.embedded import EmbeddedPostgres
 
     pg = EmbeddedPostgres(args.data_dir)
     try:

@@ -22,7 +22,7 @@ from typing import Final
 import asyncpg
 import msgspec
 
-from engine.migrate import migrate
+from engine.db.migrate import migrate
 from engine.store import Store
 from ledger.account import Account
 from ledger.ids import uuid7

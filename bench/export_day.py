@@ -28,9 +28,9 @@ import asyncpg
 import msgspec
 
 from engine import limits
-from engine.export import export_day
-from engine.migrate import migrate
-from engine.snapshots import campus_tz, day_window, local_date
+from engine.calendar import campus_tz, day_window, local_date
+from engine.db.migrate import migrate
+from engine.finance.export import export_day
 from engine.store import now_ns
 from ledger import audit
 from ledger.types import AccountKind, TransferCode, TransferFlags

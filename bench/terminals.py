@@ -56,7 +56,7 @@ _encode = msgspec.json.Encoder().encode
 def _gateway_available() -> bool:
     return (
         importlib.util.find_spec("terminals.gateway") is not None
-        and importlib.util.find_spec("engine.campus_api") is not None
+        and importlib.util.find_spec("engine.http.campus_routes") is not None
     )
 
 

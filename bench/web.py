@@ -30,7 +30,7 @@ from bench.loop import Bar, BatchProbe, Request, closed_loop, open_loop
 from bench.options import DEFAULT_SINGLE_RATE, Options
 from bench.report import Result, target
 from bench.server import Http, HttpError, Server, rss_mb, serve, server_batch_probe
-from engine.service import create_pool
+from engine.db.pool import create_pool
 from engine.store import Store
 from ledger.transfer import Transfer
 

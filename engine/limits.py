@@ -26,7 +26,7 @@ MAX_STATEMENT_LIMIT: Final = 1000
 DEFAULT_STATEMENT_LIMIT: Final = 100
 RETRY_AFTER_S: Final = 1
 
-# -- HTTP edge (engine/server.py) ----------------------------------------------------------
+# -- HTTP edge (engine/http/server.py) ----------------------------------------------------------
 # Open connections; beyond it a request is answered 503 at once (bounds sockets and memory).
 MAX_HTTP_CONNECTIONS: Final = 1024
 # A request head (request line and headers) larger than this is refused with 400.
@@ -52,6 +52,14 @@ GC_THRESHOLDS: Final = (50_000, 50, 100)
 # A background loop that dies of an error it did not expect is restarted after this pause:
 # a dead expirer would leave every hold pending forever.
 BACKGROUND_RESTART_S: Final = 1.0
+
+# -- finance ----------------------------------------------------------------------------------
+STREAM_CHUNK_ROWS: Final = 20_000  # rows per server-side cursor fetch: bounded client memory
+# The snapshot scheduler re-reads the clock at least this often, so a wall-clock jump or a
+# time-zone offset change delays a snapshot by at most this much.
+SNAPSHOT_SCHEDULER_MAX_SLEEP_S: Final = 60.0
+# After a database error the scheduler tries again this much later (the API keeps running).
+SNAPSHOT_SCHEDULER_RETRY_S: Final = 30.0
 
 # -- database ----------------------------------------------------------------------------------
 DB_POOL_MIN: Final = 2

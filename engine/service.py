@@ -14,7 +14,8 @@ import asyncpg
 
 from engine import limits, metrics
 from engine.batcher import Batcher, run_expirer
-from engine.migrate import migrate
+from engine.db.migrate import migrate
+from engine.db.pool import create_pool
 from engine.store import Store
 
 log = logging.getLogger(__name__)
@@ -26,40 +27,6 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*limits.GC_THRESHOLDS)
-
-
-async def _init_connection(conn: asyncpg.Connection) -> None:
-    # The engine never relies on the server's zone; campus days are computed in Python.
-    await conn.execute("SET TIME ZONE 'UTC'")
-
-
-async def _reset_connection(conn: asyncpg.Connection) -> None:
-    # asyncpg's default reset sends `SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
-    # RESET ALL` on every release: a round trip and server work per batch, per read. The engine
-    # leaves no session state behind (transactions are managed; locks are transaction locks,
-    # except the migration lock, released in a `finally`; settings are session defaults), so
-    # only an open transaction, which would be a bug, is rolled back.
-    if conn.is_in_transaction():
-        log.error("a pooled connection came back inside a transaction; rolling back")
-        await conn.execute("ROLLBACK")
-
-
-async def create_pool(dsn: str, *, max_size: int = limits.DB_POOL_MAX) -> asyncpg.Pool:
-    """An asyncpg pool with the engine's limits."""
-    pool = await asyncpg.create_pool(
-        dsn,
-        min_size=min(limits.DB_POOL_MIN, max_size),
-        max_size=max_size,
-        timeout=limits.DB_CONNECT_TIMEOUT_S,
-        command_timeout=limits.DB_COMMAND_TIMEOUT_S,
-        init=_init_connection,
-        # Session defaults (a SET would survive only until someone resets the connection).
-        # A JIT compile (~40 ms) costs many times what the engine's statements take to run.
-        server_settings={"jit": "off", "timezone": "UTC"},
-        reset=_reset_connection,
-    )
-    assert pool is not None
-    return pool
 
 
 async def supervise(

@@ -36,17 +36,12 @@ card) cannot be debited; it is reported and can be cleared by a later run once u
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
-import os
-import sys
-from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dtime
-from pathlib import Path
 from typing import Final
 from uuid import UUID, uuid5
 from zoneinfo import ZoneInfo
@@ -54,7 +49,6 @@ from zoneinfo import ZoneInfo
 import msgspec
 
 from engine.campus import DEFAULT_TZ, derived_account_id
-from engine.cli import command, subcommand
 from engine.service import Engine
 from engine.store import Store
 from ledger.account import Account
@@ -368,106 +362,3 @@ def read_grants(
 
 def _is_number(raw: str) -> bool:
     return raw.isascii() and raw.isdigit()
-
-
-# -- command line ------------------------------------------------------------------------------
-
-
-@subcommand("subsidy", "credit subsidy purses from a CSV file, or clear unused subsidy down")
-def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--file", type=Path, help="CSV: holder_id,amount_fen[,ledger]")
-    p.add_argument("--ledger", type=int, help="ledger of rows without a ledger column")
-    p.add_argument("--batch-id", help="idempotency id of this run (default: from the content)")
-    p.add_argument("--clear-down", action="store_true",
-                   help="return unused subsidy of --month to the fund")
-    p.add_argument("--month", help="YYYY-MM (campus time) for --clear-down")
-    p.add_argument("--tz", default=os.environ.get("ONECARD_TZ") or DEFAULT_TZ,
-                   help="campus time zone (default $ONECARD_TZ or Asia/Shanghai)")
-
-
-@command("subsidy")
-async def run(args: argparse.Namespace, dsn: str) -> int:
-    """``onecard subsidy``: exit 0 all done, 1 some rows not credited, 2 bad input."""
-    from rich.console import Console
-
-    err = Console(stderr=True)
-    if bool(args.file) == bool(args.clear_down):
-        err.print("onecard subsidy: give either --file F.csv or --clear-down --month YYYY-MM")
-        return 2
-    if args.clear_down and (not args.month or args.ledger is None):
-        err.print("onecard subsidy --clear-down needs --month YYYY-MM and --ledger L")
-        return 2
-    grants: list[Grant] = []
-    if args.file:
-        try:
-            batch, grants = read_grants(args.file.read_bytes(), ledger=args.ledger,
-                                        batch_id=args.batch_id)
-        except (OSError, FileError) as e:
-            err.print(f"onecard subsidy: {args.file}: {e}")
-            return 2
-    else:
-        try:
-            month_bounds(args.month, ZoneInfo(args.tz))
-        except ValueError as e:
-            err.print(f"onecard subsidy: {e}")
-            return 2
-    engine = Engine(dsn)
-    await engine.start()
-    try:
-        if args.file:
-            return await _run_grants(engine, grants, batch)
-        return await _run_clear_down(engine, args.ledger, args.month, args.tz)
-    finally:
-        await engine.stop()
-
-
-async def _run_grants(engine: Engine, grants: list[Grant], batch: str) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    with Progress("[progress.description]{task.description}", BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True)) as progress:
-        task = progress.add_task(f"subsidy {batch}", total=len(grants))
-        results = await grant_subsidies(
-            engine, grants, on_progress=lambda n: progress.advance(task, n)
-        )
-    _summary(f"subsidy batch {batch}", [(r.status, r.amount) for r in results])
-    return 0 if all(r.ok for r in results) else 1
-
-
-async def _run_clear_down(engine: Engine, ledger: int, month: str, tz: str) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    with Progress("[progress.description]{task.description}", BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True)) as progress:
-        task = progress.add_task(f"clear-down {month}", total=None)
-        results = await clear_down(
-            engine, ledger, month, tz=tz,
-            on_total=lambda n: progress.update(task, total=n),
-            on_progress=lambda n: progress.advance(task, n),
-        )
-    _summary(f"clear-down {month}, ledger {ledger}",
-             [(str(r.status), r.amount) for r in results])
-    return 0 if all(r.status.ok for r in results) else 1
-
-
-def _summary(title: str, rows: list[tuple[str, int]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    count: Counter[str] = Counter()
-    fen: Counter[str] = Counter()
-    for status, amount in rows:
-        count[status] += 1
-        fen[status] += amount
-    table = Table(title=title)
-    table.add_column("status")
-    table.add_column("rows", justify="right")
-    table.add_column("amount_fen", justify="right")
-    for status in sorted(count):
-        table.add_row(status, str(count[status]), str(fen[status]))
-    table.add_row("total", str(sum(count.values())), str(sum(fen.values())), style="bold")
-    Console(file=sys.stdout, width=100).print(table)

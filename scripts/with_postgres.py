@@ -41,7 +41,7 @@ def main() -> int:
         print(f"with_postgres: using the server at {LOCAL}", flush=True)
         env["ONECARD_TEST_DSN"] = LOCAL
         return subprocess.call(argv, env=env)
-    from engine.embedded import EmbeddedPostgres
+    from engine.db.embedded import EmbeddedPostgres
 
     with tempfile.TemporaryDirectory(prefix="onecard-test-pg-") as tmp:
         print("with_postgres: no server on 127.0.0.1:5432; starting embedded one", flush=True)

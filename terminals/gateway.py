@@ -46,7 +46,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from engine import limits, metrics
 from engine.campus import Campus, Coalescer, Connection, Outcome, PaymentResult, Terminal
 from engine.config import DEFAULT_TZ
-from engine.service import Engine, create_pool
+from engine.db.pool import create_pool
+from engine.service import Engine
 from ledger.ids import ordered
 from terminals.framing import FrameError, frame, read_frame
 from terminals.iso8583 import (

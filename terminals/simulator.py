@@ -22,7 +22,6 @@ the exit code 1.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import enum
@@ -54,8 +53,6 @@ from engine.campus import (
     TerminalKind,
     derived_account_id,
 )
-from engine.cli import command, subcommand
-from engine.config import parse_hostport
 from engine.service import Engine
 from ledger.account import Account
 from ledger.status import AccountStatus
@@ -1154,44 +1151,3 @@ async def _drive_workers(world: World, books: Books, stats: Stats, o: Options, h
         for a, d in r.balances.items():
             books.balance[a] += d
     return max(r.elapsed for r in shards)
-
-
-def _hostport(value: str) -> tuple[str, int]:
-    try:
-        return parse_hostport(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
-
-
-@subcommand("simulate", "drive a lunch rush of ISO 8583 terminals and check every balance")
-def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--terminals", type=int, default=500, help="terminals (default 500)")
-    p.add_argument("--duration", type=float, default=60.0, help="seconds of traffic (default 60)")
-    p.add_argument("--rate", type=float, default=2000.0,
-                   help="target requests per second, all terminals together (default 2000)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the traffic (default 0)")
-    p.add_argument("--holders", type=int, default=None,
-                   help="card holders (default 4 per terminal, at least 50)")
-    p.add_argument("--ledger", type=int, default=None,
-                   help="ledger to build the campus in (default: a fresh random one)")
-    p.add_argument("--iso", type=_hostport, default=None,
-                   help="drive the gateway already running at HOST:PORT on the same database "
-                        "(default: an in-process gateway)")
-    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                   help="processes driving the terminals, apart from the gateway's "
-                        f"(default {DEFAULT_WORKERS}; 0: the same process)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-@command("simulate")
-async def run(args: argparse.Namespace, dsn: str) -> int:
-    """``onecard simulate``: exit 0 when the ledger is consistent with the answers, else 1."""
-    o = Options(
-        terminals=args.terminals, duration=args.duration, rate=args.rate, seed=args.seed,
-        holders=args.holders, ledger=args.ledger, iso=args.iso, progress=not args.no_progress,
-        workers=args.workers,
-    )
-    console = Console()
-    report = await simulate(dsn, o, console=console)
-    show(report, console)
-    return 0 if report.consistent else 1

@@ -21,8 +21,8 @@ import msgspec
 import pytest
 import uvicorn
 
-from engine.api import create_app
-from engine.migrate import migrate
+from engine.db.migrate import migrate
+from engine.http.app import create_app
 from engine.service import Engine
 from tests.databases import with_database
 

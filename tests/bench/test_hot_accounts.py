@@ -22,10 +22,10 @@ import msgspec
 import pytest
 import uvicorn
 
-from engine.api import create_app
 from engine.batcher import Batcher, Overloaded, TransferResult
+from engine.finance.verify import verify
+from engine.http.app import create_app
 from engine.service import Engine
-from engine.verify import verify
 from ledger.account import Account
 from ledger.status import AccountStatus, TransferStatus
 from ledger.transfer import Transfer

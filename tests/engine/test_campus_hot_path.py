@@ -27,7 +27,7 @@ from engine.campus import (
     holder_account_ids,
     local_day_bounds,
 )
-from engine.migrate import migrate
+from engine.db.migrate import migrate
 from engine.service import Engine
 from ledger.status import TransferStatus
 from ledger.transfer import StoredTransfer, Transfer

@@ -21,10 +21,10 @@ import asyncpg
 import httpx
 import pytest
 
-from engine import embedded
-from engine.embedded import EmbeddedPostgres
-from engine.migrate import migration_files
-from engine.service import create_pool
+from engine.db import embedded
+from engine.db.embedded import EmbeddedPostgres
+from engine.db.migrate import migration_files
+from engine.db.pool import create_pool
 from engine.store import Store
 from ledger.account import Account
 from ledger.transfer import Transfer

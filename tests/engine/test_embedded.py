@@ -27,8 +27,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from engine import embedded
-from engine.embedded import EmbeddedPostgres, EmbeddedPostgresError
+from engine.db import embedded
+from engine.db.embedded import EmbeddedPostgres, EmbeddedPostgresError
 
 IS_ROOT = os.geteuid() == 0
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -346,7 +346,7 @@ _NON_ROOT_SCRIPT = textwrap.dedent(
     """
     import asyncio, json, os, sys
     import asyncpg
-    from engine.embedded import EmbeddedPostgres
+    from engine.db.embedded import EmbeddedPostgres
 
     pg = EmbeddedPostgres(sys.argv[1])
     dsn = pg.start()

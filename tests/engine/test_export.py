@@ -25,11 +25,11 @@ from beancount import loader
 from beancount.core import data
 
 from bench.export_day import LoadAccount, LoadTransfer, load_ledger, run, transfer_rows
-from engine import snapshots
-from engine.export import ExportResult, export_day, fen
+from engine import limits
+from engine.calendar import day_window, local_date, to_ns
+from engine.finance.export import ExportResult, export_day, fen
+from engine.finance.verify import verify
 from engine.service import Engine
-from engine.snapshots import day_window, local_date, to_ns
-from engine.verify import verify
 from ledger.account import Account
 from ledger.transfer import Transfer
 from ledger.types import AccountFlag, AccountKind, TransferFlag
@@ -287,7 +287,7 @@ async def test_small_cursor_chunks_write_the_same_files(
     engine: Engine, two_days: Day, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await _export(engine, D, tmp_path / "a", two_days.ledger)
-    monkeypatch.setattr(snapshots, "STREAM_CHUNK_ROWS", 3)
+    monkeypatch.setattr(limits, "STREAM_CHUNK_ROWS", 3)
     await _export(engine, D, tmp_path / "b", two_days.ledger)
     for f in sorted((tmp_path / "a").iterdir()):
         assert (tmp_path / "b" / f.name).read_bytes() == f.read_bytes(), f.name

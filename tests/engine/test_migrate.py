@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from engine.db.migrate import MigrationError, migrate, migration_files
 from engine.limits import MIGRATION_LOCK_KEY
-from engine.migrate import MigrationError, migrate, migration_files
 from tests.databases import scratch_database
 
 

@@ -21,9 +21,9 @@ from typing import Final
 
 from engine import metrics
 from engine.batcher import Batcher
+from engine.finance.verify import verify
 from engine.service import Engine
 from engine.store import SQL_SET_FLAGS
-from engine.verify import verify
 from ledger.status import TransferStatus
 from ledger.transfer import StoredTransfer, Transfer
 from ledger.types import AccountFlags

@@ -19,11 +19,12 @@ import msgspec
 import pytest
 
 from bench.export_day import LoadAccount, LoadTransfer, load_ledger, transfer_rows
-from engine.reconcile import (
+from engine.calendar import to_ns
+from engine.finance.reconcile import (
     Line,
+    ProviderFileError,
     ReconcileError,
     Result,
-    StatementError,
     StatementRow,
     TopUp,
     match,
@@ -32,7 +33,6 @@ from engine.reconcile import (
     reconcile,
 )
 from engine.service import Engine
-from engine.snapshots import to_ns
 from ledger.types import AccountKind
 from tests.conftest import Ids
 
@@ -111,7 +111,7 @@ def test_bad_statements_are_refused_with_the_line(
 ) -> None:
     path = tmp_path / "statement.csv"
     path.write_text(text, encoding="utf-8")
-    with pytest.raises(StatementError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ProviderFileError, match=message.replace("(", r"\(").replace(")", r"\)")):
         read_statement(path)
 
 
@@ -123,10 +123,10 @@ def test_statement_extras_are_tolerated(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     assert read_statement(path) == [StatementRow("wx-1", 100, _at(10, 8), 2)]
-    with pytest.raises(StatementError, match="cannot read"):
+    with pytest.raises(ProviderFileError, match="cannot read"):
         read_statement(tmp_path / "absent.csv")
     (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(StatementError):
+    with pytest.raises(ProviderFileError):
         read_statement(tmp_path / "bin.csv")
 
 

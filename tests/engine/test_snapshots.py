@@ -20,11 +20,9 @@ import asyncpg
 import pytest
 
 from bench.export_day import busy_day, load_ledger
-from engine.service import Engine
-from engine.snapshots import (
+from engine.calendar import day_window, from_ns, to_ns
+from engine.finance.snapshots import (
     Schedule,
-    day_window,
-    from_ns,
     last_cutoff,
     next_cutoff,
     parse_cutoff,
@@ -32,8 +30,8 @@ from engine.snapshots import (
     run_due,
     run_scheduler,
     snapshot_if_missing,
-    to_ns,
 )
+from engine.service import Engine
 from engine.store import SQL_BALANCE_AT, Store, now_ns
 from ledger.account import Account
 from ledger.transfer import Transfer

@@ -18,16 +18,14 @@ import msgspec
 import pytest
 
 from bench.export_day import LoadAccount, LoadTransfer, load_ledger, transfer_rows
-from engine.service import Engine
-from engine.snapshots import to_ns
-from engine.statement import (
+from engine.calendar import month_window, parse_month, to_ns
+from engine.finance.statements import (
     MonthStatement,
-    StatementError,
     Subject,
-    month_window,
+    UnknownSubject,
     monthly_statement,
-    parse_month,
 )
+from engine.service import Engine
 from ledger.types import AccountKind
 from tests.conftest import Ids
 
@@ -201,9 +199,9 @@ async def test_everyone_in_the_ledger_and_the_files(
 
 
 async def test_unknown_subjects(engine: Engine, dorm: Dorm) -> None:
-    with pytest.raises(StatementError, match="room '999' not found"):
+    with pytest.raises(UnknownSubject, match="room '999' not found"):
         await _statement(engine, dorm, room="999")
-    with pytest.raises(StatementError, match="holder 'nobody' not found"):
+    with pytest.raises(UnknownSubject, match="holder 'nobody' not found"):
         await _statement(engine, dorm, holder="nobody")
 
 

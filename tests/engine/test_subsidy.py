@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from engine.campus import Campus, Card, HolderKind, HolderResult, holder_account_ids
+from engine.cli.campus import SUBSIDY
 from engine.service import Engine
 from engine.subsidy import (
     FileError,
@@ -23,7 +24,6 @@ from engine.subsidy import (
     grant_subsidies,
     grant_transfer_id,
     read_grants,
-    run,
 )
 from ledger.account import Account
 from ledger.status import TransferStatus
@@ -271,11 +271,11 @@ async def test_clear_down_command(engine: Engine, dsn: str, ids: Ids,
     month = this_month()
     args = argparse.Namespace(file=None, clear_down=True, month=month, ledger=ledger,
                               batch_id=None, tz="Asia/Shanghai")
-    assert await run(args, dsn) == 1
+    assert await SUBSIDY.run(args, dsn) == 1
     out = capsys.readouterr().out
     assert "created" in out and "debit_account_frozen" in out
     assert await _subsidy(engine, ledger, "S1") == 0
     assert await _subsidy(engine, ledger, "S2") == 3_000
     bad = argparse.Namespace(file=None, clear_down=True, month=None, ledger=ledger,
                              batch_id=None, tz="Asia/Shanghai")
-    assert await run(bad, dsn) == 2
+    assert await SUBSIDY.run(bad, dsn) == 2

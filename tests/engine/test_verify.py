@@ -18,9 +18,9 @@ import asyncpg
 import msgspec
 import pytest
 
-from engine import snapshots
+from engine import limits
+from engine.finance.verify import Rank, Report, verify
 from engine.service import Engine
-from engine.verify import Rank, Report, verify
 from ledger.account import Account
 from ledger.transfer import Transfer
 from ledger.types import AccountFlag, AccountKind, TransferFlag
@@ -154,7 +154,7 @@ async def test_a_ledger_written_by_the_engine_verifies(engine: Engine, campus: C
 async def test_small_cursor_chunks_give_the_same_verdict(
     engine: Engine, campus: Campus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(snapshots, "STREAM_CHUNK_ROWS", 2)
+    monkeypatch.setattr(limits, "STREAM_CHUNK_ROWS", 2)
     report = await _verify(engine, campus)
     assert report.ok and report.transfers == 14 and report.expired_holds == 1
 

@@ -18,7 +18,7 @@ import asyncpg
 import httpx
 import pytest
 
-from engine.embedded import EmbeddedPostgres
+from engine.db.embedded import EmbeddedPostgres
 from terminals.client import TerminalClient
 from tests.databases import database_name
 from tests.faults.harness import (

@@ -13,7 +13,7 @@ import pytest
 from litestar import get
 from litestar.params import FromPath
 
-from engine.api import create_app
+from engine.http.app import create_app
 from engine.service import Engine
 from ledger.account import Account
 from ledger.transfer import Transfer

@@ -1,5 +1,4 @@
-"""End-of-day balance snapshots, plus what the finance commands share: the campus-local
-calendar and chunked reading of large tables.
+"""End-of-day balance snapshots.
 
 ``onecard serve`` runs :func:`run_scheduler` next to the API: once per campus-local day, at the
 cut-off time (``ONECARD_SNAPSHOT_AT``, ``HH:MM``, default ``00:00`` in ``ONECARD_TZ``), it
@@ -20,16 +19,17 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Coroutine
-from datetime import UTC, date, datetime, time, timedelta
-from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from collections.abc import Callable, Coroutine
+from datetime import datetime, time, timedelta
+from typing import Any, Final, TypeVar
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import msgspec
 
+from engine import limits
 from engine import store as store_sql
-from engine.config import DEFAULT_TZ
+from engine.calendar import campus_tz, local_date, to_ns
 from engine.store import Store, now_ns
 
 log = logging.getLogger(__name__)
@@ -37,65 +37,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SNAPSHOT_AT_ENV: Final = "ONECARD_SNAPSHOT_AT"
-TZ_ENV: Final = "ONECARD_TZ"
 DEFAULT_SNAPSHOT_AT: Final = time(0, 0)
-# The scheduler re-reads the clock at least this often, so a wall-clock jump or a time-zone
-# offset change delays a snapshot by at most this much.
-SCHEDULER_MAX_SLEEP_S: Final = 60.0
-# After a database error the scheduler tries again this much later (the API keeps running).
-SCHEDULER_RETRY_S: Final = 30.0
-
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_NS_PER_US: Final = 1000
-
-# -- the campus calendar -------------------------------------------------------------------------
-
-
-def campus_tz(name: str | None = None) -> ZoneInfo:
-    """The campus time zone: ``name``, else ``$ONECARD_TZ``, else Asia/Shanghai.
-
-    Raises ValueError for an unknown zone name.
-    """
-    key = name or os.environ.get(TZ_ENV) or DEFAULT_TZ
-    try:
-        return ZoneInfo(key)
-    except (ZoneInfoNotFoundError, ValueError) as e:
-        raise ValueError(f"unknown time zone {key!r}") from e
-
-
-def to_ns(dt: datetime) -> int:
-    """An aware datetime as engine nanoseconds (exact: integer microseconds)."""
-    if dt.tzinfo is None:
-        raise ValueError("naive datetime: a time zone is required")
-    return ((dt - _EPOCH) // timedelta(microseconds=1)) * _NS_PER_US
-
-
-def from_ns(ns: int, tz: ZoneInfo) -> datetime:
-    """Engine nanoseconds as an aware local datetime (truncated to the microsecond)."""
-    return (_EPOCH + timedelta(microseconds=ns // _NS_PER_US)).astimezone(tz)
-
-
-def local_date(ns: int, tz: ZoneInfo) -> date:
-    """The campus-local calendar day of an engine timestamp."""
-    return from_ns(ns, tz).date()
-
-
-def day_window(day: date, tz: ZoneInfo) -> tuple[int, int]:
-    """``[start, end)`` in engine nanoseconds of the campus-local day ``day``."""
-    start = datetime.combine(day, time(0), tzinfo=tz)
-    end = datetime.combine(day + timedelta(days=1), time(0), tzinfo=tz)
-    return to_ns(start), to_ns(end)
-
-
-def parse_day(value: str) -> date:
-    """``YYYY-MM-DD`` as a date; ValueError with a readable message otherwise."""
-    try:
-        if len(value) != 10:
-            raise ValueError
-        return date.fromisoformat(value)
-    except ValueError:
-        raise ValueError(f"expected a date YYYY-MM-DD, got {value!r}") from None
-
 
 def parse_cutoff(value: str) -> time:
     """``HH:MM`` (24-hour) as a time of day; ValueError otherwise."""
@@ -139,33 +81,6 @@ class Schedule(msgspec.Struct, frozen=True):
         """``$ONECARD_SNAPSHOT_AT`` (default 00:00) in ``$ONECARD_TZ`` (default Asia/Shanghai)."""
         raw = os.environ.get(SNAPSHOT_AT_ENV, "")
         return cls(cutoff=parse_cutoff(raw) if raw else DEFAULT_SNAPSHOT_AT, tz=campus_tz())
-
-
-# -- reading large tables ------------------------------------------------------------------------
-
-STREAM_CHUNK_ROWS: Final = 20_000  # rows per server-side cursor fetch: bounded client memory
-
-if TYPE_CHECKING:
-    from asyncpg.pool import PoolConnectionProxy
-
-    Conn: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
-
-
-async def stream(
-    conn: Conn, sql: str, *args: object, chunk: int | None = None
-) -> AsyncIterator[list[asyncpg.Record]]:
-    """The rows of ``sql`` in chunks through a server-side cursor (needs a transaction), so a
-    table of any size is read with ``chunk`` (default ``STREAM_CHUNK_ROWS``) rows in memory at
-    a time."""
-    n = chunk or STREAM_CHUNK_ROWS
-    cur = await conn.cursor(sql, *args)
-    while True:
-        rows = await cur.fetch(n)
-        if not rows:
-            return
-        yield rows
-        if len(rows) < n:
-            return
 
 
 # -- taking the day's snapshot ------------------------------------------------------------------
@@ -231,7 +146,7 @@ async def run_scheduler(
     schedule: Schedule | None = None,
     *,
     clock: Callable[[], int] = now_ns,
-    max_sleep_s: float = SCHEDULER_MAX_SLEEP_S,
+    max_sleep_s: float = limits.SNAPSHOT_SCHEDULER_MAX_SLEEP_S,
 ) -> None:
     """Forever: take the day's snapshots when due, then sleep until the next cut-off.
 
@@ -243,8 +158,11 @@ async def run_scheduler(
         try:
             await run_due(store, sched, clock=clock)
         except _TRANSIENT as e:
-            log.warning("end-of-day snapshot failed, retrying in %.0fs: %s", SCHEDULER_RETRY_S, e)
-            await asyncio.sleep(min(SCHEDULER_RETRY_S, max_sleep_s))
+            log.warning(
+                "end-of-day snapshot failed, retrying in %.0fs: %s",
+                limits.SNAPSHOT_SCHEDULER_RETRY_S, e,
+            )
+            await asyncio.sleep(min(limits.SNAPSHOT_SCHEDULER_RETRY_S, max_sleep_s))
             continue
         now = clock()
         wait_s = (next_cutoff(now, sched.cutoff, sched.tz) - now) / 1e9

@@ -1,24 +1,17 @@
-"""``onecard serve``: the engine, the HTTP API and the terminal gateway in one event loop."""
+"""The HTTP edge: uvicorn with the deadlines and caps it lacks, and signals left to the engine."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 from collections.abc import Generator
 
 import uvicorn
+from litestar.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from engine import limits
-from engine.api import create_app
-from engine.campus import DEFAULT_TZ, Campus
-from engine.config import tokens_from_env
-from engine.service import Engine
-from engine.snapshots import run_alongside
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +95,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.abort()
 
 
-class _Server(uvicorn.Server):
+class HttpServer(uvicorn.Server):
     """uvicorn, minus its signal handling.
 
     uvicorn re-raises a captured SIGTERM after it shuts down, which kills the process before
@@ -119,18 +112,10 @@ class _Server(uvicorn.Server):
         self.should_exit = True
 
 
-async def serve(dsn: str, args: argparse.Namespace) -> None:
-    """Run until SIGINT/SIGTERM; then stop accepting, drain the queue, answer it, exit."""
-    admin, read = tokens_from_env(args.data_dir)
-    engine = Engine(dsn)
-    await engine.start()
-    # One Campus for both doors: its card and terminal caches must see a report-lost made over
-    # HTTP before the next swipe at a terminal.
-    campus = Campus(engine, tz=os.environ.get("ONECARD_TZ") or DEFAULT_TZ)
-    app = create_app(engine, admin_token=admin, read_token=read)
-    app.state.campus = campus
-    host, port = args.http
-    server = _Server(
+def http_server(app: ASGIApp, host: str, port: int) -> HttpServer:
+    """A uvicorn server for ``app`` on ``host:port`` with the engine's limits, in the running
+    event loop; ``serve()`` runs it until ``request_exit()``."""
+    return HttpServer(
         uvicorn.Config(
             app,
             host=host,
@@ -145,33 +130,3 @@ async def serve(dsn: str, args: argparse.Namespace) -> None:
             timeout_graceful_shutdown=limits.GRACEFUL_SHUTDOWN_S,
         )
     )
-    gateway = None
-    if not args.no_iso:
-        # The composition root is the one place the engine reaches up to the terminal edge.
-        from terminals.gateway import Gateway
-
-        gateway = Gateway(engine, campus=campus)
-        await gateway.start(*args.iso, sweep=True)
-        log.info("terminal gateway on %s:%d", *args.iso)
-    log.info("HTTP API on http://%s:%d (OpenAPI at /openapi.json)", host, port)
-    # Both doors close at once on a signal: the gateway stops accepting and answers what it
-    # has read while uvicorn does the same; the engine drains its queue after both.
-    stopping: list[asyncio.Task[None]] = []
-
-    def on_signal() -> None:
-        server.request_exit()
-        if gateway is not None and not stopping:
-            stopping.append(asyncio.create_task(gateway.stop(), name="onecard-gateway-stop"))
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
-    try:
-        await run_alongside(server.serve(), engine.store)  # + end-of-day snapshots
-    finally:
-        if stopping:
-            await stopping[0]
-        elif gateway is not None:
-            await gateway.stop()
-        await engine.stop()
-        await asyncio.sleep(0)

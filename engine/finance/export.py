@@ -33,11 +33,9 @@ transfers.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
-import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date, timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Final
@@ -45,16 +43,13 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 import msgspec
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from engine.cli import command, subcommand
-from engine.snapshots import campus_tz, day_window, from_ns, parse_day, stream
+from engine.calendar import campus_tz, day_window, from_ns
+from engine.db.stream import stream
 from ledger.types import AccountKind, TransferCode, TransferFlags
 
 if TYPE_CHECKING:
-    from engine.snapshots import Conn
+    from engine.db.stream import Conn
 
 _AMOUNT_CACHE: Final = 100_000  # distinct amounts whose yuan text is kept
 CURRENCY: Final = "CNY"
@@ -345,12 +340,13 @@ async def export_day(
     *,
     tz: ZoneInfo | None = None,
     ledgers: Sequence[int] | None = None,
-    console: Console | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> ExportResult:
     """Write the four files of campus-local day ``day`` into ``out`` (see the module doc).
 
-    ``ledgers`` limits the export to those ledgers (default: all). With ``console`` a progress
-    bar is shown there. Files appear complete or not at all (written aside, then renamed).
+    ``ledgers`` limits the export to those ledgers (default: all). ``on_progress(done, total)``
+    is called as postings are written (the CLI draws a progress bar with it). Files appear
+    complete or not at all (written aside, then renamed).
     """
     zone = tz or campus_tz()
     start, end = day_window(day, zone)
@@ -370,14 +366,13 @@ async def export_day(
             files.journal.write(",".join(JOURNAL_HEADER) + "\n")
             _bean_head(files.bean, day, per_ledger, names)
             writers = _Writers(files.journal, files.bean, day, clock, names)
-            with _progress(console) as progress:
-                task = progress.add_task(f"export {day.isoformat()}", total=total)
-                for lg, accs in zip(chosen, per_ledger, strict=True):
-                    by_id = {a.id: a for a in accs}
-                    async for chunk in stream(conn, SQL_DAY_POSTINGS, lg, start, end):
-                        writers.chunk(chunk, by_id)
-                        postings += len(chunk)
-                        progress.advance(task, len(chunk))
+            for lg, accs in zip(chosen, per_ledger, strict=True):
+                by_id = {a.id: a for a in accs}
+                async for chunk in stream(conn, SQL_DAY_POSTINGS, lg, start, end):
+                    writers.chunk(chunk, by_id)
+                    postings += len(chunk)
+                    if on_progress is not None:
+                        on_progress(postings, total)
         accounts = [a for accs in per_ledger for a in accs]
         _bean_tail(files.bean, day, accounts, names)
         _write_settlement(files.tmp["settlement"], accounts)
@@ -440,18 +435,6 @@ class _Outputs:
 def _existed(a: AccountDay, end: int) -> bool:
     # accounts opened after the day are not part of it (unless they hold money by then)
     return a.created_at < end or bool(a.close_dp or a.close_cp)
-
-
-def _progress(console: Console | None) -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=console is None,
-        transient=False,
-    )
 
 
 def _bean_head(
@@ -530,70 +513,3 @@ def _by_kind(accounts: list[AccountDay]) -> list[KindTotal]:
         t.credits += a.credits
         t.closing += a.signed(a.close_dp, a.close_cp)
     return [t for t in totals.values() if t.accounts]
-
-
-def print_trial_balance(console: Console, result: ExportResult) -> None:
-    """The trial balance by kind as a table, with the debits = credits check."""
-    table = Table(title=f"Trial balance {result.day.isoformat()} (CNY)")
-    table.add_column("kind")
-    table.add_column("normal side")
-    table.add_column("accounts", justify="right")
-    for col in ("opening", "debits", "credits", "closing"):
-        table.add_column(col, justify="right")
-    for t in result.by_kind:
-        side = "credit" if AccountKind(t.kind).credit_normal else "debit"
-        table.add_row(
-            t.kind, side, str(t.accounts), fen(t.opening), fen(t.debits), fen(t.credits),
-            fen(t.closing),
-        )
-    table.add_section()
-    table.add_row(
-        "total", "", str(result.accounts), "", fen(result.total_debits),
-        fen(result.total_credits), "",
-    )
-    console.print(table)
-    balanced = result.total_debits == result.total_credits
-    console.print(
-        f"{result.postings} postings; total debits {fen(result.total_debits)} "
-        f"{'==' if balanced else '!='} total credits {fen(result.total_credits)}: "
-        + ("[green]balanced[/green]" if balanced else "[red]NOT BALANCED[/red]")
-    )
-    for p in result.problems:
-        console.print(f"[red]{p}[/red]")
-
-
-# -- command line ----------------------------------------------------------------------------
-
-
-def _day_arg(value: str) -> date:
-    try:
-        return parse_day(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
-
-
-@subcommand("export", "write a business day's settlement, trial balance and journals")
-def _args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--date", required=True, type=_day_arg, help="campus-local day YYYY-MM-DD")
-    p.add_argument("--out", required=True, type=Path, help="directory to write the files in")
-    p.add_argument(
-        "--ledger", type=int, action="append", help="export only this ledger (repeatable)"
-    )
-
-
-@command("export")
-async def _run(args: argparse.Namespace, dsn: str) -> int:
-    from engine.service import create_pool
-
-    console = Console(width=None if sys.stdout.isatty() else 120)  # no cropped columns in logs
-    pool = await create_pool(dsn, max_size=1)
-    try:
-        result = await export_day(
-            pool, args.date, args.out, ledgers=args.ledger, console=Console(stderr=True)
-        )
-    finally:
-        await pool.close()
-    print_trial_balance(console, result)
-    for p in result.files:
-        console.print(f"wrote {p}")
-    return 0 if result.ok else 1

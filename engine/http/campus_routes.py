@@ -25,7 +25,6 @@ from litestar import Request, get, post
 from litestar.params import FromPath, JSONBody
 
 from engine import limits
-from engine.api import ApiError, ErrorCode, require_admin, require_read
 from engine.batcher import RETRYABLE, Overloaded, Unavailable
 from engine.campus import (
     DEFAULT_TZ,
@@ -37,6 +36,7 @@ from engine.campus import (
     RegistryStatus,
     TerminalKind,
 )
+from engine.http.app import ApiError, ErrorCode, require_admin, require_read
 from engine.service import Engine
 from engine.subsidy import MAX_BATCH_ID_LEN, Grant, grant_problem, grant_subsidies
 from ledger.account import AccountName, HolderId

@@ -20,12 +20,10 @@ bankstatementparser), not yet a dependency worth the risk for money; convert to 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import enum
 import io
 import re
-import sys
 from collections import deque
 from collections.abc import Sequence
 from datetime import date, datetime
@@ -35,19 +33,14 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 import msgspec
-from rich.console import Console
-from rich.table import Table
 
-from engine.cli import command, subcommand
-from engine.export import fen
-from engine.snapshots import campus_tz, day_window, parse_day, to_ns
+from engine.calendar import campus_tz, day_window, to_ns
 from ledger.types import AccountKind, TransferCode, TransferFlags
 
 STATEMENT_COLUMNS: Final = ("provider_ref", "amount_fen", "time")
 RECONCILE_HEADER: Final = (
     "provider_ref", "transfer_id", "ledger_amount_fen", "statement_amount_fen", "result"
 )
-SHOW_UNMATCHED: Final = 20  # unmatched lines printed in the summary
 MAX_STATEMENT_BYTES: Final = 256 * 1024 * 1024  # a day of one channel is far below this
 
 _UNPOSTED: Final = int(TransferFlags.PENDING | TransferFlags.VOID_PENDING)
@@ -75,7 +68,7 @@ class Result(enum.StrEnum):
     AMOUNT_MISMATCH = "amount_mismatch"
 
 
-class StatementError(ValueError):
+class ProviderFileError(ValueError):
     """The statement file is unusable; the message says where and why."""
 
 
@@ -143,19 +136,19 @@ def parse_time(value: str) -> int:
 
 
 def read_statement(path: Path) -> list[StatementRow]:
-    """Every row of a statement CSV; StatementError (with the line) if anything is malformed."""
+    """Every row of a statement CSV; ProviderFileError (with the line) if anything is malformed."""
     try:
         if path.stat().st_size > MAX_STATEMENT_BYTES:
-            raise StatementError(f"{path}: larger than {MAX_STATEMENT_BYTES} bytes")
+            raise ProviderFileError(f"{path}: larger than {MAX_STATEMENT_BYTES} bytes")
         text = path.read_text(encoding="utf-8-sig")
     except OSError as e:
-        raise StatementError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise ProviderFileError(f"{path}: cannot read: {e.strerror or e}") from None
     except UnicodeDecodeError:
-        raise StatementError(f"{path}: not UTF-8 text") from None
+        raise ProviderFileError(f"{path}: not UTF-8 text") from None
     try:
         return _parse(path, text)
     except csv.Error as e:
-        raise StatementError(f"{path}: not readable as CSV: {e}") from None
+        raise ProviderFileError(f"{path}: not readable as CSV: {e}") from None
 
 
 def _parse(path: Path, text: str) -> list[StatementRow]:
@@ -164,7 +157,7 @@ def _parse(path: Path, text: str) -> list[StatementRow]:
     names = [h.strip() for h in header or []]
     missing = [c for c in STATEMENT_COLUMNS if c not in names]
     if missing:
-        raise StatementError(
+        raise ProviderFileError(
             f"{path} line 1: missing header column(s) {', '.join(missing)}; expected "
             f"{','.join(STATEMENT_COLUMNS)}"
         )
@@ -175,18 +168,20 @@ def _parse(path: Path, text: str) -> list[StatementRow]:
         if not rec or all(not c.strip() for c in rec):
             continue
         if len(rec) != len(names):
-            raise StatementError(f"{path} line {n}: {len(rec)} fields, the header has {len(names)}")
+            raise ProviderFileError(
+                f"{path} line {n}: {len(rec)} fields, the header has {len(names)}"
+            )
         ref, amount, when = rec[ref_i].strip(), rec[amount_i].strip(), rec[time_i]
         if not ref:
-            raise StatementError(f"{path} line {n}: empty provider_ref")
+            raise ProviderFileError(f"{path} line {n}: empty provider_ref")
         if not _AMOUNT.fullmatch(amount) or int(amount) == 0:
-            raise StatementError(
+            raise ProviderFileError(
                 f"{path} line {n}: bad amount_fen {amount!r} (a positive integer of fen)"
             )
         try:
             ts = parse_time(when)
         except ValueError as e:
-            raise StatementError(f"{path} line {n}: bad time: {e}") from None
+            raise ProviderFileError(f"{path} line {n}: bad time: {e}") from None
         rows.append(StatementRow(provider_ref=ref, amount=int(amount), time=ts, line=n))
     return rows
 
@@ -225,7 +220,7 @@ async def reconcile(
     tz: ZoneInfo | None = None,
 ) -> Reconciliation:
     """Reconcile ``clearing`` on ``day`` against ``statement``; writes the CSV into ``out``
-    when given. Raises StatementError or ReconcileError when it cannot run."""
+    when given. Raises ProviderFileError or ReconcileError when it cannot run."""
     zone = tz or campus_tz()
     start, end = day_window(day, zone)
     rows = read_statement(statement)
@@ -266,72 +261,3 @@ def _write(out: Path, day: date, lines: list[Line]) -> Path:
                 )
             )
     return path
-
-
-def print_summary(console: Console, rec: Reconciliation) -> None:
-    """Counts and amounts per result, then the first unmatched lines."""
-    table = Table(title=f"Reconciliation of clearing account {rec.clearing} on {rec.day}")
-    table.add_column("result")
-    table.add_column("lines", justify="right")
-    table.add_column("ledger CNY", justify="right")
-    table.add_column("statement CNY", justify="right")
-    for res in Result:
-        xs = [x for x in rec.lines if x.result is res]
-        style = "green" if res is Result.MATCHED else ("red" if xs else "")
-        table.add_row(
-            f"[{style}]{res}[/{style}]" if style else str(res),
-            str(len(xs)),
-            fen(sum(x.ledger_amount or 0 for x in xs)),
-            fen(sum(x.statement_amount or 0 for x in xs)),
-        )
-    console.print(table)
-    if rec.ignored_rows:
-        console.print(f"{rec.ignored_rows} statement row(s) outside {rec.day} ignored")
-    bad = [x for x in rec.lines if x.result is not Result.MATCHED]
-    for x in bad[:SHOW_UNMATCHED]:
-        console.print(
-            f"  {x.result}: ref {x.provider_ref or '(none)'} transfer {x.transfer_id or '-'} "
-            f"ledger {x.ledger_amount if x.ledger_amount is not None else '-'} "
-            f"statement {x.statement_amount if x.statement_amount is not None else '-'}"
-        )
-    if len(bad) > SHOW_UNMATCHED:
-        console.print(f"  ... {len(bad) - SHOW_UNMATCHED} more in the CSV")
-    if rec.path is not None:
-        console.print(f"wrote {rec.path}")
-    console.print("[green]all matched[/green]" if rec.ok else f"[red]{len(bad)} unmatched[/red]")
-
-
-# -- command line ----------------------------------------------------------------------------
-
-
-def _day_arg(value: str) -> date:
-    try:
-        return parse_day(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
-
-
-@subcommand("reconcile", "match a clearing account's top-ups with a provider statement")
-def _args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--date", required=True, type=_day_arg, help="campus-local day YYYY-MM-DD")
-    p.add_argument("--clearing", required=True, type=int, help="the clearing account id")
-    p.add_argument(
-        "--statement", required=True, type=Path, help="CSV provider_ref,amount_fen,time"
-    )
-    p.add_argument("--out", type=Path, default=Path("."), help="where reconcile-D.csv goes")
-
-
-@command("reconcile")
-async def _run(args: argparse.Namespace, dsn: str) -> int:
-    from engine.service import create_pool
-
-    pool = await create_pool(dsn, max_size=1)
-    try:
-        rec = await reconcile(pool, args.date, args.clearing, args.statement, out=args.out)
-    except (StatementError, ReconcileError) as e:
-        print(f"onecard reconcile: {e}", file=sys.stderr)
-        return 2
-    finally:
-        await pool.close()
-    print_summary(Console(width=None if sys.stdout.isatty() else 120), rec)
-    return 0 if rec.ok else 1

@@ -545,7 +545,7 @@ def create_app(
     """
     routes: list[Any] = [*ROUTES, *(extra_routes or [])]
     try:
-        from engine.campus_api import ROUTES as campus_routes
+        from engine.http.campus_routes import ROUTES as campus_routes
     except ModuleNotFoundError:
         campus_routes = []
     routes.extend(campus_routes)

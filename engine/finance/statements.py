@@ -21,9 +21,7 @@ a statement whose lines do not add up to them is reported and the command exits 
 
 from __future__ import annotations
 
-import argparse
 import csv
-import sys
 from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
@@ -32,22 +30,19 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 import msgspec
-from rich.console import Console
-from rich.table import Table
 
-from engine.cli import command, subcommand
-from engine.export import SQL_POSTED_BEFORE, fen
-from engine.snapshots import campus_tz, day_window, from_ns, stream
+from engine.calendar import campus_tz, from_ns, month_window
+from engine.db.stream import stream
+from engine.finance.export import SQL_POSTED_BEFORE
 from ledger.types import AccountKind, TransferCode, TransferFlags
 
 if TYPE_CHECKING:
-    from engine.snapshots import Conn
+    from engine.db.stream import Conn
 
 STATEMENT_HEADER: Final = (
     "subject", "ledger", "item", "transfer_id", "timestamp", "time", "account_id",
     "counterparty_id", "amount_fen", "balance_fen",
 )
-SHOW_SUBJECTS: Final = 50  # rows of the printed summary; the CSV has them all
 
 _UNPOSTED: Final = int(TransferFlags.PENDING | TransferFlags.VOID_PENDING)
 _HOT_WATER: Final = int(TransferCode.HOT_WATER)
@@ -128,23 +123,7 @@ class MonthStatement(msgspec.Struct, frozen=True):
         return all(s.adds_up for s in (*self.rooms, *self.holders))
 
 
-def parse_month(value: str) -> date:
-    """``YYYY-MM`` as the first day of that month; ValueError otherwise."""
-    try:
-        if len(value) != 7 or value[4] != "-":
-            raise ValueError
-        return date(int(value[:4]), int(value[5:]), 1)
-    except ValueError:
-        raise ValueError(f"expected a month YYYY-MM, got {value!r}") from None
-
-
-def month_window(month: date, tz: ZoneInfo) -> tuple[int, int]:
-    """``[start, end)`` in engine ns of the campus-local month starting at ``month``."""
-    nxt = date(month.year + month.month // 12, month.month % 12 + 1, 1)
-    return day_window(month, tz)[0], day_window(nxt, tz)[0]
-
-
-class StatementError(ValueError):
+class UnknownSubject(ValueError):
     """The room or holder asked for does not exist."""
 
 
@@ -215,7 +194,7 @@ async def monthly_statement(
     tz: ZoneInfo | None = None,
 ) -> MonthStatement:
     """Statements of ``month`` for one room, one holder, or (neither given) every room and
-    every holder; CSV files written into ``out`` when given. StatementError when the room or
+    every holder; CSV files written into ``out`` when given. UnknownSubject when the room or
     holder asked for does not exist."""
     if room is not None and holder is not None:
         raise ValueError("a room or a holder, not both")
@@ -239,9 +218,9 @@ async def monthly_statement(
                 for r in await conn.fetch(SQL_HOLDERS, holder, ledger)
             ]
         if room is not None and not rooms:
-            raise StatementError(f"room {room!r} not found")
+            raise UnknownSubject(f"room {room!r} not found")
         if holder is not None and not holders:
-            raise StatementError(f"holder {holder!r} not found")
+            raise UnknownSubject(f"holder {holder!r} not found")
         by_ledger: dict[int, list[Subject]] = {}
         for s in (*rooms, *holders):
             by_ledger.setdefault(s.ledger, []).append(s)
@@ -277,82 +256,3 @@ def _write(path: Path, subjects: Sequence[Subject], tz: ZoneInfo) -> Path:
                 w.writerow((s.label, s.ledger, "other", "", "", "", "", "", s.other, ""))
             w.writerow((s.label, s.ledger, "closing", "", "", "", "", "", "", s.closing))
     return path
-
-
-def print_statement(console: Console, st: MonthStatement) -> None:
-    """A summary table per room and per holder (CNY)."""
-    m = f"{st.month.year:04d}-{st.month.month:02d}"
-    if st.rooms:
-        t = Table(title=f"Electricity by room, {m} (CNY)")
-        for col in ("room", "opening", "purchases", "consumption", "reversals", "other",
-                    "closing"):
-            t.add_column(col, justify="left" if col == "room" else "right")
-        for s in st.rooms[:SHOW_SUBJECTS]:
-            t.add_row(
-                s.id, fen(s.opening), fen(s.total("purchase")), fen(s.total("consumption")),
-                fen(s.total("reversal")), fen(s.total("other")), _closing(s),
-            )
-        console.print(t)
-    if st.holders:
-        t = Table(title=f"Hot water and electricity by holder, {m} (CNY)")
-        for col in ("holder", "opening", "hot water", "electricity", "reversals", "other",
-                    "closing"):
-            t.add_column(col, justify="left" if col == "holder" else "right")
-        for s in st.holders[:SHOW_SUBJECTS]:
-            t.add_row(
-                s.id, fen(s.opening), fen(s.total("hot_water")), fen(s.total("electricity")),
-                fen(s.total("reversal")), fen(s.other), _closing(s),
-            )
-        console.print(t)
-    shown = len(st.rooms[:SHOW_SUBJECTS]) + len(st.holders[:SHOW_SUBJECTS])
-    if shown < len(st.rooms) + len(st.holders):
-        console.print(f"({len(st.rooms) + len(st.holders) - shown} more in the CSV files)")
-    for s in (*st.rooms, *st.holders):
-        if not s.adds_up:
-            console.print(f"[red]{s.label}: the lines do not add up to the closing balance; "
-                          "run onecard verify[/red]")
-    for p in st.files:
-        console.print(f"wrote {p}")
-
-
-def _closing(s: Subject) -> str:
-    return fen(s.closing) if s.adds_up else f"[red]{fen(s.closing)}[/red]"
-
-
-# -- command line ----------------------------------------------------------------------------
-
-
-def _month_arg(value: str) -> date:
-    try:
-        return parse_month(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
-
-
-@subcommand("statement", "monthly electricity and hot-water statements by room and holder")
-def _args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--month", required=True, type=_month_arg, help="campus-local YYYY-MM")
-    who = p.add_mutually_exclusive_group()
-    who.add_argument("--room", help="one room's statement")
-    who.add_argument("--holder", help="one holder's statement")
-    p.add_argument("--ledger", type=int, help="only this ledger (campus)")
-    p.add_argument("--out", type=Path, default=Path("."), help="where the CSV files go")
-
-
-@command("statement")
-async def _run(args: argparse.Namespace, dsn: str) -> int:
-    from engine.service import create_pool
-
-    pool = await create_pool(dsn, max_size=1)
-    try:
-        st = await monthly_statement(
-            pool, args.month, room=args.room, holder=args.holder, ledger=args.ledger,
-            out=args.out,
-        )
-    except StatementError as e:
-        print(f"onecard statement: {e}", file=sys.stderr)
-        return 2
-    finally:
-        await pool.close()
-    print_statement(Console(width=None if sys.stdout.isatty() else 120), st)
-    return 0 if st.ok else 1

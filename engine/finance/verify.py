@@ -23,7 +23,6 @@ wrong with it.
 
 from __future__ import annotations
 
-import argparse
 import enum
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Final
@@ -31,19 +30,18 @@ from typing import TYPE_CHECKING, Final
 import asyncpg
 import msgspec
 
-from engine.cli import command, subcommand
-from engine.snapshots import campus_tz, from_ns, stream
+from engine.calendar import campus_tz, from_ns
+from engine.db.stream import stream
 from ledger import audit
 from ledger.types import TransferFlags
 
 if TYPE_CHECKING:
-    from engine.snapshots import Conn
+    from engine.db.stream import Conn
 
 MAX_PROBLEMS: Final = 1000  # problems kept per run (the first is the one that matters)
 # An over-full audit batch up to this size is searched for the one inserted row (n hashes of n
 # rows each); larger ones are reported as a whole.
 LOCALISE_MAX_ROWS: Final = 256
-SHOW_PROBLEMS: Final = 10  # printed after the first one
 
 _PENDING: Final = int(TransferFlags.PENDING)
 _POST: Final = int(TransferFlags.POST_PENDING)
@@ -625,43 +623,3 @@ async def verify(pool: asyncpg.Pool, *, ledgers: Sequence[int] | None = None) ->
                 await _LedgerCheck(conn, ledger, head, report).run()
             report.ledgers += 1
     return report
-
-
-# -- command line ----------------------------------------------------------------------------
-
-
-@subcommand("verify", "check the audit chain, snapshots and invariants")
-def _args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--ledger", type=int, action="append", help="check only this ledger (repeatable)"
-    )
-
-
-@command("verify")
-async def _run(args: argparse.Namespace, dsn: str) -> int:
-    from engine.service import create_pool
-
-    pool = await create_pool(dsn, max_size=1)
-    try:
-        report = await verify(pool, ledgers=args.ledger)
-    finally:
-        await pool.close()
-    first = report.first()
-    if first is None:
-        print(
-            f"OK: {report.ledgers} ledgers, {report.transfers} transfers in {report.batches} "
-            f"audit batches, {report.snapshots} snapshots, {report.accounts} accounts, "
-            f"{report.expired_holds} expired holds"
-        )
-        return 0
-    print(f"FAILED: {first}")
-    rest = [p for p in report.ordered() if p is not first]
-    total = len(rest) + report.more_problems
-    if total:
-        shown = rest if args.verbose else rest[:SHOW_PROBLEMS]
-        print(f"{total} further problem(s):")
-        for p in shown:
-            print(f"  {p}")
-        if total > len(shown):
-            print(f"  ... {total - len(shown)} more (-v lists the kept ones)")
-    return 1

@@ -1,0 +1,79 @@
+"""The ``onecard`` command line (contract §3).
+
+The CLI is the top of the house: it imports the commands (an explicit table, in help order)
+and through them the domain, the HTTP and terminal edges and the bench; nothing imports it.
+Each command lives in the module of its concept: ``serve``, ``ledger`` (migrate, snapshot),
+``finance`` (export, reconcile, verify, statement), ``campus`` (subsidy), ``tools`` (simulate,
+bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Final
+
+import uvloop
+
+from engine.cli import campus, finance, ledger, serve, tools
+from engine.cli.base import Command, database
+from engine.config import DEFAULT_DATA_DIR
+from engine.service import tune_gc
+
+COMMANDS: Final[tuple[Command, ...]] = (
+    serve.SERVE,
+    ledger.MIGRATE,
+    ledger.SNAPSHOT,
+    finance.EXPORT,
+    finance.RECONCILE,
+    finance.VERIFY,
+    finance.STATEMENT,
+    campus.SUBSIDY,
+    tools.SIMULATE,
+    tools.BENCH,
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dsn", help="PostgreSQL DSN (default: $ONECARD_DSN, else embedded)")
+    common.add_argument(
+        "--data-dir",
+        default=os.environ.get("ONECARD_DATA_DIR", DEFAULT_DATA_DIR),
+        help="where the embedded PostgreSQL and local state live (default .onecard/)",
+    )
+    common.add_argument(
+        "--stop-embedded",
+        action="store_true",
+        help="stop the embedded PostgreSQL when the command ends (serve always does)",
+    )
+    common.add_argument("-v", "--verbose", action="store_true")
+    p = argparse.ArgumentParser(prog="onecard", description="Campus one-card engine")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for c in COMMANDS:
+        c.arguments(sub.add_parser(c.name, parents=[common], help=c.help))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``onecard`` console script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    run = {c.name: c.run for c in COMMANDS}[args.command]
+    try:
+        with database(args) as dsn:
+            tune_gc()
+            code = uvloop.run(run(args, dsn))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # a clear message, not a traceback, for operators
+        if args.verbose:
+            raise
+        print(f"onecard {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    return int(code)

@@ -1,0 +1,79 @@
+"""``onecard serve``: the engine, the HTTP API and the terminal gateway in one event loop.
+
+This is the composition root: the one place that wires the engine, the campus, the HTTP edge
+and the terminal edge together (the CLI is the top of the house; nothing imports it)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from typing import Final
+
+from engine.calendar import campus_tz_name
+from engine.campus import Campus
+from engine.cli.base import Command, hostport_arg
+from engine.config import DEFAULT_HTTP, DEFAULT_ISO, tokens_from_env
+from engine.finance.snapshots import run_alongside
+from engine.http.app import create_app
+from engine.http.server import http_server
+from engine.service import Engine
+from terminals.gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--http", default=DEFAULT_HTTP, type=hostport_arg, help="HOST:PORT for HTTP")
+    p.add_argument("--iso", default=DEFAULT_ISO, type=hostport_arg, help="HOST:PORT for ISO 8583")
+    p.add_argument("--no-iso", action="store_true", help="do not start the terminal gateway")
+
+
+async def _serve(args: argparse.Namespace, dsn: str) -> int:
+    await serve(dsn, args)
+    return 0
+
+
+async def serve(dsn: str, args: argparse.Namespace) -> None:
+    """Run until SIGINT/SIGTERM; then stop accepting, drain the queue, answer it, exit."""
+    admin, read = tokens_from_env(args.data_dir)
+    engine = Engine(dsn)
+    await engine.start()
+    # One Campus for both doors: its card and terminal caches must see a report-lost made over
+    # HTTP before the next swipe at a terminal.
+    campus = Campus(engine, tz=campus_tz_name())
+    app = create_app(engine, admin_token=admin, read_token=read)
+    app.state.campus = campus
+    host, port = args.http
+    server = http_server(app, host, port)
+    gateway = None
+    if not args.no_iso:
+        gateway = Gateway(engine, campus=campus)
+        await gateway.start(*args.iso, sweep=True)
+        log.info("terminal gateway on %s:%d", *args.iso)
+    log.info("HTTP API on http://%s:%d (OpenAPI at /openapi.json)", host, port)
+    # Both doors close at once on a signal: the gateway stops accepting and answers what it
+    # has read while uvicorn does the same; the engine drains its queue after both.
+    stopping: list[asyncio.Task[None]] = []
+
+    def on_signal() -> None:
+        server.request_exit()
+        if gateway is not None and not stopping:
+            stopping.append(asyncio.create_task(gateway.stop(), name="onecard-gateway-stop"))
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await run_alongside(server.serve(), engine.store)  # + end-of-day snapshots
+    finally:
+        if stopping:
+            await stopping[0]
+        elif gateway is not None:
+            await gateway.stop()
+        await engine.stop()
+        await asyncio.sleep(0)
+
+
+SERVE: Final = Command("serve", "run the HTTP API and terminal gateway", _arguments, _serve)
