@@ -35,6 +35,8 @@ def peer_of(host: str | None) -> str:
     /64 prefix (an IPv4-mapped IPv6 address is its IPv4 address); ``""`` when unknown."""
     if not host:
         return ""
+    if ":" not in host:
+        return host  # IPv4, as the kernel spells it (the common case, without parsing)
     try:
         addr = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:

@@ -515,7 +515,7 @@ class Gateway:
         self._pool: asyncpg.Pool | None = None
         self._memory: AnswerMemory | None = None
         self._connections: dict[asyncio.Task[None], _Connection] = {}
-        self._slots: PeerSlots[_Connection] = PeerSlots(
+        self._peer_slots: PeerSlots[_Connection] = PeerSlots(
             max_total=max_connections, max_per_peer=max_connections_per_peer
         )
         self._flights: dict[UUID, asyncio.Task[_Answer]] = {}
@@ -575,7 +575,7 @@ class Gateway:
         peername = writer.get_extra_info("peername")
         conn = _Connection(self, reader, writer)
         peer = peer_of(peername[0] if isinstance(peername, tuple) else None)
-        admitted, victim = (False, None) if self._stopping else self._slots.admit(conn, peer)
+        admitted, victim = (False, None) if self._stopping else self._peer_slots.admit(conn, peer)
         if victim is not None:  # its slot is this newcomer's now
             GATEWAY_UNVERIFIED_DROPPED.labels("evicted").inc()
             victim.abort()
@@ -592,7 +592,7 @@ class Gateway:
         try:
             await conn.run()
         finally:
-            self._slots.leave(conn)
+            self._peer_slots.leave(conn)
             self._connections.pop(task, None)
             GATEWAY_CONNECTIONS.set(len(self._connections))
 
@@ -908,14 +908,14 @@ class _Connection:
     def _on_verified(self) -> None:
         if not self.verified:
             self.verified = True
-            self.gateway._slots.settle(self)
+            self.gateway._peer_slots.settle(self)
             if self._deadline is not None:
                 self._deadline.cancel()
 
     def _unverified_too_long(self) -> None:
         if not self.verified:
             GATEWAY_UNVERIFIED_DROPPED.labels("first_frame_deadline").inc()
-            self.gateway._slots.leave(self)  # the slot is free now, not after pending answers
+            self.gateway._peer_slots.leave(self)  # the slot is free now, not after pending answers
             self.abort()
 
     async def _read_loop(self) -> None:

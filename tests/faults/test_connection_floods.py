@@ -221,6 +221,7 @@ class Flood:
     def __init__(self, port: int, *, opening: bytes) -> None:
         self.argv = [sys.executable, "-m", __name__, str(port), str(FLOOD), opening.hex()]
         self.opened = 0
+        self.started = self.lasted = 0.0
         self._proc: asyncio.subprocess.Process | None = None
 
     async def __aenter__(self) -> Flood:
@@ -231,6 +232,7 @@ class Flood:
         assert proc.stdout is not None
         async with asyncio.timeout(30):
             assert await proc.stdout.readline() == b"ready\n"
+        self.started = time.monotonic()
         await asyncio.sleep(0.5)  # the flood reaches the server and fills its slots
         return self
 
@@ -238,6 +240,7 @@ class Flood:
         proc = self._proc
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
         proc.stdin.close()
+        self.lasted = time.monotonic() - self.started
         async with asyncio.timeout(30):
             self.opened = int(await proc.stdout.readline())
             await proc.wait()
@@ -259,6 +262,7 @@ async def test_idle_connections_cannot_lock_terminals_out(stack: Stack) -> None:
     card = stack.campus.holders[0].card_no
     latencies: list[float] = []
     keeper = _terminal(gw, stack.campus.terminals[3])
+    keeper_since = time.monotonic()
     await keeper.connect()
     assert (await keeper.request(keeper.sign_on())).response_code == "00"
     for pos in stack.campus.terminals[:3]:
@@ -276,9 +280,10 @@ async def test_idle_connections_cannot_lock_terminals_out(stack: Stack) -> None:
     )
     for _, w in idle:
         w.close()
-    _figures("gateway, 128 idle connections on 64 slots", latencies)
+    _figures(f"gateway, {2 * SLOTS} idle connections on {SLOTS} slots", latencies)
     assert all(closed), f"{closed.count(False)} idle connections outlived the first-frame deadline"
-    # verified before the deadline, so not cut by it
+    # verified before its deadline, so not cut by it
+    await asyncio.sleep(max(0.0, keeper_since + FIRST_FRAME_S + 0.5 - time.monotonic()))
     assert (await keeper.request(keeper.purchase(card, 1))).response_code == "00"
     await keeper.close()
 
@@ -292,7 +297,6 @@ async def test_reconnecting_flood_leaves_terminals_answered(stack: Stack) -> Non
     connects: list[float] = []
     card = stack.campus.holders[1].card_no
     async with Flood(gw.port, opening=b"") as flood:
-        t_start = time.monotonic()
         for _ in range(4):  # each terminal reconnects, as after a network blip
             for pos in stack.campus.terminals:
                 t0 = time.monotonic()
@@ -303,13 +307,12 @@ async def test_reconnecting_flood_leaves_terminals_answered(stack: Stack) -> Non
                         answer = await c.request(msg)
                         latencies.append(time.monotonic() - t0)
                         assert answer.response_code == "00", answer
-        elapsed = time.monotonic() - t_start
     p99 = _figures(
         f"gateway, {FLOOD} reconnecting idle connections on {SLOTS} slots",
         latencies,
         f"; connect p50 {statistics.median(connects) * 1000:.1f} ms, max "
         f"{max(connects) * 1000:.1f} ms; the flood opened {flood.opened} connections "
-        f"({flood.opened / elapsed:.0f}/s)",
+        f"({flood.opened / flood.lasted:.0f}/s)",
     )
     assert p99 < HONEST_P99_S, latencies
 
@@ -357,17 +360,15 @@ async def test_half_sent_heads_cannot_make_honest_requests_503(stack: Stack) -> 
             Flood(port, opening=PARTIAL_HEAD) as flood,
             httpx.AsyncClient(base_url=url, timeout=10, limits=fresh) as c,
         ):
-            t_start = time.monotonic()
             for _ in range(100):
                 t0 = time.monotonic()
                 r = await c.get(f"/v1/accounts/{stack.book.purses[0]}/balance", headers=READ)
                 latencies.append(time.monotonic() - t0)
                 statuses.append(r.status_code)
-            elapsed = time.monotonic() - t_start
     p99 = _figures(
         f"HTTP, {FLOOD} reconnecting half-sent heads on {SLOTS} slots",
         latencies,
-        f"; the flood opened {flood.opened} connections ({flood.opened / elapsed:.0f}/s)",
+        f"; the flood opened {flood.opened} connections ({flood.opened / flood.lasted:.0f}/s)",
     )
     assert statuses == [200] * len(statuses), statuses
     assert p99 < HONEST_P99_S, latencies
