@@ -26,10 +26,17 @@ MAX_STATEMENT_LIMIT: Final = 1000
 DEFAULT_STATEMENT_LIMIT: Final = 100
 RETRY_AFTER_S: Final = 1
 
-# -- HTTP edge (engine/http/server.py) ----------------------------------------------------------
-# Open connections; beyond it a request is answered 503 at once (bounds sockets and memory).
+# -- HTTP edge (engine/http/server.py) ---------------------------------------------------------
+# Open connections (bounds sockets and memory). A newcomer beyond it takes the slot of a
+# connection still waiting for its request head (engine/slots.py: the most crowded peer's
+# oldest); only when every connection is busy with a request is it answered 503 at once.
 MAX_HTTP_CONNECTIONS: Final = 1024
-# A request head (request line and headers) larger than this is refused with 400.
+# Connections from one peer (an IPv4 address, an IPv6 /64): a flood from one address then
+# only ever displaces its own connections. Half the total, so a campus NAT or a load
+# generator on one host (500 clients) still fits, while one address cannot take it all.
+HTTP_MAX_CONNECTIONS_PER_PEER: Final = 512
+# A request head (request line and headers) larger than this is refused with 400, however
+# its bytes are split into reads.
 MAX_HEAD_BYTES: Final = 16 * 1024
 # A whole request (head and body) must arrive within this of the connection opening or of the
 # previous answer; a silent, trickling or stalled client is then disconnected.
@@ -71,7 +78,22 @@ EMBEDDED_SHARED_BUFFERS_MAX_MB: Final = 4096  # the embedded server's cache: RAM
 MIGRATION_LOCK_KEY: Final = 0x0C0A4D  # advisory lock serialising concurrent migrators
 
 # -- terminal gateway --------------------------------------------------------------------------
-GATEWAY_MAX_CONNECTIONS: Final = 4096  # beyond it a new connection is closed at once
+# Open terminal connections. A newcomer beyond it takes the slot of a connection that has not
+# yet sent a frame whose MAC verified (engine/slots.py: the most crowded peer's oldest); only
+# when every connection is a verified terminal is it closed at once.
+GATEWAY_MAX_CONNECTIONS: Final = 4096
+# Connections from one peer address (IPv4, or IPv6 /64). A canteen's tills may all sit behind
+# one NAT address: dozens, not hundreds, so 512 is generous and still leaves 7/8 of the slots
+# to everyone else; the simulator's and bench's default 500 terminals on one host fit.
+GATEWAY_MAX_CONNECTIONS_PER_PEER: Final = 512
+# A new connection must send a frame whose MAC verifies for a known terminal within this, or
+# it is closed: without it, idle connections that never send a byte held their slots for the
+# whole idle timeout. Terminals send their sign-on or first request right after connecting.
+GATEWAY_FIRST_FRAME_TIMEOUT_S: Final = 10.0
+# Connections the kernel holds for the gateway to accept. Not tied to the connection cap: a
+# newcomer beyond the cap may take an unverified connection's slot, and under a flood of
+# connects a short queue drops a terminal's handshake, which it then retries only after 1 s.
+GATEWAY_LISTEN_BACKLOG: Final = 4096
 GATEWAY_MAX_FRAME_BYTES: Final = 1024  # the largest message of the profile is < 400 bytes
 GATEWAY_IDLE_TIMEOUT_S: Final = 300.0  # no complete frame for this long: the connection closes
 GATEWAY_WRITE_TIMEOUT_S: Final = 10.0  # a peer that does not read its answers is dropped

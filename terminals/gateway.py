@@ -23,6 +23,10 @@ exactly once (``Campus.withdraw``). A retransmission gets that stored 96 and pos
 Connections: 2-byte length frames, pipelining up to a per-connection bound (answers go back
 in request order), an idle timeout, a write timeout, a connection cap, a global in-flight
 cap. Overload (a full batcher queue or too many requests in flight) answers ``96`` at once.
+A connection is *unverified* until one of its frames carries a good MAC for a known terminal:
+it must get there within a short first-frame deadline, and a newcomer that finds the gateway
+(or its own peer address) full takes the slot of an unverified connection (engine/slots.py),
+so idle connections without credentials cannot lock the terminals out.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
+from contextvars import ContextVar
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 from uuid import UUID
@@ -48,6 +54,7 @@ from engine.campus import Campus, Coalescer, Connection, Outcome, PaymentResult,
 from engine.config import DEFAULT_TZ
 from engine.db.pool import create_pool
 from engine.service import Engine
+from engine.slots import PeerSlots, peer_of
 from ledger.ids import ordered
 from terminals.framing import FrameError, frame, read_frame
 from terminals.iso8583 import (
@@ -115,6 +122,27 @@ GATEWAY_REFUSED: Final = Counter(
     "Connections closed at once because the gateway was full or stopping.",
     registry=metrics.REGISTRY,
 )
+GATEWAY_UNVERIFIED_DROPPED: Final = Counter(
+    "onecard_gateway_unverified_dropped_total",
+    "Connections closed before any frame of theirs had a good MAC: evicted to make room for a "
+    "newcomer, or past the first-frame deadline.",
+    ["reason"],
+    registry=metrics.REGISTRY,
+)
+
+# Set by each connection's reader; every answer task it starts inherits it. ``_decide`` calls
+# it once a frame's MAC verified for a known terminal, which marks the connection verified
+# at that moment (not when the answer is ready: a slow first purchase must not run into the
+# first-frame deadline).
+_ON_VERIFIED: Final[ContextVar[Callable[[], None] | None]] = ContextVar(
+    "onecard_gateway_on_verified", default=None
+)
+
+
+def _frame_verified() -> None:
+    callback = _ON_VERIFIED.get()
+    if callback is not None:
+        callback()
 
 
 # ---------------------------------------------------------------------------------------
@@ -593,6 +621,8 @@ class Gateway:
         campus: Campus | None = None,
         tz: str | None = None,
         max_connections: int = limits.GATEWAY_MAX_CONNECTIONS,
+        max_connections_per_peer: int = limits.GATEWAY_MAX_CONNECTIONS_PER_PEER,
+        first_frame_timeout_s: float = limits.GATEWAY_FIRST_FRAME_TIMEOUT_S,
         max_frame_bytes: int = limits.GATEWAY_MAX_FRAME_BYTES,
         idle_timeout_s: float = limits.GATEWAY_IDLE_TIMEOUT_S,
         write_timeout_s: float = limits.GATEWAY_WRITE_TIMEOUT_S,
@@ -609,6 +639,8 @@ class Gateway:
             campus = Campus(engine, tz=self.tz)
         self.campus = campus
         self.max_connections = max_connections
+        self.max_connections_per_peer = max_connections_per_peer
+        self.first_frame_timeout_s = first_frame_timeout_s
         self.max_frame_bytes = max_frame_bytes
         self.idle_timeout_s = idle_timeout_s
         self.write_timeout_s = write_timeout_s
@@ -619,6 +651,9 @@ class Gateway:
         self._pool: asyncpg.Pool | None = None
         self._memory: AnswerMemory | None = None
         self._connections: dict[asyncio.Task[None], _Connection] = {}
+        self._peer_slots: PeerSlots[_Connection] = PeerSlots(
+            max_total=max_connections, max_per_peer=max_connections_per_peer
+        )
         self._flights: dict[UUID, _Flight] = {}
         # given-up requests whose postings are being taken back (Gateway._settle), by key
         self._settling: dict[UUID, asyncio.Task[None]] = {}
@@ -641,7 +676,7 @@ class Gateway:
         self._memory = AnswerMemory(self._pool)
         self._stopping = False
         self._server = await asyncio.start_server(
-            self._on_connect, host, port, backlog=min(self.max_connections, 4096)
+            self._on_connect, host, port, backlog=limits.GATEWAY_LISTEN_BACKLOG
         )
         if sweep:
             self._sweeper = asyncio.create_task(self.sweep(), name="onecard-gateway-sweep")
@@ -715,7 +750,14 @@ class Gateway:
             self._pool = None
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._stopping or len(self._connections) >= self.max_connections:
+        peername = writer.get_extra_info("peername")
+        conn = _Connection(self, reader, writer)
+        peer = peer_of(peername[0] if isinstance(peername, tuple) else None)
+        admitted, victim = (False, None) if self._stopping else self._peer_slots.admit(conn, peer)
+        if victim is not None:  # its slot is this newcomer's now
+            GATEWAY_UNVERIFIED_DROPPED.labels("evicted").inc()
+            victim.abort()
+        if not admitted:  # full of verified terminals (or of this peer's), or stopping
             GATEWAY_REFUSED.inc()
             writer.close()
             with contextlib.suppress(ConnectionError):
@@ -723,12 +765,12 @@ class Gateway:
             return
         task = asyncio.current_task()
         assert task is not None
-        conn = _Connection(self, reader, writer)
         self._connections[task] = conn
         GATEWAY_CONNECTIONS.set(len(self._connections))
         try:
             await conn.run()
         finally:
+            self._peer_slots.leave(conn)
             self._connections.pop(task, None)
             GATEWAY_CONNECTIONS.set(len(self._connections))
 
@@ -791,6 +833,7 @@ class Gateway:
             return _Reply(self._reply(msg, ResponseCode.MAC_FAILURE), None)
         if not decoded.verify(term.mac_key):
             return _Reply(self._reply(msg, ResponseCode.MAC_FAILURE), term.mac_key)
+        _frame_verified()  # a terminal's own frame: its connection is no longer evictable
         if msg.merchant_id != term.merchant_id:
             return _Reply(self._reply(msg, ResponseCode.INVALID_MERCHANT), term.mac_key)
         if op is Operation.SIGN_ON:
@@ -1134,7 +1177,10 @@ async def _landing(flight: asyncio.Future[Any], timeout_s: float) -> None:
 
 class _Connection:
     """One terminal connection: a reader that dispatches frames and a writer that sends the
-    answers in request order; at most ``max_inflight_per_connection`` unanswered frames."""
+    answers in request order; at most ``max_inflight_per_connection`` unanswered frames.
+
+    Unverified (evictable, see ``Gateway._on_connect``) until a frame's MAC verifies, which
+    must happen within ``first_frame_timeout_s`` of the connection opening."""
 
     def __init__(
         self, gateway: Gateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -1145,6 +1191,8 @@ class _Connection:
         self._slots = asyncio.Semaphore(gateway.max_inflight_per_connection)
         self._out: asyncio.Queue[asyncio.Task[bytes | None] | None] = asyncio.Queue()
         self._read_task: asyncio.Task[None] | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self.verified = False
 
     def stop_reading(self) -> None:
         """Read no further frame; answers to frames already read are still sent."""
@@ -1156,7 +1204,11 @@ class _Connection:
         self.writer.transport.abort()
 
     async def run(self) -> None:
-        """Serve the connection until EOF, an error, the idle timeout or the gateway's stop."""
+        """Serve the connection until EOF, an error, the idle timeout, the first-frame
+        deadline, an eviction or the gateway's stop."""
+        self._deadline = asyncio.get_running_loop().call_later(
+            self.gateway.first_frame_timeout_s, self._unverified_too_long
+        )
         self._read_task = asyncio.create_task(self._read_loop())
         write_task = asyncio.create_task(self._write_loop())
         try:
@@ -1164,6 +1216,7 @@ class _Connection:
             self._out.put_nowait(None)
             await write_task
         finally:
+            self._deadline.cancel()
             self._read_task.cancel()
             write_task.cancel()
             while not self._out.empty():
@@ -1175,8 +1228,22 @@ class _Connection:
                 async with asyncio.timeout(self.gateway.write_timeout_s):
                     await self.writer.wait_closed()
 
+    def _on_verified(self) -> None:
+        if not self.verified:
+            self.verified = True
+            self.gateway._peer_slots.settle(self)
+            if self._deadline is not None:
+                self._deadline.cancel()
+
+    def _unverified_too_long(self) -> None:
+        if not self.verified:
+            GATEWAY_UNVERIFIED_DROPPED.labels("first_frame_deadline").inc()
+            self.gateway._peer_slots.leave(self)  # the slot is free now, not after pending answers
+            self.abort()
+
     async def _read_loop(self) -> None:
         gw = self.gateway
+        _ON_VERIFIED.set(self._on_verified)  # for the answer tasks started below
         while True:
             await self._slots.acquire()
             try:

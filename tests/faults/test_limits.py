@@ -37,8 +37,11 @@ FAIR_P95_S = 0.5  # a well-behaved request's 95th percentile latency meanwhile
 MARGIN_S = 3.0  # how late the server may be in enforcing a deadline
 
 
-async def _open(target: Target) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.open_connection("127.0.0.1", target.server.http_port)
+async def _open(
+    target: Target, *, source: str = "127.0.0.1"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    port = target.server.http_port
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
 
 
 async def _closed_by_server(reader: asyncio.StreamReader, within_s: float) -> float:
@@ -112,12 +115,31 @@ async def test_pipelined_requests_are_answered_one_at_a_time_in_order(target: Ta
 
 
 async def test_connection_cap(target: Target) -> None:
-    held: list[asyncio.StreamWriter] = []
+    """At most MAX_HTTP_CONNECTIONS are open (uvicorn answers 503 at that many, so one fewer
+    are served). A newcomer takes the slot of a connection still waiting for its request head
+    (issue 18: idle connections must not make honest requests 503); when every connection is
+    busy with a request, nothing gives way and the newcomer is answered 503 at once."""
+    sources = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")  # each under its peer cap
+    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
-        for _ in range(MAX_HTTP_CONNECTIONS):
-            _, w = await _open(target)
-            held.append(w)
-        await asyncio.sleep(0.2)
+        for i in range(MAX_HTTP_CONNECTIONS - 1):
+            held.append(await _open(target, source=sources[i % len(sources)]))
+        await asyncio.sleep(0.3)
+        async with httpx.AsyncClient(base_url=target.url, timeout=5) as c:
+            assert (await c.get("/healthz")).status_code == 200  # a slot given up, not a 503
+        await asyncio.sleep(0.3)
+        gave_way = [r for r, _ in held if r.at_eof() or r.exception() is not None]
+        assert len(gave_way) == 1, len(gave_way)  # one idle connection, and only one
+    finally:
+        for _, w in held:
+            w.close()
+    await asyncio.sleep(0.5)
+    busy: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        for i in range(MAX_HTTP_CONNECTIONS - 1):  # complete heads, stalled bodies
+            busy.append(await _open(target, source=sources[i % len(sources)]))
+            busy[-1][1].write(_head("POST", "/v1/transfers", length=10_000) + b"[{")
+        await asyncio.sleep(0.5)
         async with httpx.AsyncClient(base_url=target.url, timeout=5) as c:
             t0 = time.monotonic()
             with contextlib.suppress(httpx.TransportError):
@@ -125,7 +147,7 @@ async def test_connection_cap(target: Target) -> None:
                 assert r.status_code == 503, r.status_code  # over the cap: refused at once
             assert time.monotonic() - t0 < 2
     finally:
-        for w in held:
+        for _, w in busy:
             w.close()
     await asyncio.sleep(0.3)
     async with httpx.AsyncClient(base_url=target.url, timeout=5) as c:

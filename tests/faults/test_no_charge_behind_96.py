@@ -22,8 +22,8 @@ import asyncpg
 import pytest
 
 from engine.campus import Campus, Outcome
+from engine.finance.verify import verify
 from engine.service import Engine
-from engine.verify import verify
 from terminals.client import TerminalClient
 from terminals.gateway import AnswerMemory, Gateway, message_key, request_digest
 from terminals.iso8583 import Message, ResponseCode, decode_message, encode_message
