@@ -25,12 +25,13 @@ from engine.web.state import web_state
 
 def form_field(form: FormMultiDict, name: str) -> str | None:
     """A form's one text value of ``name``, at most ``limits.WEB_MAX_FIELD_CHARS`` long; None
-    when missing, repeated, a file or too long."""
+    when missing, repeated, a file, too long or holding U+0000 (which no PostgreSQL text
+    holds: it would fail the query that looks it up)."""
     values = form.getall(name) if name in form else []
     if len(values) != 1 or not isinstance(values[0], str):
         return None
     value: str = values[0]
-    return value if len(value) <= limits.WEB_MAX_FIELD_CHARS else None
+    return value if len(value) <= limits.WEB_MAX_FIELD_CHARS and "\x00" not in value else None
 
 
 async def log_in(request: Request[Any, Any, Any], portal: Portal, subject: str) -> Response[bytes]:
@@ -74,8 +75,8 @@ def login_handlers(portal: Portal) -> list[HTTPRouteHandler]:
 
     @get("/login", opt={ACCESS: Access.PUBLIC}, name=f"{portal.kind}-login")
     async def login_form(request: Request[Any, Any, Any]) -> Response[bytes]:
-        if current_session(request) is not None:
-            return render.redirect(request, portal.home)
+        # Shown even to a browser with a session: sending it on to that session's home would
+        # show a holder someone else's account if that someone had planted their cookie.
         return _login_page(request, portal, subject="", verdict=None)
 
     @post("/login", opt={ACCESS: Access.PUBLIC}, status_code=200, name=f"{portal.kind}-login-post")

@@ -22,12 +22,15 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
+from litestar import Request, Response, get, post
 
 from engine.http.app import create_app
 from engine.service import Engine
 from engine.web.auth import LoginOutcome, Verdict
+from engine.web.gate import ACCESS, PORTAL, Access, after, current_session, gate
 from engine.web.portal import CONSOLE, SELF, Portal
 from engine.web.sessions import SessionKind
 from engine.web.state import web_state
@@ -79,6 +82,38 @@ class WebServer:
     app: Any
 
 
+# -- test-only pages, behind the same gate as every portal page ---------------------------------
+
+_TEST_PAGE: dict[str, Any] = {
+    "opt": {PORTAL: SELF},
+    "before_request": gate,
+    "after_request": after,
+    "include_in_schema": False,
+}
+BUMPS: list[str] = []  # who POSTed /self/_test/bump: what a refused form must not change
+
+
+@post("/self/_test/bump", status_code=200, **_TEST_PAGE)
+async def _bump(request: Request[Any, Any, Any]) -> Response[bytes]:
+    session = current_session(request)
+    assert session is not None
+    BUMPS.append(session.subject)
+    return Response(b"bumped", media_type="text/plain")
+
+
+@get("/self/_test/boom", **{**_TEST_PAGE, "opt": {PORTAL: SELF, ACCESS: Access.PUBLIC}})
+async def _boom(request: Request[Any, Any, Any]) -> Response[bytes]:
+    raise RuntimeError("a bug with a secret detail")
+
+
+@get("/self/_test/db-away", **{**_TEST_PAGE, "opt": {PORTAL: SELF, ACCESS: Access.PUBLIC}})
+async def _db_away(request: Request[Any, Any, Any]) -> Response[bytes]:
+    raise asyncpg.PostgresConnectionError("host=secret port=5432")
+
+
+TEST_PAGES = [_bump, _boom, _db_away]
+
+
 @pytest.fixture(scope="session")
 def web(dsn: str) -> Iterator[WebServer]:
     """The app (API and pages) on a free port, served from its own thread."""
@@ -89,7 +124,9 @@ def web(dsn: str) -> Iterator[WebServer]:
     async def serve() -> None:
         engine = Engine(dsn)
         await engine.start(run_migrations=False)
-        app = create_app(engine, admin_token="admin-token", read_token="read-token")
+        app = create_app(
+            engine, admin_token="admin-token", read_token="read-token", extra_routes=TEST_PAGES
+        )
         state = web_state(app)
         state.clock = clock
         state.verifiers = {SessionKind.SELF: book, SessionKind.CONSOLE: book}
@@ -97,8 +134,7 @@ def web(dsn: str) -> Iterator[WebServer]:
             async with live_server(app) as base_url:
                 ready.update(base_url=base_url, app=app)
                 started.set()
-                while not stop.is_set():
-                    await asyncio.sleep(0.05)
+                await asyncio.to_thread(stop.wait)
         finally:
             await engine.stop()
 
