@@ -44,7 +44,8 @@ class WebError(Exception):
         self.reason = reason
 
 
-_TITLES: Final = {
+_TITLES: Final[dict[int | Refusal, str]] = {
+    Refusal.CSRF: N_("This form has expired"),
     400: N_("The request was not understood"),
     403: N_("Not allowed"),
     404: N_("Page not found"),
@@ -72,7 +73,7 @@ def error_page(
 ) -> Response[bytes]:
     """The error page of ``status``; rendering it can never fail into a bare 500."""
     generic = 500 if status >= 500 else 400
-    title = _TITLES.get(status, _TITLES[generic])
+    title = _TITLES.get(reason or status) or _TITLES.get(status, _TITLES[generic])
     message = _MESSAGES.get(reason or status) or _MESSAGES.get(status, _MESSAGES[generic])
     portal = portal_of_path(request.url.path)
     try:

@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCREENSHOTS = REPO / "test-artifacts" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
+PHONE = (390, 844)  # CSS pixels of the browser's viewport
 
 
 class MovableClock:
@@ -239,9 +240,13 @@ def driver() -> Iterator[Any]:
     os.environ["SE_OFFLINE"] = "true"  # Selenium Manager: never fetch anything
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=390,844", "--lang=zh-CN"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(arg)
+    # a phone's viewport (a window cannot be made narrower than ~500 px; emulation can)
+    phone = {"width": PHONE[0], "height": PHONE[1], "pixelRatio": 1.0}
+    options.add_experimental_option("mobileEmulation", {"deviceMetrics": phone})
+    # headless Chromium ignores --lang for Accept-Language: a Chinese browser is set so
+    options.add_experimental_option("prefs", {"intl.accept_languages": "zh-CN,zh"})
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     d = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
     d.set_page_load_timeout(30)
