@@ -6,7 +6,8 @@ the template macro ``money`` also puts the integer fen in ``data-fen`` (contract
 Typed: ASCII digits with at most two decimals (``12``, ``12.5``, ``0.05``, ``.5``); no sign, no
 exponent, no grouping, no other digits than 0-9. It is read with ``Decimal`` from text that
 has already been checked, so no float ever touches an amount. A wrong amount is a returned
-``AmountError`` (the page says why in its language), never an exception.
+``AmountError``, never an exception; the page says why in its language with
+``render.gettext(request, AMOUNT_MESSAGES[error])``.
 """
 
 from __future__ import annotations
