@@ -133,3 +133,23 @@ TERMINAL_MAX_AMOUNT_FEN: Final = 1_000_000
 # card answers 75 until the next day or until the card office resets the count. Without it a
 # balance inquiry is a free PIN oracle (10,000 four-digit PINs) for anyone with a terminal key.
 PIN_TRIES_PER_DAY: Final = 5
+
+# -- web pages (/self, /console: engine/web) ------------------------------------------------------
+# Contract §7: a session unused for this long is over (the holder logs in again).
+WEB_SESSION_IDLE_S: Final = 30 * 60
+# A session's last-seen time is written at most this often, not on every page: a page load
+# then costs one indexed read, not a write. The idle expiry is therefore exact to this much
+# (a session may end up to this early, never late).
+WEB_SESSION_TOUCH_S: Final = 60
+# A form field longer than this is refused before it is looked at (a holder id, a username or
+# an amount is short; a password is at most this long, so hashing it stays cheap).
+WEB_MAX_FIELD_CHARS: Final = 256
+# Money typed into a form: at most this much (1,000,000.00 yuan is beyond any campus amount;
+# more is a typo), and at most this many characters before it is parsed.
+WEB_AMOUNT_MAX_FEN: Final = 100_000_000
+WEB_AMOUNT_MAX_CHARS: Final = 16
+# The language chosen with ?lang= is remembered this long.
+WEB_LANG_COOKIE_MAX_AGE_S: Final = 365 * 24 * 3600
+# Browsers may keep /static/onecard.css this long; pages link it with ?v=<its hash>, so a new
+# stylesheet is fetched at once after an upgrade.
+WEB_STATIC_MAX_AGE_S: Final = 7 * 24 * 3600

@@ -10,6 +10,7 @@ transfers are append-only, so nothing is ever truncated.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import uuid
@@ -20,6 +21,7 @@ import httpx
 import msgspec
 import pytest
 import uvicorn
+from litestar import Litestar
 
 from engine.db.migrate import migrate
 from engine.http.app import create_app
@@ -108,10 +110,9 @@ class Api(msgspec.Struct, frozen=True):
         return {"Authorization": f"Bearer {self.read_token}"}
 
 
-@pytest.fixture(scope="session")
-async def api(engine: Engine) -> AsyncIterator[Api]:
-    """The real HTTP API (Litestar on uvicorn) over the session engine, on a free port."""
-    app = create_app(engine, admin_token="admin-token", read_token="read-token")
+@contextlib.asynccontextmanager
+async def live_server(app: Litestar) -> AsyncIterator[str]:
+    """``app`` on uvicorn on a free port of 127.0.0.1, in the running event loop; its base URL."""
     server = uvicorn.Server(
         uvicorn.Config(
             app, host="127.0.0.1", port=0, loop="none", lifespan="off", log_level="warning"
@@ -123,9 +124,19 @@ async def api(engine: Engine) -> AsyncIterator[Api]:
             task.result()
         await asyncio.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
-    yield Api(f"http://127.0.0.1:{port}", "admin-token", "read-token")
-    server.should_exit = True
-    await task
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture(scope="session")
+async def api(engine: Engine) -> AsyncIterator[Api]:
+    """The real HTTP API (Litestar on uvicorn) over the session engine, on a free port."""
+    app = create_app(engine, admin_token="admin-token", read_token="read-token")
+    async with live_server(app) as base_url:
+        yield Api(base_url, "admin-token", "read-token")
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from typing import Final
 
 REPO: Final = Path(__file__).resolve().parent.parent
 PACKAGES: Final = ("engine", "ledger", "terminals", "bench")
-EDGES: Final = ("engine.http", "engine.cli")
+EDGES: Final = ("engine.http", "engine.web", "engine.cli")
 TOOLS_FOR_OPERATORS: Final = ("argparse", "rich")
 
 
@@ -117,6 +117,10 @@ def test_the_edges_and_the_cli_stay_apart() -> None:
     assert _arrows("engine.http", "terminals") == []
     assert _arrows("terminals", "engine.http") == []
     assert _arrows("terminals", "engine.cli") == []
+    # the web pages are an edge beside the API: the API includes them, never the other way
+    assert _arrows("engine.web", "engine.http") == []
+    assert _arrows("engine.web", "engine.cli") == []
+    assert _arrows("engine.web", "terminals") == []
 
 
 def test_domain_modules_leave_the_console_to_the_cli() -> None:

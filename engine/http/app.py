@@ -33,6 +33,7 @@ from engine import limits, metrics
 from engine.batcher import Overloaded, TransferResult, Unavailable
 from engine.service import Engine
 from engine.store import TransferRecord
+from engine.web import routes as web
 from ledger.account import Account
 from ledger.status import AccountStatus
 from ledger.transfer import Transfer, user_data_fits
@@ -549,14 +550,17 @@ def create_app(
     except ModuleNotFoundError:
         campus_routes = []
     routes.extend(campus_routes)
+    routes.extend(web.route_handlers())  # /self, /console (HTML pages), /static
     app = Litestar(
         route_handlers=routes,
-        exception_handlers={
-            ApiError: _on_api_error,
-            HTTPException: _on_http_exception,
-            RecursionError: _on_too_deep,
-            Exception: _on_unexpected,
-        },
+        exception_handlers=web.html_errors(  # pages under /self, /console; JSON elsewhere
+            {
+                ApiError: _on_api_error,
+                HTTPException: _on_http_exception,
+                RecursionError: _on_too_deep,
+                Exception: _on_unexpected,
+            }
+        ),
         middleware=[_timing],
         request_max_body_size=limits.MAX_BODY_BYTES,
         openapi_config=OpenAPIConfig(
