@@ -103,7 +103,8 @@ GATEWAY_REQUEST_TIMEOUT_S: Final = 10.0  # an answer not ready by then is 96 (th
 GATEWAY_STOP_GRACE_S: Final = 10.0  # graceful stop waits this long for in-flight requests
 GATEWAY_MEMORY_BATCH: Final = 1024  # remembered answers looked up / stored per statement
 GATEWAY_DB_POOL_MAX: Final = 3  # the gateway's own connections (answer memory)
-# A money-moving request still at work when its deadline passes is given up: its 96 is stored
+# A money-moving request still at work when its deadline passes, or whose work fails (the
+# database failed under it, maybe after its posting committed), is given up: its 96 is stored
 # with its own reversal, then what it posted is taken back (contract §5 v4: a 96 moved no
 # money). Those steps need the database; while it is away each is retried, from the first
 # pause doubling up to the second, for as long as the gateway runs.
@@ -115,8 +116,8 @@ GATEWAY_GIVE_UP_RETRY_MAX_S: Final = 5.0
 GATEWAY_GIVE_UP_WAIT_S: Final = 2.0
 # A gateway that starts takes back again what the requests given up in this window may have
 # posted (a process that died between storing a 96 and taking the postings back); a give-up
-# happens only when ledger writes stall past the deadline, so the window holds few, and at
-# most this many are looked at.
+# happens only when ledger writes stall past the deadline or the database fails under the
+# work, so the window holds few, and at most this many are looked at.
 GATEWAY_SWEEP_WINDOW_S: Final = 86_400.0
 GATEWAY_SWEEP_MAX: Final = 100_000
 

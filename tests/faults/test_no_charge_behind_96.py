@@ -507,6 +507,55 @@ async def test_meter_advice_whose_read_after_posting_fails_is_not_charged(
     await assert_books(wd, dsn)
 
 
+# The answer memory refuses one terminal's answers (a trigger raises): its lookups work, the
+# storing of its answers fails, as when the database goes away between the two.
+SQL_REFUSE_ANSWERS = """
+CREATE FUNCTION onecard_test_refuse_answers() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'answers refused (test)';
+END $$;
+CREATE TRIGGER onecard_test_refuse_answers BEFORE INSERT ON gateway_responses
+    FOR EACH ROW WHEN (NEW.terminal_id = '{terminal_id}')
+    EXECUTE FUNCTION onecard_test_refuse_answers();
+"""
+SQL_ACCEPT_ANSWERS = """
+DROP TRIGGER IF EXISTS onecard_test_refuse_answers ON gateway_responses;
+DROP FUNCTION IF EXISTS onecard_test_refuse_answers();
+"""
+
+
+@contextlib.asynccontextmanager
+async def answers_refused(dsn: str, terminal_id: str) -> AsyncIterator[None]:
+    assert terminal_id.isalnum()
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(SQL_REFUSE_ANSWERS.format(terminal_id=terminal_id))
+        yield
+    finally:
+        await conn.execute(SQL_ACCEPT_ANSWERS)
+        await conn.close()
+
+
+async def test_no_answer_when_the_approval_cannot_be_stored(wd: World, dsn: str) -> None:
+    """The purchase is posted and approved, then its answer cannot be stored: a 96 would be
+    false (the money moved) and an unstored approval could not be repeated identically, so
+    there is no answer; the retransmission gets the approval, recomputed from the ledger and
+    stored now, and the meal is charged once."""
+    p = await wd.person(cash=2_000)
+    req = wd.pos.purchase(p.card, 700)
+    async with answers_refused(dsn, wd.pos.terminal_id):
+        assert await wd.pos.send_raw(encode_message(req, wd.key)) is None
+        assert await wd.purses(p) == (1_300, 0)
+    async with TerminalClient("127.0.0.1", wd.gateway.port, terminal_id=wd.pos.terminal_id,
+                              merchant_id=wd.pos.merchant_id, mac_key=wd.key) as again:
+        first = await again.request(req)
+        assert first.response_code == "00" and first.rrn is not None
+        assert await again.request(req) == first  # stored now
+    assert await wd.purses(p) == (1_300, 0)
+    assert await wd.balance(wd.canteen) == 700
+    await assert_books(wd, dsn)
+
+
 # A commit whose outcome the batcher cannot learn: on a private PostgreSQL (the settings are
 # the whole server's), commits do not wait for a standby except the one a trigger marks; that
 # one is written and committed locally, then waits for a standby that never comes, and the
