@@ -56,6 +56,11 @@ FROM accounts WHERE ledger = $1
 SQL_DUPLICATE_IDS = (
     "SELECT count(*) FROM (SELECT id FROM transfers GROUP BY id HAVING count(*) > 1) d"
 )
+# The ids of ledger $1 that are stored in another ledger too.
+SQL_DUPLICATE_IDS_OF_LEDGER = """
+SELECT count(DISTINCT t.id) FROM transfers t
+WHERE t.ledger = $1 AND EXISTS (SELECT 1 FROM transfers o WHERE o.id = t.id AND o.ledger <> $1)
+"""
 SQL_AUDIT_BATCHES = """
 SELECT first_timestamp, last_timestamp, transfer_count, prev_head, head
 FROM audit_batches WHERE ledger = $1 ORDER BY last_timestamp
@@ -1078,16 +1083,24 @@ FROM accounts WHERE ledger = $1
 """
 
 
-async def check_books(dsn: str, ledger: int) -> tuple[list[str], dict[int, tuple[int, int]]]:
+async def check_books(
+    dsn: str, ledger: int, *, shared: bool = False
+) -> tuple[list[str], dict[int, tuple[int, int]]]:
     """Problems with the ledger as stored (every account equal to the sums of its transfers,
-    nothing pending, debits equal to credits, the audit chain intact), and each account's
-    (debits_posted, credits_posted)."""
+    nothing pending, debits equal to credits, no transfer id stored twice, the audit chain
+    intact), and each account's (debits_posted, credits_posted).
+
+    ``shared``: the database is the test session's, where other tests store the same ids in
+    several ledgers on purpose (property tests): only this ledger's ids are checked."""
     rep = LedgerReport()
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(SQL_LEDGER_TRANSFERS, ledger)
         accounts = {r["id"]: r for r in await conn.fetch(SQL_BALANCES, ledger)}
-        rep.duplicate_ids = await conn.fetchval(SQL_DUPLICATE_IDS)
+        if shared:
+            rep.duplicate_ids = await conn.fetchval(SQL_DUPLICATE_IDS_OF_LEDGER, ledger)
+        else:
+            rep.duplicate_ids = await conn.fetchval(SQL_DUPLICATE_IDS)
         await _check_audit(conn, ledger, rep)
     finally:
         await conn.close()
