@@ -1090,8 +1090,8 @@ async def check_books(
     nothing pending, debits equal to credits, no transfer id stored twice, the audit chain
     intact), and each account's (debits_posted, credits_posted).
 
-    ``shared``: the database is the test session's, where other tests store the same ids in
-    several ledgers on purpose (property tests): only this ledger's ids are checked."""
+    ``shared``: the database is the test session's, where other tests may store one id in
+    several ledgers: only this ledger's ids are checked (none stored in another ledger)."""
     rep = LedgerReport()
     conn = await asyncpg.connect(dsn)
     try:
