@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -301,26 +302,46 @@ async def test_restore_refusals(data_dirs: DataDirs, tmp_path: Path) -> None:
         await backup(dsn, out)  # a backup never writes into a used directory
 
 
+async def _count(data_dir: Path) -> int:
+    pg = EmbeddedPostgres(data_dir)
+    try:
+        [row] = await _fetch(pg.start(), "SELECT count(*) AS n FROM t")
+    finally:
+        pg.stop()
+    n: int = row["n"]
+    return n
+
+
 @pytest.mark.slow
-async def test_restore_without_until_reaches_the_end_of_the_archive(
+async def test_restore_to_the_end_of_the_archive_and_from_a_copy_of_it(
     data_dirs: DataDirs, tmp_path: Path
 ) -> None:
     dsn, out = await _small_backup(data_dirs, tmp_path)
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute("INSERT INTO t SELECT generate_series(11, 25)")
+        t = await conn.fetchval("SELECT clock_timestamp()")
+        await asyncio.sleep(0.05)
+        await conn.execute("INSERT INTO t SELECT generate_series(26, 30)")
     finally:
         await conn.close()
     await _archive_now(dsn)
-    new = data_dirs("new")
-    done = await restore(out, new)
+
+    done = await restore(out, data_dirs("end"))  # no --until: as far as the archive goes
     assert done.until is None and done.wal_archive == read_marker(out).wal_archive
-    pg = EmbeddedPostgres(new)
-    try:
-        [row] = await _fetch(pg.start(), "SELECT count(*) AS n FROM t")
-    finally:
-        pg.stop()
-    assert row["n"] == 25
+    assert await _count(data_dirs("end")) == 30
+
+    # the archive as an operator brings it back from another disk: a copy of their own (as
+    # root, one the server's OS user cannot read: the restore stages what it needs)
+    copy = tmp_path / "archive-copy"
+    shutil.copytree(str(read_marker(out).wal_archive), copy)
+    os.chmod(copy, 0o700)
+    new = data_dirs("copy")
+    done = await restore(out, new, until=t, wal_archive=copy)
+    staged = EmbeddedPostgres(new).cluster_home / "restore-wal"
+    assert done.wal_archive == str(staged if os.geteuid() == 0 else copy)
+    assert await _count(new) == 25
+    assert not staged.exists()  # staged for the recovery only
 
 
 @pytest.mark.slow
