@@ -28,7 +28,8 @@ import re
 import shutil
 import signal
 import tempfile
-from collections.abc import Callable
+import urllib.parse
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Final
@@ -122,10 +123,12 @@ def _guarded(parent: int) -> Callable[[], None]:
 _GUARD: Final = 'trap "kill -KILL 0" TERM; "$@" & wait $!'
 
 
-async def run_program(argv: list[str], *, timeout_s: float) -> tuple[int, str]:
-    """Run a PostgreSQL program (its arguments passed as they are, under the guard shell);
-    (exit status, its combined output)."""
-    env = {**os.environ, "LC_ALL": "C"}
+async def run_program(
+    argv: list[str], *, timeout_s: float, env: Mapping[str, str] | None = None
+) -> tuple[int, str]:
+    """Run a PostgreSQL program (its arguments passed as they are, under the guard shell),
+    with ``env`` added to ours; (exit status, its combined output)."""
+    env = {**os.environ, **(env or {}), "LC_ALL": "C"}
     try:
         proc = await asyncio.create_subprocess_exec(
             "/bin/sh", "-c", _GUARD, "onecard-guard", *argv,
@@ -300,13 +303,28 @@ async def verify_copy(bindir: Path, base: Path) -> None:
         raise BackupError(f"pg_verifybackup found {base} damaged:\n{out}")
 
 
+def _without_password(dsn: str) -> tuple[str, dict[str, str]]:
+    """A URI DSN without its password, and the password as PGPASSWORD: a program's arguments
+    are visible to every user of the machine (ps), its environment is not."""
+    parts = urllib.parse.urlsplit(dsn)
+    if parts.scheme not in ("postgres", "postgresql") or parts.password is None:
+        return dsn, {}
+    user = urllib.parse.quote(urllib.parse.unquote(parts.username or ""), safe="")
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{user}@{host}" if user else host
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), {
+        "PGPASSWORD": urllib.parse.unquote(parts.password)
+    }
+
+
 async def _copy(bindir: Path, dsn: str, server: _Server, base: Path, label: str) -> None:
+    dbname, secret = _without_password(dsn)
     argv = [
-        str(bindir / "pg_basebackup"), "--dbname", dsn, "--pgdata", str(base),
+        str(bindir / "pg_basebackup"), "--dbname", dbname, "--pgdata", str(base),
         "--format", "plain", "--wal-method", "stream", "--checkpoint", "fast",
         "--label", label, "--no-password",
     ]  # fmt: skip
-    code, out = await run_program(argv, timeout_s=limits.BACKUP_TIMEOUT_S)
+    code, out = await run_program(argv, timeout_s=limits.BACKUP_TIMEOUT_S, env=secret)
     if code != 0:
         raise BackupError(
             f"pg_basebackup failed (exit {code}):\n{out}\n\n{CONFIGURE.format(role=server.role)}"

@@ -79,6 +79,10 @@ PostgreSQL would refuse to start over, is removed once no server process is left
 the data directory.  Start/stop are serialised between processes with ``flock`` on
 ``DIR/.embedded-postgres.lock``.  The DSN is of the form
 ``postgresql://postgres@/onecard?host=/path/to/socketdir&port=5432`` (asyncpg / libpq).
+
+``restore()`` is the other way a cluster comes to be (``onecard restore``, engine/db/restore.py):
+a copy of a base backup, recovered by PostgreSQL with the settings it is given, promoted and
+stopped; from then on it starts like any other.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from bench.common import Campus, campus_ids, load_campus
-from engine.db.backup import MARKER, BackupError, backup, read_marker
+from engine.db.backup import MARKER, BackupError, _without_password, backup, read_marker
 from engine.db.embedded import EmbeddedPostgres
 from engine.db.restore import restore
 from engine.service import Engine
@@ -393,3 +393,11 @@ async def test_dsn_role_without_replication_is_told_what_to_configure(
                  "pg_hba.conf", "host  replication", "archive_mode = on"):
         assert what in message
     assert _listing(tmp_path) == []  # nothing half-written
+
+
+def test_a_password_goes_to_the_environment_not_the_command_line() -> None:
+    # a program's arguments are visible to every user of the machine (ps); PGPASSWORD is not
+    assert _without_password("postgresql://ops:s%40cret@db.campus:5432/onecard?sslmode=require") \
+        == ("postgresql://ops@db.campus:5432/onecard?sslmode=require", {"PGPASSWORD": "s@cret"})
+    embedded = "postgresql://postgres@/onecard?host=/var/lib/onecard/x/pgdata&port=5432"
+    assert _without_password(embedded) == (embedded, {})
