@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 ANSWER_RETENTION_ENV: Final = "ONECARD_ANSWER_RETENTION_DAYS"
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]*")
 
-# {table}, {time}, {scope}: identifiers from RULES only, never from input.
+# {table}, {time}, {scope}: identifiers from RULES only, never from input; ``rule`` fills
+# them in once, at import time.
 SQL_SCOPES: Final = """
 WITH RECURSIVE s(v) AS (
     (SELECT {scope} FROM {table} ORDER BY {scope} LIMIT 1)
@@ -69,18 +70,13 @@ WHERE ctid = ANY (ARRAY(
 
 
 class Rule(msgspec.Struct, frozen=True, kw_only=True):
-    """One kind of row with a retention window."""
+    """One kind of row with a retention window, and its statements (made by ``rule``)."""
 
     table: str
-    time_column: str
-    scope_column: str | None
     env: str  # the variable setting the window in whole days
     default_days: int
-
-    def __post_init__(self) -> None:
-        for name in (self.table, self.time_column, self.scope_column or "x"):
-            if _IDENTIFIER.fullmatch(name) is None:
-                raise ValueError(f"not a plain SQL identifier: {name!r}")
+    sql_scopes: str | None  # the scope values (None: the table has no scope column)
+    sql_prune: str  # ($scope,) $window, $batch -> "DELETE n"
 
     def days(self, environ: Mapping[str, str]) -> int:
         """The window in days: ``env`` if set, else the default; ValueError if not >= 1."""
@@ -92,9 +88,27 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True):
         return int(raw)
 
 
+def rule(
+    *, table: str, time_column: str, scope_column: str | None, env: str, default_days: int
+) -> Rule:
+    """A rule and its statements, assembled once, at import time, from plain identifiers."""
+    for name in (table, time_column, scope_column or "x"):
+        if _IDENTIFIER.fullmatch(name) is None:
+            raise ValueError(f"not a plain SQL identifier: {name!r}")
+    names = {"table": table, "time": time_column, "scope": scope_column}
+    scoped = scope_column is not None
+    return Rule(
+        table=table,
+        env=env,
+        default_days=default_days,
+        sql_scopes=SQL_SCOPES.format(**names) if scoped else None,
+        sql_prune=(SQL_PRUNE_SCOPED if scoped else SQL_PRUNE).format(**names),
+    )
+
+
 RULES: Final[tuple[Rule, ...]] = (
     # the gateway's remembered answers (terminals/gateway.py, migrations/0003_gateway.sql)
-    Rule(
+    rule(
         table="gateway_responses",
         time_column="created_at",
         scope_column="ledger",
@@ -138,22 +152,18 @@ async def prune(
     pause_s: float = limits.RETENTION_BATCH_PAUSE_S,
 ) -> Pruned:
     """Delete the rule's rows older than the window, ``batch`` per statement."""
-    rule = window.rule
-    names = {"table": rule.table, "time": rule.time_column, "scope": rule.scope_column}
-    counter = metrics.PRUNED_ROWS.labels(rule.table)
-    scopes: list[tuple[object, ...]]
-    if rule.scope_column is None:
-        sql, scopes = SQL_PRUNE.format(**names), [()]
-    else:
-        sql = SQL_PRUNE_SCOPED.format(**names)
+    r = window.rule
+    counter = metrics.PRUNED_ROWS.labels(r.table)
+    scopes: list[tuple[object, ...]] = [()]
+    if r.sql_scopes is not None:
         async with pool.acquire() as conn:
-            scopes = [(r["v"],) for r in await conn.fetch(SQL_SCOPES.format(**names))]
+            scopes = [(row["v"],) for row in await conn.fetch(r.sql_scopes)]
     rows = statements = 0
     for scope in scopes:
         while True:
             # One connection per statement: the engine's pool is not held between batches.
             async with pool.acquire() as conn:
-                n = _deleted(await conn.execute(sql, *scope, window.keep, batch))
+                n = _deleted(await conn.execute(r.sql_prune, *scope, window.keep, batch))
             rows, statements = rows + n, statements + 1
             counter.inc(n)
             if n < batch:

@@ -26,6 +26,7 @@ from engine.db.retention import (
     Pruned,
     Window,
     prune,
+    rule,
     windows_from_env,
 )
 from engine.finance.verify import verify
@@ -99,6 +100,28 @@ async def test_old_answers_are_pruned_in_batches_newer_kept(scratch: str) -> Non
     assert again == Pruned(rows=0, statements=2)
     assert await _counts(scratch, 1, 2) == [5, 5]
     assert _pruned_total() - before == 32
+
+
+async def test_a_rule_without_scope(scratch: str) -> None:
+    # how sessions or login attempts will join: a table with just a time column
+    sessions = rule(table="ops_sessions", time_column="expires_at", scope_column=None,
+                    env="ONECARD_TEST_SESSION_DAYS", default_days=1)
+    conn = await asyncpg.connect(scratch)
+    try:
+        await conn.execute("CREATE TABLE ops_sessions (expires_at timestamptz NOT NULL); "
+                           "INSERT INTO ops_sessions SELECT now() - g * interval '1 hour' "
+                           "FROM generate_series(0, 47) g")
+    finally:
+        await conn.close()
+    pool = await create_pool(scratch, max_size=1)
+    try:
+        done = await prune(pool, windows_from_env([sessions], environ={})[0], batch=10)
+    finally:
+        await pool.close()
+    assert done == Pruned(rows=24, statements=3)  # 24 h (a moment past by now) .. 47 h old
+    with pytest.raises(ValueError, match="identifier"):
+        rule(table="x; DROP TABLE y", time_column="t", scope_column=None, env="E",
+             default_days=1)
 
 
 def test_the_window_comes_from_the_environment() -> None:
