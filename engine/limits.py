@@ -154,3 +154,22 @@ WEB_LANG_COOKIE_MAX_AGE_S: Final = 365 * 24 * 3600
 # Browsers may keep /static/onecard.css this long; pages link it with ?v=<its hash>, so a new
 # stylesheet is fetched at once after an upgrade.
 WEB_STATIC_MAX_AGE_S: Final = 7 * 24 * 3600
+
+# -- operations: backups and bounded growth ---------------------------------------------------
+# A WAL segment is archived when full (16 MB) or this long after its first write, whichever is
+# first: the most a quiet campus loses if the disk holding pgdata dies but the archive lives.
+# Each forced segment is a full 16 MB file, so a trickle of writes all night costs at most
+# 288 segments (4.5 GB) a day of archive; shorter would multiply that.
+EMBEDDED_ARCHIVE_TIMEOUT_S: Final = 300
+# pg_basebackup and pg_verifybackup together, and a restore's recovery: generous, since both
+# grow with the database (measured: see the README), but never forever.
+BACKUP_TIMEOUT_S: Final = 6 * 3600.0
+RESTORE_TIMEOUT_S: Final = 6 * 3600.0
+# Remembered terminal answers are kept this long (ONECARD_ANSWER_RETENTION_DAYS): a
+# retransmission or a reversal comes within minutes; 35 days cover a monthly reconciliation.
+ANSWER_RETENTION_DAYS: Final = 35
+# Old rows are deleted this many per statement, with a pause in between, so the pruner never
+# holds many row locks or long transactions beside the hot path.
+RETENTION_BATCH_ROWS: Final = 1000
+RETENTION_BATCH_PAUSE_S: Final = 0.05
+RETENTION_INTERVAL_S: Final = 3600.0  # how often the pruner looks for rows past their window
