@@ -7,23 +7,14 @@ import time
 from typing import Final
 
 from bench.baselines import naive_poster, pgbench, unbatched_engine
-from bench.common import (
-    Campus,
-    CpuMeter,
-    CpuProbe,
-    Mix,
-    Stats,
-    campus_ids,
-    database_of,
-    load_campus,
-    machine,
-    now_stamp,
-    peak_rss_mb,
-    scratch_database,
-)
+from bench.databases import database_of, scratch_database
+from bench.fixture import Campus, campus_ids, load_campus
 from bench.loop import Bar, Request, closed_loop
+from bench.machine import CpuMeter, CpuProbe, machine, peak_rss_mb
+from bench.measure import Stats
+from bench.mix import Mix
 from bench.options import Options
-from bench.report import Result, target
+from bench.report import Result, now_stamp, target
 from engine import metrics
 from engine.batcher import Overloaded
 from engine.service import Engine

@@ -21,7 +21,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from bench.common import CpuProbe, Latencies, Stats, stats
+from bench.machine import CpuProbe
+from bench.measure import Latencies, Stats, stats
 
 # One request: returns how many transfers it carried and their statuses (or [] if none).
 Request = Callable[[], Awaitable[tuple[int, Iterable[str]]]]

@@ -13,19 +13,13 @@ from typing import TYPE_CHECKING, Final
 
 import msgspec
 
-from bench.common import (
-    Campus,
-    CpuMeter,
-    Mix,
-    Stats,
-    children_peak_rss_mb,
-    machine,
-    now_stamp,
-    peak_rss_mb,
-)
+from bench.fixture import Campus
 from bench.loop import Bar, Request, closed_loop
+from bench.machine import CpuMeter, children_peak_rss_mb, machine, peak_rss_mb
+from bench.measure import Stats
+from bench.mix import Mix
 from bench.options import Options
-from bench.report import Result, target
+from bench.report import Result, now_stamp, target
 from bench.server import Http, HttpError, Server, rss_mb
 from bench.web import campus_server, close_all, probe, server_cpu, transfer_worker
 from ledger.transfer import Transfer

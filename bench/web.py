@@ -10,25 +10,14 @@ from typing import Final
 
 import msgspec
 
-from bench.common import (
-    Campus,
-    CpuMeter,
-    CpuProbe,
-    Machine,
-    Mix,
-    Stats,
-    campus_ids,
-    children_peak_rss_mb,
-    database_of,
-    load_campus,
-    machine,
-    now_stamp,
-    peak_rss_mb,
-    scratch_database,
-)
+from bench.databases import database_of, scratch_database
+from bench.fixture import Campus, campus_ids, load_campus
 from bench.loop import Bar, BatchProbe, Request, closed_loop, open_loop
+from bench.machine import CpuMeter, CpuProbe, Machine, children_peak_rss_mb, machine, peak_rss_mb
+from bench.measure import Stats
+from bench.mix import Mix
 from bench.options import DEFAULT_SINGLE_RATE, Options
-from bench.report import Result, target
+from bench.report import Result, now_stamp, target
 from bench.server import Http, HttpError, Server, rss_mb, serve, server_batch_probe
 from engine.db.pool import create_pool
 from engine.store import Store
