@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
-from typing import Final
 
-MAX_PROBLEMS: Final = 50  # problems kept for the report
+from engine import limits
 
 
 class Op(enum.StrEnum):
@@ -56,6 +55,6 @@ class Stats:
         return sum(self.codes.values())
 
     def problem(self, text: str) -> None:
-        """Record a problem for the report (the first MAX_PROBLEMS)."""
-        if len(self.problems) < MAX_PROBLEMS:
+        """Record a problem for the report (the first SIMULATOR_MAX_PROBLEMS)."""
+        if len(self.problems) < limits.SIMULATOR_MAX_PROBLEMS:
             self.problems.append(text)

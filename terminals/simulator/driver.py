@@ -17,6 +17,7 @@ from typing import Final
 
 from rich.console import Console
 
+from engine import limits
 from engine.campus import TerminalKind
 from terminals.client import ClientError
 from terminals.iso8583 import AccountType, Message, parse_amounts
@@ -33,12 +34,7 @@ from terminals.simulator.world import (
 
 log = logging.getLogger(__name__)
 
-# -- limits of the traffic ----------------------------------------------------------------------
-SIGN_ON_CONCURRENCY: Final = 64  # terminals connecting and signing on at once
-MAX_ATTEMPTS: Final = 12  # a request answered 96, or not at all, is retransmitted this often
-RETRY_BACKOFF_S: Final = 0.05  # doubled per attempt up to RETRY_BACKOFF_MAX_S
-RETRY_BACKOFF_MAX_S: Final = 1.0
-PROGRESS_INTERVAL_S: Final = 0.25
+PROGRESS_INTERVAL_S: Final = 0.25  # how often the progress line is redrawn
 
 # -- the traffic mix ----------------------------------------------------------------------------
 RETRANSMIT_P: Final = 0.02
@@ -92,8 +88,8 @@ class Driver:
 
     async def exchange(self, t: SimTerminal, op: Op, msg: Message) -> Message | None:
         """Send ``msg`` until a definitive answer (not 96, not lost); None if none came."""
-        delay = RETRY_BACKOFF_S
-        for _ in range(MAX_ATTEMPTS):
+        delay = limits.SIMULATOR_RETRY_BACKOFF_S
+        for _ in range(limits.SIMULATOR_MAX_ATTEMPTS):
             t0 = time.perf_counter()
             try:
                 if not t.connected:
@@ -111,9 +107,11 @@ class Driver:
                 if code != "96":
                     return ans
             await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
+            delay = min(delay * 2, limits.SIMULATOR_RETRY_BACKOFF_MAX_S)
         self.stats.unresolved += 1
-        self.stats.problem(f"{t.tid} {op}: no definitive answer in {MAX_ATTEMPTS} attempts")
+        self.stats.problem(
+            f"{t.tid} {op}: no definitive answer in {limits.SIMULATOR_MAX_ATTEMPTS} attempts"
+        )
         return None
 
     async def send(self, t: SimTerminal, op: Op, msg: Message, allowed: set[str]) -> str:
@@ -276,7 +274,9 @@ class Driver:
             if ans is None or ans.response_code != "00":
                 raise RuntimeError(f"terminal {t.tid} cannot sign on: {ans}")
 
-        await bounded((sign_on(t) for t in self.world.terminals), SIGN_ON_CONCURRENCY)
+        await bounded(
+            (sign_on(t) for t in self.world.terminals), limits.SIMULATOR_SIGN_ON_CONCURRENCY
+        )
         start = time.monotonic()
         end = start + o.duration
         outage = (start + o.duration * OUTAGE_START,

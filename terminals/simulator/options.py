@@ -6,9 +6,9 @@ from typing import Final
 
 import msgspec
 
-MIN_TERMINALS: Final = 4  # one of each kind
+from engine import limits
+
 DEFAULT_WORKERS: Final = 1  # processes driving the terminals (0: this process)
-MAX_WORKERS: Final = 64
 
 
 class Options(msgspec.Struct, frozen=True, kw_only=True):
@@ -27,9 +27,9 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
 
 def check_options(o: Options) -> None:
     """ValueError, saying which flag, unless ``o`` describes a run that can be simulated."""
-    if o.terminals < MIN_TERMINALS:
-        raise ValueError(f"--terminals must be at least {MIN_TERMINALS}")
+    if o.terminals < limits.SIMULATOR_MIN_TERMINALS:
+        raise ValueError(f"--terminals must be at least {limits.SIMULATOR_MIN_TERMINALS}")
     if o.duration <= 0 or o.rate <= 0:
         raise ValueError("--duration and --rate must be positive")
-    if not 0 <= o.workers <= MAX_WORKERS:
-        raise ValueError(f"--workers must be in 0..{MAX_WORKERS}")
+    if not 0 <= o.workers <= limits.SIMULATOR_MAX_WORKERS:
+        raise ValueError(f"--workers must be in 0..{limits.SIMULATOR_MAX_WORKERS}")

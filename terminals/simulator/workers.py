@@ -14,13 +14,14 @@ from typing import Final
 import msgspec
 from rich.console import Console
 
+from engine import limits
 from engine.campus import TerminalKind
 from terminals.client import TerminalClient
 from terminals.simulator.books import Books, Op, Stats
 from terminals.simulator.driver import PROGRESS_INTERVAL_S, Driver, outage_cut
 from terminals.simulator.options import Options
 from terminals.simulator.report import progress_bar
-from terminals.simulator.world import CLIENT_TIMEOUT_S, SimHolder, SimRoom, SimTerminal, World
+from terminals.simulator.world import SimHolder, SimRoom, SimTerminal, World
 
 
 class _ShardHolder(msgspec.Struct, frozen=True, array_like=True):
@@ -110,7 +111,7 @@ async def _run_shard(shard: _Shard, progress: Callable[[int], None]) -> _ShardRe
     for t in shard.terminals:
         client = TerminalClient(shard.host, shard.port, terminal_id=t.terminal_id,
                                 merchant_id=t.merchant_id, mac_key=shard.mac_key,
-                                timeout_s=CLIENT_TIMEOUT_S)
+                                timeout_s=limits.SIMULATOR_CLIENT_TIMEOUT_S)
         st = SimTerminal(t.index, t.kind, client, t.account, o.seed * 1_000_003 + t.index)
         if t.room is not None:
             st.room = shard.rooms[t.room]

@@ -14,6 +14,7 @@ from typing import Final, NamedTuple
 
 import msgspec
 
+from engine import limits
 from engine.campus import (
     Campus,
     Card,
@@ -34,11 +35,6 @@ from terminals.client import TerminalClient
 from terminals.iso8583 import Message
 from terminals.simulator.books import Books
 from terminals.simulator.options import Options
-
-# -- limits of the setup ------------------------------------------------------------------------
-SETUP_CONCURRENCY: Final = 16  # registry calls in flight while building the campus
-FUNDING_CHUNK: Final = 4096  # top-up transfers per batcher request
-CLIENT_TIMEOUT_S: Final = 10.0
 
 # -- the holders ----------------------------------------------------------------------------------
 PIN_P: Final = 0.10  # holders whose card asks for a PIN above PIN_THRESHOLD
@@ -231,7 +227,8 @@ async def _create_holders(campus: Campus, ledger: int, profiles: list[float]) ->
             raise RuntimeError(f"card {h.card}: {card}")
         holders.append(h)
 
-    await bounded((make_holder(i) for i in range(len(profiles))), SETUP_CONCURRENCY)
+    jobs = (make_holder(i) for i in range(len(profiles)))
+    await bounded(jobs, limits.SIMULATOR_SETUP_CONCURRENCY)
     holders.sort(key=lambda h: h.index)
     return holders
 
@@ -282,8 +279,9 @@ async def _fund(engine: Engine, world: World, books: Books, rng: random.Random) 
         h.total = cash + subsidy
     for room in world.rooms:
         add(world.bank, room.account_id, rng.randrange(200, 3_000), TransferCode.TOP_UP)
-    for i in range(0, len(transfers), FUNDING_CHUNK):
-        results = await engine.batcher.submit(transfers[i : i + FUNDING_CHUNK])
+    for i in range(0, len(transfers), limits.SIMULATOR_FUNDING_CHUNK):
+        chunk = transfers[i : i + limits.SIMULATOR_FUNDING_CHUNK]
+        results = await engine.batcher.submit(chunk)
         bad = [r for r in results if not r.status.ok]
         if bad:
             raise RuntimeError(f"funding failed: {bad[0]}")
@@ -316,12 +314,14 @@ async def _register_terminals(
         if st is not RegistryStatus.CREATED:
             raise RuntimeError(f"terminal {tid}: {st} (try another --ledger)")
         client = TerminalClient(host, port, terminal_id=tid, merchant_id=mid,
-                                mac_key=world.mac_key, timeout_s=CLIENT_TIMEOUT_S)
+                                mac_key=world.mac_key,
+                                timeout_s=limits.SIMULATOR_CLIENT_TIMEOUT_S)
         t = SimTerminal(i, kind, client, account, seed * 1_000_003 + i)
         if kind is TerminalKind.METER:
             t.room = world.rooms[(i - first_meter) % len(world.rooms)]
         terminals.append(t)
 
-    await bounded((make_terminal(i, k) for i, k in enumerate(sizes.kinds())), SETUP_CONCURRENCY)
+    jobs = (make_terminal(i, k) for i, k in enumerate(sizes.kinds()))
+    await bounded(jobs, limits.SIMULATOR_SETUP_CONCURRENCY)
     terminals.sort(key=lambda t: t.index)
     return terminals
