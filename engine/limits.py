@@ -173,3 +173,19 @@ ANSWER_RETENTION_DAYS: Final = 35
 RETENTION_BATCH_ROWS: Final = 1000
 RETENTION_BATCH_PAUSE_S: Final = 0.05
 RETENTION_INTERVAL_S: Final = 3600.0  # how often the pruner looks for rows past their window
+# -- the terminal simulator (onecard simulate, terminals/simulator/) ----------------------------
+# A tool beside the engine, bounded here all the same: one place holds every number that caps
+# work. The traffic mix (the share of meals, reversals, outages...) is the simulation's shape,
+# not a bound: it stays with the driver.
+SIMULATOR_MIN_TERMINALS: Final = 4  # one of each kind: till, water valve, kiosk, meter
+SIMULATOR_MAX_WORKERS: Final = 64  # processes driving the terminals
+SIMULATOR_SETUP_CONCURRENCY: Final = 16  # registry calls in flight while building the campus
+SIMULATOR_SIGN_ON_CONCURRENCY: Final = 64  # terminals connecting and signing on at once
+SIMULATOR_FUNDING_CHUNK: Final = 4096  # top-up transfers per batcher request
+SIMULATOR_CLIENT_TIMEOUT_S: Final = 10.0  # a terminal waits this long for an answer
+# A request answered 96, or not at all, is retransmitted this often, the pause doubling from
+# the first backoff up to the second: a run ends even when the gateway never answers.
+SIMULATOR_MAX_ATTEMPTS: Final = 12
+SIMULATOR_RETRY_BACKOFF_S: Final = 0.05
+SIMULATOR_RETRY_BACKOFF_MAX_S: Final = 1.0
+SIMULATOR_MAX_PROBLEMS: Final = 50  # problems kept for the report
