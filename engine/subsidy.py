@@ -54,7 +54,13 @@ from engine.store import Store
 from ledger.account import Account
 from ledger.status import AccountStatus, TransferStatus
 from ledger.transfer import USER_DATA_MAX_BYTES, Transfer
-from ledger.types import INT32_MAX, INT64_MAX, AccountKind, TransferCode, TransferFlags
+from ledger.types import (
+    INT32_MAX,
+    INT64_MAX,
+    UNPOSTED_FLAGS,
+    AccountKind,
+    TransferCode,
+)
 
 SUBSIDY_NAMESPACE: Final = UUID("6f1c0a52-3d1e-4b7a-9c55-0d5e1a7b2c10")
 SUBSIDY_CHUNK: Final = 1000  # transfers per batcher submission
@@ -67,7 +73,6 @@ _USER_DATA_PREFIX: Final = "subsidy "
 MAX_BATCH_ID_BYTES: Final = USER_DATA_MAX_BYTES - len(_USER_DATA_PREFIX)
 MAX_HOLDER_ID_LEN: Final = 64  # the holders table's CHECK
 
-_NOT_POSTED: Final = int(TransferFlags.PENDING | TransferFlags.VOID_PENDING)
 EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 # Holders' subsidy purses, for many (ledger, holder) pairs at once.
@@ -82,7 +87,7 @@ SQL_LEDGER_CLOCK = "SELECT last_timestamp FROM ledgers WHERE ledger = $1"
 SQL_SUBSIDY_LEFT = f"""
 WITH after AS (
     SELECT t.debit_account_id, t.credit_account_id, t.amount FROM transfers t
-    WHERE t.ledger = $1 AND t.timestamp > $2 AND t.flags & {_NOT_POSTED} = 0
+    WHERE t.ledger = $1 AND t.timestamp > $2 AND t.flags & {UNPOSTED_FLAGS} = 0
 ), moved AS (
     SELECT id, sum(delta)::bigint AS delta FROM (
         SELECT credit_account_id AS id, amount AS delta FROM after
