@@ -77,27 +77,13 @@ from ledger.types import (
 
 log = logging.getLogger(__name__)
 
-# -- limits of this module -------------------------------------------------------------------
+# -- limits of this module (the bounds are in engine/limits.py) ------------------------------
 DEFAULT_TZ: Final = "Asia/Shanghai"
-DEFAULT_HOLD_TIMEOUT_S: Final = 1800  # a shower is paid or released within half an hour
-MAX_CACHED_TERMINALS: Final = 65_536  # terminals never change once registered
-MAX_CACHED_CARDS: Final = 262_144  # card -> holder never changes either
-UNDO_ATTEMPTS: Final = 3  # a reversal racing a completion re-reads and tries again
-# Requests one shared read statement serves at most (rows of its unnest arrays): bounds the
-# statement's size and how long the requests behind it wait for the next one.
-COALESCE_MAX_BATCH: Final = 2048
-# A coalescer whose queue ran dry keeps its connection this long for the next request before
-# it gives it back (giving it back costs a reset round trip; under load work comes every ms).
-COALESCE_LINGER_S: Final = 0.05
 # Run once on each connection a campus coalescer takes (the engine's pool already sets it as a
 # session default; a pool with the default reset would undo a SET on release). A shared
 # read of a large batch can be costed past jit_above_cost; compiling it takes ~40 ms, many
 # times what running it takes.
 COALESCE_SESSION: Final = "SET jit = off"
-# Today's spending of a holder is re-read from the ledger at least this often, so spending
-# through another engine process (whose commits this one does not hear) counts within this long.
-SPEND_MEMORY_TTL_S: Final = 5.0
-MAX_REMEMBERED_HOLDERS: Final = 262_144  # holders whose spending today is remembered
 
 # Account codes of the accounts the campus creates (the chart mirrors field 54's types).
 PURSE_CODE: Final = 10
@@ -751,9 +737,9 @@ class Coalescer(Generic[_I, _R]):
         pool: Callable[[], asyncpg.Pool],
         run: Callable[[Connection, int, list[_I]], Awaitable[list[_R]]],
         *,
-        max_batch: int = COALESCE_MAX_BATCH,
+        max_batch: int = limits.COALESCE_MAX_BATCH,
         acquire_timeout_s: float | None = limits.DB_ACQUIRE_TIMEOUT_S,
-        linger_s: float = COALESCE_LINGER_S,
+        linger_s: float = limits.COALESCE_LINGER_S,
         session: str | None = None,
         name: str = "onecard-coalescer",
     ) -> None:
@@ -1161,10 +1147,10 @@ class Campus:
         engine: Engine,
         *,
         tz: str = DEFAULT_TZ,
-        hold_timeout_s: int = DEFAULT_HOLD_TIMEOUT_S,
+        hold_timeout_s: int = limits.DEFAULT_HOLD_TIMEOUT_S,
         clock: Callable[[], datetime] | None = None,
-        spend_ttl_s: float = SPEND_MEMORY_TTL_S,
-        max_batch: int = COALESCE_MAX_BATCH,
+        spend_ttl_s: float = limits.SPEND_MEMORY_TTL_S,
+        max_batch: int = limits.COALESCE_MAX_BATCH,
         max_amount: int = limits.TERMINAL_MAX_AMOUNT_FEN,
     ) -> None:
         if not 0 < hold_timeout_s <= MAX_TIMEOUT_S:
@@ -1179,8 +1165,8 @@ class Campus:
         self._terminals: dict[str, Terminal] = {}
         self._cards: dict[tuple[int, str], _CardRef] = {}
         self._holder_locks = _KeyedLocks()
-        self._spent = _SpendMemory(ttl_s=spend_ttl_s, max_holders=MAX_REMEMBERED_HOLDERS,
-                                   day_of=self._day_of)
+        self._spent = _SpendMemory(ttl_s=spend_ttl_s,
+                                   max_holders=limits.MAX_REMEMBERED_HOLDERS, day_of=self._day_of)
         self._watched: object = None  # the batcher the spending memory hears commits from
         self._day: tuple[int, int] = (0, 0)  # the local day _day_of answered last: [start, end)
 
@@ -1262,7 +1248,7 @@ class Campus:
             ref = await self._ref_reads.submit(ledger, card_no)
             if ref is None:
                 return None  # not cached: the card may be issued a moment later
-            _bounded_put(self._cards, (ledger, card_no), ref, MAX_CACHED_CARDS)
+            _bounded_put(self._cards, (ledger, card_no), ref, limits.MAX_CACHED_CARDS)
         return ref
 
     async def _read_card_refs(
@@ -1510,7 +1496,7 @@ class Campus:
             if found is None:
                 return None  # not cached: it may be registered a moment later
             term = found
-            _bounded_put(self._terminals, terminal_id, term, MAX_CACHED_TERMINALS)
+            _bounded_put(self._terminals, terminal_id, term, limits.MAX_CACHED_TERMINALS)
         return term
 
     @staticmethod
@@ -1921,7 +1907,7 @@ class Campus:
         read, not posted again). Returns (nothing is left to undo, the first undo's timestamp);
         ``label`` names the operation in the log."""
         undo_ids = {reversal_id(i): i for i in ids}
-        for _ in range(UNDO_ATTEMPTS):
+        for _ in range(limits.UNDO_ATTEMPTS):
             transfers: list[Transfer] = []
             got = (await self._parts(ledger, [*ids, *undo_ids])).parts
             undone = {undo_ids[p.id]: p.timestamp for p in got if p.id in undo_ids}

@@ -48,6 +48,7 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
+from engine import limits
 from engine.campus import DEFAULT_TZ, derived_account_id
 from engine.service import Engine
 from engine.store import Store
@@ -63,7 +64,6 @@ from ledger.types import (
 )
 
 SUBSIDY_NAMESPACE: Final = UUID("6f1c0a52-3d1e-4b7a-9c55-0d5e1a7b2c10")
-SUBSIDY_CHUNK: Final = 1000  # transfers per batcher submission
 FUND_CODE: Final = 90
 FUND_OWNER: Final = "subsidy-fund"
 MAX_BATCH_ID_LEN: Final = 64  # characters
@@ -204,8 +204,8 @@ async def grant_subsidies(
     on_progress: Callable[[int], None] | None = None,
 ) -> list[GrantResult]:
     """Credit each grant's holder's subsidy purse from its ledger's fund (code 5); results in
-    input order. Chunks of ``SUBSIDY_CHUNK`` go through the batcher; ``on_progress`` hears how
-    many grants each chunk settled. A grant that cannot be posted (``grant_problem``) is a
+    input order. Chunks of ``limits.SUBSIDY_CHUNK`` go through the batcher; ``on_progress``
+    hears how many grants each chunk settled. A grant that cannot be posted (``grant_problem``) is a
     ValueError before anything is done."""
     for i, g in enumerate(grants):
         problem = grant_problem(g)
@@ -214,8 +214,8 @@ async def grant_subsidies(
     funds = {ledger: await ensure_fund(engine.store, ledger)
              for ledger in sorted({g.ledger for g in grants})}
     results: list[GrantResult] = []
-    for start in range(0, len(grants), SUBSIDY_CHUNK):
-        chunk = grants[start : start + SUBSIDY_CHUNK]
+    for start in range(0, len(grants), limits.SUBSIDY_CHUNK):
+        chunk = grants[start : start + limits.SUBSIDY_CHUNK]
         async with engine.store.pool.acquire() as conn:
             rows = await conn.fetch(SQL_SUBSIDY_PURSES, [g.ledger for g in chunk],
                                     [g.holder_id for g in chunk])
@@ -296,8 +296,8 @@ async def clear_down(
                                         TransferStatus.CREATED))
     if on_total is not None:
         on_total(len(todo))
-    for i in range(0, len(todo), SUBSIDY_CHUNK):
-        chunk = todo[i : i + SUBSIDY_CHUNK]
+    for i in range(0, len(todo), limits.SUBSIDY_CHUNK):
+        chunk = todo[i : i + limits.SUBSIDY_CHUNK]
         answers = await engine.batcher.submit([
             Transfer(id=c.id, ledger=ledger, debit_account_id=c.account_id,
                      credit_account_id=fund, amount=c.amount, code=TransferCode.SUBSIDY,
