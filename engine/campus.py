@@ -48,16 +48,16 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dtime
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, TypeVar
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
 import asyncpg
 import msgspec
-from asyncpg.pool import PoolConnectionProxy
 
 from engine import limits
 from engine.batcher import RETRYABLE, Batcher, Overloaded, TransferResult, Unavailable
+from engine.db.coalesce import Coalescer, Connection
 from engine.pin import verify_pin
 from engine.service import Engine
 from ledger.account import Account
@@ -714,122 +714,6 @@ class _AfterAnswer(msgspec.Struct, frozen=True):
 
 _I = TypeVar("_I")
 _R = TypeVar("_R")
-Connection = asyncpg.Connection | PoolConnectionProxy
-
-
-class Coalescer(Generic[_I, _R]):
-    """Turns concurrent one-item requests into one set-based statement per ledger.
-
-    ``run(conn, ledger, items)`` answers a batch of items in order. While one statement runs,
-    the next items gather (the batcher's group commit, in small), so under load one round trip
-    serves many requests and the cost per request falls as the load rises. Only one statement
-    is in flight per coalescer, on one pool connection that is held while work keeps coming
-    and ``linger_s`` after: a pool release costs a round trip of its own (asyncpg resets the
-    session). ``session`` (if any) runs once on each connection taken.
-
-    A failed statement answers its batch with the exception; a connection that failed is
-    released and the next batch takes a fresh one; when no connection can be had, everything
-    waiting is answered with that error.
-    """
-
-    def __init__(
-        self,
-        pool: Callable[[], asyncpg.Pool],
-        run: Callable[[Connection, int, list[_I]], Awaitable[list[_R]]],
-        *,
-        max_batch: int = limits.COALESCE_MAX_BATCH,
-        acquire_timeout_s: float | None = limits.DB_ACQUIRE_TIMEOUT_S,
-        linger_s: float = limits.COALESCE_LINGER_S,
-        session: str | None = None,
-        name: str = "onecard-coalescer",
-    ) -> None:
-        if max_batch < 1:
-            raise ValueError("max_batch must be positive")
-        self._pool = pool
-        self._run = run
-        self._max = max_batch
-        self._acquire_timeout_s = acquire_timeout_s
-        self._linger_s = linger_s
-        self._session = session
-        self._name = name
-        self._pending: dict[int, list[tuple[_I, asyncio.Future[_R]]]] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()  # set when work arrives while the flush task lingers
-        self.statements = 0  # statements run (tests and metrics read it)
-        self.acquired = 0  # connections taken from the pool (tests read it)
-
-    async def submit(self, ledger: int, item: _I) -> _R:
-        """Queue ``item`` for ``ledger`` and wait for its result."""
-        fut: asyncio.Future[_R] = asyncio.get_running_loop().create_future()
-        self._pending.setdefault(ledger, []).append((item, fut))
-        if self._task is None:
-            self._wake = asyncio.Event()  # of the running loop, whichever that is now
-            self._task = asyncio.create_task(self._flush(), name=self._name)
-        else:
-            self._wake.set()
-        return await fut
-
-    async def _more(self) -> bool:
-        """Whether there is work, waiting up to the linger for some when there is none."""
-        if not self._pending and self._linger_s > 0:
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._linger_s):
-                    await self._wake.wait()
-        return bool(self._pending)
-
-    def _take(self) -> tuple[int, list[tuple[_I, asyncio.Future[_R]]]]:
-        ledger = next(iter(self._pending))
-        queue = self._pending.pop(ledger)
-        if len(queue) > self._max:
-            # the rest goes to the back of the line: other ledgers' requests go first
-            self._pending[ledger] = queue[self._max :]
-            queue = queue[: self._max]
-        return ledger, queue
-
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                try:
-                    async with self._pool().acquire(timeout=self._acquire_timeout_s) as conn:
-                        self.acquired += 1
-                        if self._session is not None:
-                            await conn.execute(self._session)
-                        while await self._more():
-                            ledger, batch = self._take()
-                            try:
-                                self.statements += 1
-                                results = await self._run(conn, ledger, [i for i, _ in batch])
-                            except Exception as e:
-                                _settle(batch, exc=e)
-                                if isinstance(e, asyncpg.PostgresError) and not conn.is_closed():
-                                    continue  # the statement failed, the connection did not
-                                break
-                            _settle(batch, results=results)
-                except Exception as e:  # no connection to be had: everyone waiting hears why
-                    waiting, self._pending = self._pending, {}
-                    for queue in waiting.values():
-                        _settle(queue, exc=e)
-        finally:
-            self._task = None
-
-
-def _settle(
-    batch: list[tuple[Any, asyncio.Future[Any]]],
-    *,
-    results: Sequence[Any] | None = None,
-    exc: BaseException | None = None,
-) -> None:
-    """Answer every future of ``batch`` (a caller that went away has a done future)."""
-    if results is not None and len(results) != len(batch):
-        exc, results = AssertionError("a coalesced statement answered the wrong count"), None
-    for n, (_, fut) in enumerate(batch):
-        if fut.done():
-            continue
-        if results is not None:
-            fut.set_result(results[n])
-        else:
-            fut.set_exception(exc or RuntimeError("no result"))
 
 
 class _HolderSpend:
@@ -1245,7 +1129,7 @@ class Campus:
         if ref is None:
             if not _CARD_NO.fullmatch(card_no):
                 return None  # cannot be stored (cards CHECK); must not fail a shared read
-            ref = await self._ref_reads.submit(ledger, card_no)
+            ref = await self._ref_reads.ask(ledger, card_no)
             if ref is None:
                 return None  # not cached: the card may be issued a moment later
             _bounded_put(self._cards, (ledger, card_no), ref, limits.MAX_CACHED_CARDS)
@@ -1273,7 +1157,7 @@ class Campus:
     ) -> _CardState:
         a = parts[0] if parts else NIL_UUID
         b = parts[1] if len(parts) > 1 else a
-        st = await self._state_reads.submit(
+        st = await self._state_reads.ask(
             ref.ledger, _StateQuery(ref, key, a, b, want_spent, day[0], day[1])
         )
         assert st is not None, "cards, holders and accounts are never deleted"
@@ -1317,7 +1201,7 @@ class Campus:
     ) -> _PartsAnswer:
         """The transfers ``ids`` that exist (timestamp order) and which of ``keys`` have a
         remembered reversal."""
-        return await self._part_reads.submit(ledger, _PartsQuery(tuple(ids), tuple(keys)))
+        return await self._part_reads.ask(ledger, _PartsQuery(tuple(ids), tuple(keys)))
 
     async def _read_parts(
         self, conn: Connection, ledger: int, qs: list[_PartsQuery]
@@ -1340,7 +1224,7 @@ class Campus:
     async def _after(
         self, ledger: int, key: UUID, accounts: Sequence[int]
     ) -> tuple[dict[int, int], bool]:
-        a = await self._after_reads.submit(ledger, _AfterQuery(key, tuple(accounts)))
+        a = await self._after_reads.ask(ledger, _AfterQuery(key, tuple(accounts)))
         return a.available, a.reversed
 
     async def _read_after(
@@ -1457,7 +1341,7 @@ class Campus:
             return None
         right = pin_block is not None and verify_pin(term.mac_key, card_no, st.pin, pin_block)
         attempt = _PinTry(card_no, self._local_date(day[0]), pin_block is not None and not right)
-        failures = await self._pin_tries.submit(term.ledger, attempt)
+        failures = await self._pin_tries.ask(term.ledger, attempt)
         if failures >= limits.PIN_TRIES_PER_DAY:
             return Outcome.PIN_TRIES_EXCEEDED
         return None if right else Outcome.INCORRECT_PIN
@@ -1492,7 +1376,7 @@ class Campus:
             if len(terminal_id) != TERMINAL_ID_LEN or "\x00" in terminal_id:
                 return None  # cannot be stored (terminals CHECK); must not fail a shared read
             # every terminal signs on at once after a restart: one statement for all of them
-            found = await self._terminal_reads.submit(_ANY_LEDGER, terminal_id)
+            found = await self._terminal_reads.ask(_ANY_LEDGER, terminal_id)
             if found is None:
                 return None  # not cached: it may be registered a moment later
             term = found

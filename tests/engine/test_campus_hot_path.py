@@ -16,8 +16,6 @@ from engine.campus import (
     SQL_CARD_STATES,
     Campus,
     Card,
-    Coalescer,
-    Connection,
     HolderKind,
     HolderResult,
     Outcome,
@@ -27,6 +25,7 @@ from engine.campus import (
     holder_account_ids,
     local_day_bounds,
 )
+from engine.db.coalesce import Connection
 from engine.db.migrate import migrate
 from engine.service import Engine
 from ledger.status import TransferStatus
@@ -311,70 +310,6 @@ async def test_daily_spending_is_summed_per_purse_never_over_the_ledger_day(
 
 
 # -- coalescer -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def pool(engine: Engine) -> asyncpg.Pool:
-    return engine.store.pool
-
-
-async def test_coalescer_batches_splits_and_answers_in_order(pool: asyncpg.Pool) -> None:
-    sizes: list[int] = []
-
-    async def run(conn: Connection, ledger: int, items: list[int]) -> list[int]:
-        sizes.append(len(items))
-        rows = await conn.fetch("SELECT x * 2 + $1 AS y FROM unnest($2::int[]) x", ledger, items)
-        return [r["y"] for r in rows]
-
-    c: Coalescer[int, int] = Coalescer(lambda: pool, run, max_batch=8, linger_s=0)
-    got = await asyncio.gather(*(c.submit(i % 2, i) for i in range(40)))
-    assert got == [i * 2 + i % 2 for i in range(40)]
-    assert max(sizes) <= 8 and sum(sizes) == 40
-    assert c.statements == len(sizes) < 40
-
-
-async def test_coalescer_failure_answers_its_batch_only(pool: asyncpg.Pool) -> None:
-    async def run(conn: Connection, ledger: int, items: list[int]) -> list[int]:
-        if ledger == 13:
-            await conn.fetch("SELECT 1 / 0")
-        return [await conn.fetchval("SELECT $1::int", i) for i in items]
-
-    c: Coalescer[int, int] = Coalescer(lambda: pool, run, linger_s=0)
-    results = await asyncio.gather(c.submit(13, 1), c.submit(14, 2), c.submit(13, 3),
-                                   return_exceptions=True)
-    assert isinstance(results[0], asyncpg.DivisionByZeroError)
-    assert isinstance(results[2], asyncpg.DivisionByZeroError)
-    assert results[1] == 2  # the other ledger's batch, on the same connection
-    assert c.acquired == 1
-    assert await c.submit(14, 5) == 5
-
-
-async def test_coalescer_without_a_pool_answers_everyone(engine: Engine) -> None:
-    closed = await asyncpg.create_pool(engine.dsn, min_size=0, max_size=1)
-    assert closed is not None
-    await closed.close()
-
-    async def run(conn: Connection, ledger: int, items: list[int]) -> list[int]:
-        return items
-
-    c: Coalescer[int, int] = Coalescer(lambda: closed, run)
-    results = await asyncio.gather(*(c.submit(1, i) for i in range(5)), return_exceptions=True)
-    assert all(isinstance(r, asyncpg.InterfaceError) for r in results)
-
-
-async def test_coalescer_keeps_its_connection_while_work_keeps_coming(pool: asyncpg.Pool) -> None:
-    async def run(conn: Connection, ledger: int, items: list[int]) -> list[int]:
-        return [await conn.fetchval("SELECT current_setting('jit')") == "off"] * len(items)
-
-    c: Coalescer[int, bool] = Coalescer(lambda: pool, run, linger_s=0.2,
-                                        session="SET jit = off")
-    for _ in range(5):
-        assert await c.submit(1, 0) is True  # the session statement ran on the connection
-        await asyncio.sleep(0.01)
-    assert c.acquired == 1 and c.statements == 5
-    await asyncio.sleep(0.3)  # the linger ran out: the connection went back
-    assert await c.submit(1, 0) is True
-    assert c.acquired == 2
 
 
 async def test_a_batch_failure_reaches_the_payment_as_unavailable(w: World) -> None:
