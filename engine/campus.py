@@ -46,17 +46,16 @@ import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
-from datetime import UTC, date, datetime, timedelta
-from datetime import time as dtime
+from datetime import UTC, date, datetime
 from typing import Any, Final, TypeVar
 from uuid import UUID
-from zoneinfo import ZoneInfo
 
 import asyncpg
 import msgspec
 
 from engine import limits
 from engine.batcher import RETRYABLE, Batcher, Overloaded, TransferResult, Unavailable
+from engine.calendar import campus_tz, day_window_at, local_date, to_ns
 from engine.db.coalesce import Coalescer, Connection
 from engine.pin import verify_pin
 from engine.service import Engine
@@ -78,7 +77,6 @@ from ledger.types import (
 log = logging.getLogger(__name__)
 
 # -- limits of this module (the bounds are in engine/limits.py) ------------------------------
-DEFAULT_TZ: Final = "Asia/Shanghai"
 # Run once on each connection a campus coalescer takes (the engine's pool already sets it as a
 # session default; a pool with the default reset would undo a SET on release). A shared
 # read of a large batch can be costed past jit_above_cost; compiling it takes ~40 ms, many
@@ -106,7 +104,6 @@ _NS_PER_S: Final = 1_000_000_000
 _CARD_NO: Final = re.compile(r"[0-9]{8,19}")  # the cards table's CHECK
 _ANY_LEDGER: Final = 0  # coalescing key of reads that find their ledger (terminals by id)
 TERMINAL_ID_LEN: Final = 8  # field 41 (ans8); the terminals table's CHECK
-EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 # -- public types ------------------------------------------------------------------------------
@@ -311,18 +308,6 @@ def holder_account_ids(ledger: int, holder_id: str) -> tuple[int, int]:
 def room_account_id(ledger: int, room_id: str) -> int:
     """The room purse id of a dorm room."""
     return derived_account_id(ledger, room_id, AccountKind.ROOM)
-
-
-def local_day_bounds(now: datetime, tz: ZoneInfo) -> tuple[int, int]:
-    """[start, end) of the campus-local day containing ``now``, in engine ns."""
-    day = now.astimezone(tz).date()
-    start = datetime.combine(day, dtime(0), tzinfo=tz)
-    end = datetime.combine(day + timedelta(days=1), dtime(0), tzinfo=tz)
-    return _ns(start), _ns(end)
-
-
-def _ns(dt: datetime) -> int:
-    return (dt - EPOCH) // timedelta(microseconds=1) * 1000
 
 
 # Part names: the transfers one operation posts, each id = child(key, part): derived, and
@@ -1013,11 +998,12 @@ class Campus:
     inside the batch transaction. Card states are never remembered: each payment reads the
     card in the same shared statement as its purses.
 
-    ``clock`` (default: the wall clock) only decides which campus-local day it is now; each
-    transfer counts towards the local day of its engine timestamp. Operations are tied to
-    terminal kinds: purchases at POS and kiosk terminals, holds and completions at water
-    terminals, electricity at kiosks and POS, meter usage at meters, inquiries anywhere but a
-    meter; anything else is INVALID_TRANSACTION.
+    ``tz`` is the campus time zone (default ``$ONECARD_TZ``, else Asia/Shanghai: see
+    engine/calendar.py). ``clock`` (default: the wall clock) only decides which campus-local
+    day it is now; each transfer counts towards the local day of its engine timestamp.
+    Operations are tied to terminal kinds: purchases at POS and kiosk terminals, holds and
+    completions at water terminals, electricity at kiosks and POS, meter usage at meters,
+    inquiries anywhere but a meter; anything else is INVALID_TRANSACTION.
 
     Amounts: an operation moving more than ``max_amount`` fen, or one that would leave a purse
     or room at a balance its answer cannot show (field 54: 12 digits), is INVALID_AMOUNT before
@@ -1030,7 +1016,7 @@ class Campus:
         self,
         engine: Engine,
         *,
-        tz: str = DEFAULT_TZ,
+        tz: str | None = None,
         hold_timeout_s: int = limits.DEFAULT_HOLD_TIMEOUT_S,
         clock: Callable[[], datetime] | None = None,
         spend_ttl_s: float = limits.SPEND_MEMORY_TTL_S,
@@ -1043,7 +1029,7 @@ class Campus:
             raise ValueError(f"max_amount must be in 1..{limits.TERMINAL_FIELD_MAX_FEN}")
         self.engine = engine
         self.max_amount = max_amount
-        self.tz = ZoneInfo(tz)
+        self.tz = campus_tz(tz)
         self.hold_timeout_s = hold_timeout_s
         self._clock = clock or (lambda: datetime.now(UTC))
         self._terminals: dict[str, Terminal] = {}
@@ -1108,18 +1094,16 @@ class Campus:
 
     def today(self) -> tuple[int, int]:
         """[start, end) of the current campus-local day in engine ns (per the clock)."""
-        now = self._clock()
-        return self._day_bounds(_ns(now), now)
+        return self._day_bounds(to_ns(self._clock()))
 
     def _day_of(self, ns: int) -> int:
         """Start (engine ns) of the campus-local day containing engine timestamp ``ns``."""
         return self._day_bounds(ns)[0]
 
-    def _day_bounds(self, ns: int, at: datetime | None = None) -> tuple[int, int]:
+    def _day_bounds(self, ns: int) -> tuple[int, int]:
         start, end = self._day
         if not start <= ns < end:  # one zone lookup per local day, not per request
-            at = at or EPOCH + timedelta(microseconds=ns // 1000)
-            start, end = self._day = local_day_bounds(at, self.tz)
+            start, end = self._day = day_window_at(ns, self.tz)
         return start, end
 
     # -- shared reads (one statement per batch of requests, see Coalescer) ----------------------
@@ -1340,7 +1324,7 @@ class Campus:
         if st.pin is None or not required:
             return None
         right = pin_block is not None and verify_pin(term.mac_key, card_no, st.pin, pin_block)
-        attempt = _PinTry(card_no, self._local_date(day[0]), pin_block is not None and not right)
+        attempt = _PinTry(card_no, local_date(day[0], self.tz), pin_block is not None and not right)
         failures = await self._pin_tries.ask(term.ledger, attempt)
         if failures >= limits.PIN_TRIES_PER_DAY:
             return Outcome.PIN_TRIES_EXCEEDED
@@ -1362,10 +1346,6 @@ class Campus:
             out.append(n)
             running[(t.card_no, t.day)] = n + t.wrong
         return out
-
-    def _local_date(self, day_start: int) -> date:
-        """The campus-local date of the day starting at ``day_start`` (engine ns)."""
-        return (EPOCH + timedelta(microseconds=day_start // 1000)).astimezone(self.tz).date()
 
     # -- terminals -------------------------------------------------------------------------------
 

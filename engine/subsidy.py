@@ -40,16 +40,15 @@ import csv
 import hashlib
 import io
 from collections.abc import Callable, Sequence
-from datetime import UTC, date, datetime, timedelta
-from datetime import time as dtime
+from datetime import UTC, datetime
 from typing import Final
 from uuid import UUID, uuid5
-from zoneinfo import ZoneInfo
 
 import msgspec
 
 from engine import limits
-from engine.campus import DEFAULT_TZ, derived_account_id
+from engine.calendar import campus_tz, month_window, parse_month, to_ns
+from engine.campus import derived_account_id
 from engine.service import Engine
 from engine.store import Store
 from ledger.account import Account
@@ -73,7 +72,6 @@ _USER_DATA_PREFIX: Final = "subsidy "
 MAX_BATCH_ID_BYTES: Final = USER_DATA_MAX_BYTES - len(_USER_DATA_PREFIX)
 MAX_HOLDER_ID_LEN: Final = 64  # the holders table's CHECK
 
-EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 # Holders' subsidy purses, for many (ledger, holder) pairs at once.
 SQL_SUBSIDY_PURSES = """
@@ -243,36 +241,22 @@ async def grant_subsidies(
     return results
 
 
-def month_bounds(month: str, tz: ZoneInfo) -> tuple[int, int]:
-    """[start, end) of a campus-local month ``YYYY-MM`` in engine ns; ValueError if malformed."""
-    try:
-        first = datetime.strptime(month, "%Y-%m").date()
-    except ValueError:
-        raise ValueError(f"--month must be YYYY-MM, not {month!r}") from None
-    nxt = date(first.year + first.month // 12, first.month % 12 + 1, 1)
-    return _ns(datetime.combine(first, dtime(0), tzinfo=tz)), _ns(
-        datetime.combine(nxt, dtime(0), tzinfo=tz)
-    )
-
-
-def _ns(dt: datetime) -> int:
-    return (dt - EPOCH) // timedelta(microseconds=1) * 1000
-
-
 async def clear_down(
     engine: Engine,
     ledger: int,
     month: str,
     *,
-    tz: str = DEFAULT_TZ,
+    tz: str | None = None,
     on_total: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> list[ClearDownResult]:
     """Return every subsidy purse's unused subsidy of ``month`` to the fund (see the module
-    docstring). Purses with nothing to return are left out; purses already cleared for the
-    month answer ``exists``."""
-    start, end = month_bounds(month, ZoneInfo(tz))
-    if start > _ns(datetime.now(UTC)):
+    docstring), ``month`` being ``YYYY-MM`` in the campus time zone ``tz`` (default
+    ``$ONECARD_TZ``, else Asia/Shanghai). Purses with nothing to return are left out; purses
+    already cleared for the month answer ``exists``. ValueError for a malformed month or one
+    that has not begun."""
+    start, end = month_window(parse_month(month), campus_tz(tz))
+    if start > to_ns(datetime.now(UTC)):
         raise ValueError(f"month {month} has not begun")
     fund = await ensure_fund(engine.store, ledger)
     async with engine.store.pool.acquire() as conn:

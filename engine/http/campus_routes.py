@@ -15,7 +15,6 @@ forgives the card's wrong PINs: after 5 in a day its PIN checks answer 75 until 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 from uuid import UUID
@@ -27,7 +26,6 @@ from litestar.params import FromPath, JSONBody
 from engine import limits
 from engine.batcher import RETRYABLE, Overloaded, Unavailable
 from engine.campus import (
-    DEFAULT_TZ,
     Campus,
     Card,
     CardStatus,
@@ -196,7 +194,7 @@ def campus_of(request: Request[Any, Any, Any]) -> Campus:
     campus: Campus | None = getattr(state, "campus", None)
     if campus is None:
         engine: Engine = state.engine
-        campus = Campus(engine, tz=os.environ.get("ONECARD_TZ") or DEFAULT_TZ)
+        campus = Campus(engine)
         state.campus = campus
     return campus
 

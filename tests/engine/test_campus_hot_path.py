@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import pytest
 
+from engine.calendar import day_window_at, to_ns
 from engine.campus import (
     SQL_CARD_STATES,
     Campus,
@@ -23,7 +24,6 @@ from engine.campus import (
     _KeyedLocks,
     _SpendMemory,
     holder_account_ids,
-    local_day_bounds,
 )
 from engine.db.coalesce import Connection
 from engine.db.migrate import migrate
@@ -291,7 +291,7 @@ async def test_daily_spending_is_summed_per_purse_never_over_the_ledger_day(
         try:
             await migrate(conn)
             await conn.execute("ALTER TABLE transfers SET (autovacuum_enabled = false)")
-            start, end = local_day_bounds(datetime.now(UTC), ZoneInfo("Asia/Shanghai"))
+            start, end = day_window_at(to_ns(datetime.now(UTC)), ZoneInfo("Asia/Shanghai"))
             await conn.execute(
                 "INSERT INTO transfers (ledger, id, debit_account_id, credit_account_id, amount,"
                 " code, flags, timestamp) SELECT 7, gen_random_uuid(), 1000 + g % 200, 5, 100,"
