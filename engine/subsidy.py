@@ -48,7 +48,7 @@ import msgspec
 
 from engine import limits
 from engine.calendar import campus_tz, month_window, parse_month, to_ns
-from engine.campus import derived_account_id
+from engine.campus.accounts import derived_account_id
 from engine.service import Engine
 from engine.store import Store
 from ledger.account import Account

@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from engine.batcher import TransferResult
-from engine.campus import _SpendMemory
+from engine.campus.service import _SpendMemory
 from engine.store import _astuple, _columns, _pg_array
 from ledger import audit
 from ledger.account import AccountState

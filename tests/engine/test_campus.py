@@ -27,11 +27,9 @@ from engine.campus import (
     Room,
     Terminal,
     TerminalKind,
-    derived_account_id,
-    holder_account_ids,
-    part_id,
-    split_subsidy_first,
 )
+from engine.campus.accounts import derived_account_id, holder_account_ids, part_id
+from engine.campus.service import split_subsidy_first
 from engine.service import Engine
 from ledger.account import Account
 from ledger.status import AccountStatus, TransferStatus

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from engine.campus import holder_account_ids, room_account_id
+from engine.campus.accounts import holder_account_ids, room_account_id
 from tests.conftest import Api, Ids
 from tests.engine.test_campus import card_number, terminal_id
 

@@ -13,18 +13,9 @@ import asyncpg
 import pytest
 
 from engine.calendar import day_window_at, to_ns
-from engine.campus import (
-    SQL_CARD_STATES,
-    Campus,
-    Card,
-    HolderKind,
-    HolderResult,
-    Outcome,
-    Replacement,
-    _KeyedLocks,
-    _SpendMemory,
-    holder_account_ids,
-)
+from engine.campus import Campus, Card, HolderKind, HolderResult, Outcome, Replacement
+from engine.campus.accounts import holder_account_ids
+from engine.campus.service import SQL_CARD_STATES, _KeyedLocks, _SpendMemory
 from engine.db.coalesce import Connection
 from engine.db.migrate import migrate
 from engine.service import Engine

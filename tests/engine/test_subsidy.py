@@ -13,7 +13,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from engine.campus import Campus, Card, HolderKind, HolderResult, holder_account_ids
+from engine.campus import Campus, Card, HolderKind, HolderResult
+from engine.campus.accounts import holder_account_ids
 from engine.cli.campus import SUBSIDY
 from engine.service import Engine
 from engine.subsidy import (

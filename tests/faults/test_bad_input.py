@@ -15,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.campus import Campus, Outcome, holder_account_ids
+from engine.campus import Campus, Outcome
+from engine.campus.accounts import holder_account_ids
 from engine.http.app import rfc3339
 from engine.service import Engine
 from ledger.transfer import MAX_TIMEOUT_S, USER_DATA_MAX_BYTES, Transfer

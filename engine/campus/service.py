@@ -1,48 +1,15 @@
-"""The campus layer: holders, cards, terminals and rooms on top of the ledger (contract §2).
+"""The campus facade: :class:`Campus`, every campus operation behind one object.
 
-A holder owns two ledger accounts, a cash ``purse`` and a ``subsidy`` purse; a dorm room owns a
-``room`` purse. Their ids are derived from (ledger, owner, kind), so creating them again is
-harmless. A card points at a holder and carries the state machine and the spending rules:
-
-- ``active -> lost`` (report-lost) freezes both purses *in the same database transaction*;
-  ``lost -> active`` (found), ``active|lost -> replaced`` (a new card takes over the same purses,
-  no money moves) and ``active|lost -> closed``. The purses are frozen exactly while the holder
-  has a lost card and no active one.
-- ``daily_limit``: today's campus-local spending (meals, hot water, electricity; holds count
-  while they hold, reversed spending does not) plus the new amount must not exceed it.
-- ``pin`` / ``pin_threshold``: above the threshold the terminal must prove the PIN (field 52).
-  Wrong PINs are counted per card and campus-local day (``pin_tries``): after
-  ``limits.PIN_TRIES_PER_DAY`` every PIN check of the card fails until the next day or a reset.
-
-Terminal operations (``purchase`` … ``reverse``) return a :class:`PaymentResult`; every transfer
-they post has an id derived from the request ``key``, so a retransmission never posts twice,
-and goes through the engine's batcher (group commit). Registry operations used by the HTTP API
-return their result or a :class:`Refused` with the reason.
-
-Reversals are remembered in ``reversals`` before anything else happens, and every original
-re-reads that memory after it posted: whichever of the two comes second sees the other, so an
-original and its reversal racing on two connections (or two processes) always net to zero.
-
-The hot path makes no database round trip of its own per request. Every read a terminal
-operation needs (the card, the purses, today's spending, the reversal memory, an earlier
-attempt's transfers, the balances after) goes through a :class:`Coalescer`: the requests that
-arrive while one statement runs share the next one, exactly as the batcher's group commit
-shares a transaction, so the reads grow with the load in rows, not in round trips. Card
-numbers map to holders and purses through a cache (that mapping never changes); the card's
-state itself is read fresh in the shared statement, so a report-lost, replacement or closure
-takes effect at once, from any process. Today's spending is remembered per holder after a
-first read and kept up to date from every commit the batcher reports, whatever its door (see
-:class:`_SpendMemory`).
+It holds what the operations share (the engine, the coalesced readers and their caches, the
+spending memory, the per-holder locks, the campus day) and turns infrastructure failures into
+OVERLOADED / UNAVAILABLE; each operation itself lives in the module of its concept.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
-import hashlib
 import logging
-import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
@@ -56,11 +23,45 @@ import msgspec
 from engine import limits
 from engine.batcher import RETRYABLE, Batcher, Overloaded, TransferResult, Unavailable
 from engine.calendar import campus_tz, day_window_at, local_date, to_ns
+from engine.campus.accounts import (
+    ALL_PARTS,
+    CASH_PART,
+    ROOM_PART,
+    SUBSIDY_PART,
+    holder_account_ids,
+    part_id,
+    reversal_id,
+    room_account_id,
+)
+from engine.campus.model import (
+    CARD_NO,
+    PURSE_CODE,
+    ROOM_CODE,
+    SPENDING_CODES,
+    SUBSIDY_CODE,
+    TERMINAL_ID_LEN,
+    Card,
+    CardBalance,
+    CardStatus,
+    Holder,
+    HolderKind,
+    HolderResult,
+    Outcome,
+    PaymentResult,
+    Purse,
+    PurseBalances,
+    Refusal,
+    Refused,
+    RegistryStatus,
+    Replacement,
+    Room,
+    Terminal,
+    TerminalKind,
+)
 from engine.db.coalesce import Coalescer, Connection
 from engine.pin import verify_pin
 from engine.service import Engine
 from ledger.account import Account
-from ledger.ids import child
 from ledger.status import AccountStatus, TransferStatus
 from ledger.transfer import MAX_TIMEOUT_S, StoredTransfer, Transfer
 from ledger.types import (
@@ -83,11 +84,6 @@ log = logging.getLogger(__name__)
 # times what running it takes.
 COALESCE_SESSION: Final = "SET jit = off"
 
-# Account codes of the accounts the campus creates (the chart mirrors field 54's types).
-PURSE_CODE: Final = 10
-SUBSIDY_CODE: Final = 20
-ROOM_CODE: Final = 30
-
 # Lock classes for pg_advisory_xact_lock(int, int): the two-key space never meets the store's
 # one-key account-id locks.
 _CARD_LOCK: Final = 0x0CA4D
@@ -97,235 +93,13 @@ _LINKED: Final = int(TransferFlags.LINKED)
 _PENDING: Final = int(TransferFlags.PENDING)
 _POST: Final = int(TransferFlags.POST_PENDING)
 _VOID: Final = int(TransferFlags.VOID_PENDING)
-_SPENDING_CODES: Final = (TransferCode.MEAL, TransferCode.HOT_WATER, TransferCode.ELECTRICITY)
-_SPENDING_CODE_SET: Final = frozenset(int(c) for c in _SPENDING_CODES)  # plain ints: hot path
+_SPENDING_CODE_SET: Final = frozenset(int(c) for c in SPENDING_CODES)  # plain ints: hot path
 _REVERSAL_CODE: Final = int(TransferCode.REVERSAL)
 _NS_PER_S: Final = 1_000_000_000
-_CARD_NO: Final = re.compile(r"[0-9]{8,19}")  # the cards table's CHECK
 _ANY_LEDGER: Final = 0  # coalescing key of reads that find their ledger (terminals by id)
-TERMINAL_ID_LEN: Final = 8  # field 41 (ans8); the terminals table's CHECK
-
-
-# -- public types ------------------------------------------------------------------------------
-
-
-class TerminalKind(enum.StrEnum):
-    """What a terminal is: canteen/shop POS, shower valve, self-service kiosk, room meter."""
-
-    POS = "pos"
-    WATER = "water"
-    KIOSK = "kiosk"
-    METER = "meter"
-
-
-class CardStatus(enum.StrEnum):
-    """Card states (contract §2)."""
-
-    ACTIVE = "active"
-    LOST = "lost"
-    REPLACED = "replaced"
-    CLOSED = "closed"
-
-
-class HolderKind(enum.StrEnum):
-    """Holder kinds (contract §2)."""
-
-    STUDENT = "student"
-    STAFF = "staff"
-
-
-class RegistryStatus(enum.StrEnum):
-    """Outcome of registering a holder or a terminal (contract §4)."""
-
-    CREATED = "created"
-    EXISTS = "exists"
-    EXISTS_WITH_DIFFERENT_FIELDS = "exists_with_different_fields"
-
-
-class Refusal(enum.StrEnum):
-    """Why a registry operation was refused."""
-
-    HOLDER_NOT_FOUND = "holder_not_found"
-    CARD_NOT_FOUND = "card_not_found"
-    ACCOUNT_NOT_FOUND = "account_not_found"
-    AMBIGUOUS_HOLDER = "ambiguous_holder"  # the holder id exists in several ledgers
-    CARD_NUMBER_TAKEN = "card_number_taken"
-    HOLDER_HAS_ACTIVE_CARD = "holder_has_active_card"
-    INVALID_TRANSITION = "invalid_transition"
-    ACCOUNT_NOT_CREDITABLE = "account_not_creditable"  # a terminal must credit merchant/utility
-    ACCOUNT_ID_TAKEN = "account_id_taken"  # a derived account id is used by another account
-
-    @property
-    def not_found(self) -> bool:
-        """True when the refusal means "unknown" (HTTP 404) rather than "not allowed" (400)."""
-        return self in _NOT_FOUND
-
-
-_NOT_FOUND: Final = frozenset(
-    {Refusal.HOLDER_NOT_FOUND, Refusal.CARD_NOT_FOUND, Refusal.ACCOUNT_NOT_FOUND}
-)
-
-
-class Refused(msgspec.Struct, frozen=True):
-    """A registry operation that was not carried out, and why."""
-
-    reason: Refusal
-    detail: str
-
-
-class Terminal(msgspec.Struct, frozen=True):
-    """A registered terminal; it credits only ``account_id``."""
-
-    terminal_id: str
-    merchant_id: str
-    ledger: int
-    kind: TerminalKind
-    account_id: int
-    mac_key: bytes
-
-
-class Outcome(enum.StrEnum):
-    """Business outcome of a terminal operation; the gateway maps it to field 39."""
-
-    APPROVED = "approved"
-    INSUFFICIENT_FUNDS = "insufficient_funds"
-    LOST_CARD = "lost_card"
-    CARD_NOT_ACTIVE = "card_not_active"
-    INVALID_CARD = "invalid_card"
-    INCORRECT_PIN = "incorrect_pin"
-    PIN_TRIES_EXCEEDED = "pin_tries_exceeded"
-    DAILY_LIMIT_EXCEEDED = "daily_limit_exceeded"
-    INVALID_AMOUNT = "invalid_amount"
-    ORIGINAL_NOT_FOUND = "original_not_found"
-    INVALID_TRANSACTION = "invalid_transaction"
-    DUPLICATE_DIFFERENT = "duplicate_different"
-    OVERLOADED = "overloaded"
-    UNAVAILABLE = "unavailable"
-
-
-class PurseBalances(msgspec.Struct, frozen=True):
-    """A holder's AVAILABLE fen after the operation."""
-
-    cash: int
-    subsidy: int
-
-    @property
-    def total(self) -> int:
-        """Cash and subsidy together."""
-        return self.cash + self.subsidy
-
-
-class PaymentResult(msgspec.Struct, frozen=True):
-    """The answer to a terminal operation."""
-
-    outcome: Outcome
-    purses: PurseBalances | None = None
-    room_balance: int | None = None
-    timestamp: int | None = None
-
-
-class Holder(msgspec.Struct, frozen=True):
-    """A card holder and the two purses it owns."""
-
-    id: str
-    ledger: int
-    name: str
-    kind: HolderKind
-    purse_account_id: int
-    subsidy_account_id: int
-
-
-class HolderResult(msgspec.Struct, frozen=True):
-    """Outcome of ``create_holder``: the stored holder (the old one if it already existed)."""
-
-    status: RegistryStatus
-    holder: Holder
-
-
-class Card(msgspec.Struct, frozen=True):
-    """A card as stored."""
-
-    card_no: str
-    ledger: int
-    holder_id: str
-    status: CardStatus
-    daily_limit: int | None = None
-    pin: str | None = None
-    pin_threshold: int | None = None
-    replaced_by: str | None = None
-
-
-class Replacement(msgspec.Struct, frozen=True):
-    """Outcome of ``replace_card``."""
-
-    old: Card
-    new: Card
-
-
-class Purse(msgspec.Struct, frozen=True):
-    """One of a holder's purses."""
-
-    account_id: int
-    kind: AccountKind
-    balance: int
-    available: int
-
-
-class CardBalance(msgspec.Struct, frozen=True):
-    """A card, its holder's purses, and what they can spend together."""
-
-    card: Card
-    purses: list[Purse]
-    total_available: int
-
-
-class Room(msgspec.Struct, frozen=True):
-    """A dorm room's electricity purse."""
-
-    room_id: str
-    ledger: int
-    account_id: int
 
 
 # -- pure helpers ------------------------------------------------------------------------------
-
-
-def derived_account_id(ledger: int, owner: str, kind: AccountKind) -> int:
-    """The account id of ``owner``'s account of ``kind`` in ``ledger``: a positive int63
-    hash, so creating the same holder or room twice names the same accounts."""
-    digest = hashlib.sha256(f"onecard/{ledger}/{kind}/{owner}".encode()).digest()
-    return (int.from_bytes(digest[:8], "big") & INT64_MAX) or 1
-
-
-def holder_account_ids(ledger: int, holder_id: str) -> tuple[int, int]:
-    """(cash purse id, subsidy purse id) of a holder."""
-    return (
-        derived_account_id(ledger, holder_id, AccountKind.PURSE),
-        derived_account_id(ledger, holder_id, AccountKind.SUBSIDY),
-    )
-
-
-def room_account_id(ledger: int, room_id: str) -> int:
-    """The room purse id of a dorm room."""
-    return derived_account_id(ledger, room_id, AccountKind.ROOM)
-
-
-# Part names: the transfers one operation posts, each id = child(key, part): derived, and
-# beside the request's key in time order (ledger/ids.py).
-_SUBSIDY: Final = "subsidy"
-_CASH: Final = "cash"
-_ROOM: Final = "room"
-_ALL_PARTS: Final = (_SUBSIDY, _CASH, _ROOM)
-
-
-def part_id(key: UUID, part: str) -> UUID:
-    """Id of one transfer of the operation ``key`` (deterministic: retries post nothing)."""
-    return child(key, part)
-
-
-def reversal_id(transfer_id: UUID) -> UUID:
-    """Id of the transfer that undoes ``transfer_id``: one undo, however many reversals."""
-    return child(transfer_id, "reversal")
 
 
 _PURCHASE_KINDS: Final = frozenset({TerminalKind.POS, TerminalKind.KIOSK})
@@ -454,7 +228,7 @@ LEFT JOIN LATERAL (
         WHERE t.ledger = $1 AND t.debit_account_id = a.id
           AND (t.debit_account_id, t.timestamp) >= (a.id, q.day_start)
           AND (t.debit_account_id, t.timestamp) < (a.id, q.day_end)
-          AND t.code IN ({", ".join(str(int(c)) for c in _SPENDING_CODES)})
+          AND t.code IN ({", ".join(str(int(c)) for c in SPENDING_CODES)})
           AND t.flags & {_VOID} = 0
         OFFSET 0  -- kept a subquery: scanned per purse, never hoisted into a ledger scan
     ) t
@@ -1111,7 +885,7 @@ class Campus:
     async def _card_ref(self, ledger: int, card_no: str) -> _CardRef | None:
         ref = self._cards.get((ledger, card_no))
         if ref is None:
-            if not _CARD_NO.fullmatch(card_no):
+            if not CARD_NO.fullmatch(card_no):
                 return None  # cannot be stored (cards CHECK); must not fail a shared read
             ref = await self._ref_reads.ask(ledger, card_no)
             if ref is None:
@@ -1432,7 +1206,7 @@ class Campus:
             return PaymentResult(Outcome.INVALID_CARD)
         code = TransferCode.HOT_WATER if hold else TransferCode.MEAL
         flags = (TransferFlag.PENDING,) if hold else (TransferFlag.FORCE,) if force else ()
-        ids = (part_id(key, _SUBSIDY), part_id(key, _CASH))
+        ids = (part_id(key, SUBSIDY_PART), part_id(key, CASH_PART))
         purses = (ref.purse_id, ref.subsidy_id)
         async with self._holder_locks.hold((ref.ledger, ref.holder_id)):
             day = self.today()
@@ -1525,8 +1299,8 @@ class Campus:
             return PaymentResult(Outcome.INVALID_TRANSACTION)
         if not 0 <= amount <= self.max_amount:  # 0 releases the whole hold
             return PaymentResult(Outcome.INVALID_AMOUNT)
-        held_ids = {part_id(hold_key, p): p for p in (_SUBSIDY, _CASH)}
-        done_ids = [part_id(key, p) for p in (_SUBSIDY, _CASH)]
+        held_ids = {part_id(hold_key, p): p for p in (SUBSIDY_PART, CASH_PART)}
+        done_ids = [part_id(key, p) for p in (SUBSIDY_PART, CASH_PART)]
         got = await self._parts(term.ledger, [*held_ids, *done_ids], [hold_key, key])
         parts, rev = got.parts, got.reversed
         holds = [p for p in parts if p.id in held_ids and p.flags & _PENDING]
@@ -1559,7 +1333,7 @@ class Campus:
             return PaymentResult(Outcome.INVALID_TRANSACTION)
         if amount > sum(h.amount for h in holds):
             return PaymentResult(Outcome.INVALID_AMOUNT)
-        holds.sort(key=lambda h: held_ids[h.id] != _SUBSIDY)  # settle the subsidy part first
+        holds.sort(key=lambda h: held_ids[h.id] != SUBSIDY_PART)  # settle the subsidy part first
         rest = amount
         transfers = []
         for h in holds:
@@ -1615,7 +1389,7 @@ class Campus:
         if ref is None:
             return PaymentResult(Outcome.INVALID_CARD)
         room = room_account_id(term.ledger, room_id)
-        tid = part_id(key, _CASH)
+        tid = part_id(key, CASH_PART)
         purses = (ref.purse_id, ref.subsidy_id)
         async with self._holder_locks.hold((ref.ledger, ref.holder_id)):
             day = self.today()
@@ -1671,7 +1445,7 @@ class Campus:
         if not self._amount_ok(amount):
             return PaymentResult(Outcome.INVALID_AMOUNT)
         room = room_account_id(term.ledger, room_id)
-        tid = part_id(key, _ROOM)
+        tid = part_id(key, ROOM_PART)
         # A room's advices take turns (in this process): each posts against the balance it
         # checked, which its answer must be able to show (force posts past zero, unbounded).
         async with self._holder_locks.hold(("room", term.ledger, room)):
@@ -1730,7 +1504,7 @@ class Campus:
     async def _undo(self, ledger: int, original_key: UUID) -> int | None:
         """Post the undo of every transfer the operation ``original_key`` posted (once: the
         ids are derived); returns the first undo's timestamp, if anything was undone."""
-        ids = [part_id(original_key, p) for p in _ALL_PARTS]
+        ids = [part_id(original_key, p) for p in ALL_PARTS]
         return (await self._undo_parts(ledger, original_key, ids))[1]
 
     async def withdraw(self, ledger: int, *, key: UUID, hold_key: UUID | None = None) -> bool:
@@ -1751,9 +1525,9 @@ class Campus:
         not be established (the database is away, the queue full, or a racing completion kept
         moving the hold): call it again later. Idempotent; never raises for those.
         """
-        ids = [part_id(key, p) for p in _ALL_PARTS]
+        ids = [part_id(key, p) for p in ALL_PARTS]
         if hold_key is not None:
-            ids += [part_id(hold_key, p) for p in (_SUBSIDY, _CASH)]
+            ids += [part_id(hold_key, p) for p in (SUBSIDY_PART, CASH_PART)]
         try:
             done, _ = await self._undo_parts(ledger, key, ids)
         except Overloaded:
