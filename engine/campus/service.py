@@ -11,10 +11,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, date, datetime
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 from uuid import UUID
 
 import asyncpg
@@ -33,13 +32,12 @@ from engine.campus.accounts import (
     reversal_id,
     room_account_id,
 )
+from engine.campus.locks import KeyedLocks
 from engine.campus.model import (
-    CARD_NO,
     PURSE_CODE,
     ROOM_CODE,
     SPENDING_CODES,
     SUBSIDY_CODE,
-    TERMINAL_ID_LEN,
     Card,
     CardBalance,
     CardStatus,
@@ -58,6 +56,7 @@ from engine.campus.model import (
     Terminal,
     TerminalKind,
 )
+from engine.campus.reads import CardRef, CardState, Part, Reads, campus_coalescer, terminal_row
 from engine.db.coalesce import Coalescer, Connection
 from engine.pin import verify_pin
 from engine.service import Engine
@@ -65,7 +64,6 @@ from ledger.account import Account
 from ledger.status import AccountStatus, TransferStatus
 from ledger.transfer import MAX_TIMEOUT_S, StoredTransfer, Transfer
 from ledger.types import (
-    INT64_MAX,
     NIL_UUID,
     AccountFlag,
     AccountFlags,
@@ -76,13 +74,6 @@ from ledger.types import (
 )
 
 log = logging.getLogger(__name__)
-
-# -- limits of this module (the bounds are in engine/limits.py) ------------------------------
-# Run once on each connection a campus coalescer takes (the engine's pool already sets it as a
-# session default; a pool with the default reset would undo a SET on release). A shared
-# read of a large batch can be costed past jit_above_cost; compiling it takes ~40 ms, many
-# times what running it takes.
-COALESCE_SESSION: Final = "SET jit = off"
 
 # Lock classes for pg_advisory_xact_lock(int, int): the two-key space never meets the store's
 # one-key account-id locks.
@@ -96,7 +87,6 @@ _VOID: Final = int(TransferFlags.VOID_PENDING)
 _SPENDING_CODE_SET: Final = frozenset(int(c) for c in SPENDING_CODES)  # plain ints: hot path
 _REVERSAL_CODE: Final = int(TransferCode.REVERSAL)
 _NS_PER_S: Final = 1_000_000_000
-_ANY_LEDGER: Final = 0  # coalescing key of reads that find their ledger (terminals by id)
 
 
 # -- pure helpers ------------------------------------------------------------------------------
@@ -175,98 +165,6 @@ def _card_refusal(status: CardStatus) -> Outcome | None:
 
 # -- SQL ---------------------------------------------------------------------------------------
 
-_CARD_COLS = (
-    "c.card_no, c.ledger, c.holder_id, c.status, c.daily_limit, c.pin, c.pin_threshold, "
-    "c.replaced_by"
-)
-# The hot-path reads below each serve a whole batch of requests of one ledger (see
-# Coalescer): one row per request in, found by its ordinal, never a statement per request.
-
-SQL_CARD_REFS = """
-SELECT c.card_no, c.holder_id, h.purse_account_id, h.subsidy_account_id
-FROM cards c JOIN holders h ON h.ledger = c.ledger AND h.id = c.holder_id
-WHERE c.ledger = $1 AND c.card_no = ANY($2::text[])
-"""
-# Everything a card payment decides on. Today's spending is summed from the ledger itself
-# (only where it is asked for and the card has a limit): spending codes debiting the holder's
-# purses within the local day, a hold while it still holds (its post counts once settled),
-# nothing that was reversed (a reversal carries the reversed transfer's id in user_data);
-# with it the earliest timeout of the holds it counted, after which the sum falls by itself,
-# and the ledger's clock as this statement saw it: every transfer stamped at or before it is in
-# the sum, none after it (see _SpendMemory). The sum is numeric, capped at the bigint range:
-# two purses' debits may add up past it, and one overflow would fail every payment sharing
-# the statement (a capped sum is still over any limit).
-# The sum walks transfers_debit per purse (and transfers_credit for the reversal check), never
-# the ledger's whole day: the ranges are row comparisons on (account, timestamp), which no other
-# index can serve, so even stale statistics (a fresh ledger) cannot turn a limited payment into
-# a scan of every transfer of the day.
-SQL_CARD_STATES = f"""
-SELECT q.i, c.status, c.daily_limit, c.pin, c.pin_threshold,
-       p.credits_posted - p.debits_posted - p.debits_pending AS cash,
-       s.credits_posted - s.debits_posted - s.debits_pending AS subsidy,
-       d.spent, d.hold_expiry,
-       (SELECT l.last_timestamp FROM ledgers l WHERE l.ledger = $1) AS clock,
-       EXISTS (SELECT 1 FROM reversals v WHERE v.ledger = $1 AND v.original_key = q.key)
-           AS reversed,
-       EXISTS (SELECT 1 FROM transfers e WHERE e.ledger = $1 AND e.id IN (q.part_a, q.part_b))
-           AS existing
-FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::uuid[], $6::uuid[], $7::uuid[],
-            $8::bool[], $9::bigint[], $10::bigint[])
-     WITH ORDINALITY AS q(card_no, purse_id, subsidy_id, key, part_a, part_b, want_spent,
-                          day_start, day_end, i)
-JOIN cards c ON c.ledger = $1 AND c.card_no = q.card_no
-JOIN accounts p ON p.ledger = $1 AND p.id = q.purse_id
-JOIN accounts s ON s.ledger = $1 AND s.id = q.subsidy_id
-LEFT JOIN LATERAL (
-    SELECT least(coalesce(sum(t.amount), 0), {INT64_MAX})::bigint AS spent,
-           min(hd.expires_at) FILTER (WHERE hd.state = 'pending' AND hd.expires_at > 0)
-               AS hold_expiry
-    FROM unnest(ARRAY[q.purse_id, q.subsidy_id]) AS a(id)
-    CROSS JOIN LATERAL (
-        SELECT t.id, t.ledger, t.debit_account_id, t.amount, t.flags, t.timestamp
-        FROM transfers t
-        WHERE t.ledger = $1 AND t.debit_account_id = a.id
-          AND (t.debit_account_id, t.timestamp) >= (a.id, q.day_start)
-          AND (t.debit_account_id, t.timestamp) < (a.id, q.day_end)
-          AND t.code IN ({", ".join(str(int(c)) for c in SPENDING_CODES)})
-          AND t.flags & {_VOID} = 0
-        OFFSET 0  -- kept a subquery: scanned per purse, never hoisted into a ledger scan
-    ) t
-    LEFT JOIN holds hd ON hd.ledger = t.ledger AND hd.id = t.id
-    WHERE q.want_spent AND c.daily_limit IS NOT NULL
-      AND (t.flags & {_PENDING} = 0 OR hd.state = 'pending')
-      AND NOT EXISTS (
-          SELECT 1 FROM transfers r
-          WHERE r.ledger = $1 AND r.credit_account_id = t.debit_account_id
-            AND (r.credit_account_id, r.timestamp) > (t.debit_account_id, t.timestamp)
-            AND r.code = {int(TransferCode.REVERSAL)} AND r.user_data = t.id::text)
-) d ON q.want_spent AND c.daily_limit IS NOT NULL
-"""
-# Balances after operations ($2: every account asked about), and which of the operations
-# ($3: their keys) a reversal has been remembered for meanwhile.
-SQL_AFTER = """
-SELECT a.id, a.credits_posted - a.debits_posted - a.debits_pending AS available,
-       NULL::uuid AS reversed
-FROM accounts a WHERE a.ledger = $1 AND a.id = ANY($2::bigint[])
-UNION ALL
-SELECT NULL, NULL, v.original_key FROM reversals v
-WHERE v.ledger = $1 AND v.original_key = ANY($3::uuid[])
-"""
-# Transfers earlier operations posted ($2: their ids), with the hold state and the purses of
-# the holder they debit; and the reversals remembered for $3 (rows with only `reversed`).
-SQL_PARTS = """
-SELECT t.id, t.debit_account_id, t.credit_account_id, t.amount, t.code, t.flags,
-       t.pending_id, t.timestamp, hd.state, h.purse_account_id, h.subsidy_account_id,
-       NULL::uuid AS reversed
-FROM transfers t
-LEFT JOIN holds hd ON hd.ledger = t.ledger AND hd.id = t.id
-LEFT JOIN accounts a ON a.ledger = t.ledger AND a.id = t.debit_account_id
-LEFT JOIN holders h ON h.ledger = a.ledger AND h.id = a.holder_id
-WHERE t.ledger = $1 AND t.id = ANY($2::uuid[])
-UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, v.original_key
-FROM reversals v WHERE v.ledger = $1 AND v.original_key = ANY($3::uuid[])
-"""
 # Wrong PINs (contract §5 v4), counted and read when each check is decided. $2..$4: one row per
 # (card, day) of a batch of PIN checks and how many of them were wrong; each row answers the
 # failures counted before the batch's own. Wrong PINs are added under the row's lock, so no
@@ -293,11 +191,6 @@ SQL_REMEMBER_REVERSAL = """
 INSERT INTO reversals (ledger, original_key, key, terminal_id, created_at)
 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (ledger, original_key) DO NOTHING
 """
-# Terminal ids are unique across ledgers; should two ledgers ever hold one, the lowest wins.
-SQL_TERMINALS = """
-SELECT DISTINCT ON (terminal_id) terminal_id, merchant_id, ledger, kind, account_id, mac_key
-FROM terminals WHERE terminal_id = ANY($1::text[]) ORDER BY terminal_id, ledger
-"""
 SQL_TERMINAL = """
 SELECT terminal_id, merchant_id, ledger, kind, account_id, mac_key
 FROM terminals WHERE terminal_id = $1 ORDER BY ledger LIMIT 1
@@ -316,6 +209,10 @@ SQL_HOLDER_LEDGERS = "SELECT ledger FROM holders WHERE id = $1 ORDER BY ledger L
 SQL_LOCK_HOLDER = "SELECT id FROM holders WHERE ledger = $1 AND id = $2 FOR UPDATE"
 # Serialise creators of the same card number / terminal id across ledgers (no global index).
 SQL_ADVISORY_LOCK = "SELECT pg_advisory_xact_lock($1, hashtext(x)) FROM unnest($2::text[]) x"
+_CARD_COLS = (
+    "c.card_no, c.ledger, c.holder_id, c.status, c.daily_limit, c.pin, c.pin_threshold, "
+    "c.replaced_by"
+)
 SQL_CARD_BY_NO = f"SELECT {_CARD_COLS} FROM cards c WHERE c.card_no = $1 ORDER BY c.ledger"
 SQL_ACTIVE_CARD = """
 SELECT card_no FROM cards WHERE ledger = $1 AND holder_id = $2 AND status = 'active'
@@ -372,86 +269,6 @@ ON CONFLICT (ledger, room_id) DO NOTHING
 # -- internals ---------------------------------------------------------------------------------
 
 
-class _CardRef(msgspec.Struct, frozen=True):
-    """What never changes about a card: its holder and the holder's purses."""
-
-    ledger: int
-    card_no: str
-    holder_id: str
-    purse_id: int
-    subsidy_id: int
-
-
-class _StateQuery(msgspec.Struct, frozen=True):
-    """One request's row of SQL_CARD_STATES."""
-
-    ref: _CardRef
-    key: UUID
-    part_a: UUID
-    part_b: UUID
-    want_spent: bool
-    day_start: int
-    day_end: int
-
-
-class _CardState(msgspec.Struct, frozen=True):
-    status: CardStatus
-    daily_limit: int | None
-    pin: str | None
-    pin_threshold: int | None
-    cash: int
-    subsidy: int
-    spent: int | None  # None: not summed (not asked for, or the card has no limit)
-    hold_expiry: int | None  # earliest timeout of the holds ``spent`` counts
-    clock: int  # the ledger's last timestamp as the read saw it (0: no transfer yet)
-    reversed: bool
-    existing: bool
-
-
-class _Part(msgspec.Struct, frozen=True):
-    """A transfer some earlier operation posted, with its hold state if it is a hold, and the
-    purses of the holder it debits (None when it debits no holder, e.g. a room)."""
-
-    id: UUID
-    debit_account_id: int
-    credit_account_id: int
-    amount: int
-    code: int
-    flags: int
-    pending_id: UUID | None
-    timestamp: int
-    state: str | None
-    purses: tuple[int, int] | None
-
-
-def _part(r: asyncpg.Record) -> _Part:
-    purse, subsidy = r["purse_account_id"], r["subsidy_account_id"]
-    return _Part(
-        id=r["id"],
-        debit_account_id=r["debit_account_id"],
-        credit_account_id=r["credit_account_id"],
-        amount=r["amount"],
-        code=r["code"],
-        flags=r["flags"],
-        pending_id=r["pending_id"],
-        timestamp=r["timestamp"],
-        state=r["state"],
-        purses=None if purse is None else (purse, subsidy),
-    )
-
-
-class _PartsQuery(msgspec.Struct, frozen=True):
-    """Transfers by id, and reversal memory by original key, for one request."""
-
-    ids: tuple[UUID, ...]
-    keys: tuple[UUID, ...] = ()
-
-
-class _PartsAnswer(msgspec.Struct, frozen=True):
-    parts: list[_Part]  # in timestamp order
-    reversed: frozenset[UUID]
-
-
 class _PinTry(msgspec.Struct, frozen=True):
     """One PIN check of a card on a campus-local day; ``wrong``: a wrong PIN block was sent
     (counted). A right or missing one only asks for the count."""
@@ -459,20 +276,6 @@ class _PinTry(msgspec.Struct, frozen=True):
     card_no: str
     day: date
     wrong: bool
-
-
-class _AfterQuery(msgspec.Struct, frozen=True):
-    key: UUID
-    accounts: tuple[int, ...]
-
-
-class _AfterAnswer(msgspec.Struct, frozen=True):
-    available: dict[int, int]
-    reversed: bool
-
-
-_I = TypeVar("_I")
-_R = TypeVar("_R")
 
 
 class _HolderSpend:
@@ -660,17 +463,6 @@ def _card(r: asyncpg.Record) -> Card:
     )
 
 
-def _terminal(r: asyncpg.Record) -> Terminal:
-    return Terminal(
-        terminal_id=r["terminal_id"],
-        merchant_id=r["merchant_id"],
-        ledger=r["ledger"],
-        kind=TerminalKind(r["kind"]),
-        account_id=r["account_id"],
-        mac_key=bytes(r["mac_key"]),
-    )
-
-
 def _holder(r: asyncpg.Record) -> Holder:
     return Holder(
         id=r["id"],
@@ -682,71 +474,13 @@ def _holder(r: asyncpg.Record) -> Holder:
     )
 
 
-def _matches(parts: Sequence[_Part], *, credit: int, code: int, amount: int, flags: int) -> bool:
+def _matches(parts: Sequence[Part], *, credit: int, code: int, amount: int, flags: int) -> bool:
     """Whether the transfers an earlier attempt of this key posted are what this one asks."""
     return (
         all(p.credit_account_id == credit and p.code == code and p.flags & ~_LINKED == flags
             for p in parts)
         and sum(p.amount for p in parts) == amount
     )
-
-
-class _KeyedLocks:
-    """Mutual exclusion per key (FIFO), free for a key nobody else holds: waiters are queued
-    only when the key is contended, and the key's entry goes with its last user."""
-
-    def __init__(self) -> None:
-        self._queues: dict[Hashable, deque[asyncio.Future[None]]] = {}
-
-    def hold(self, key: Hashable) -> _Held:
-        """``async with locks.hold(key):`` runs the block while holding ``key``."""
-        return _Held(self, key)
-
-    async def acquire(self, key: Hashable) -> None:
-        queue = self._queues.get(key)
-        if queue is None:
-            self._queues[key] = deque()
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue.append(fut)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if not fut.cancelled():  # the key was handed over just as we were cancelled
-                self.release(key)
-            raise
-
-    def release(self, key: Hashable) -> None:
-        queue = self._queues[key]
-        while queue:
-            fut = queue.popleft()
-            if not fut.done():  # a waiter that was cancelled meanwhile is skipped
-                fut.set_result(None)  # the key passes to it without ever being free
-                return
-        del self._queues[key]
-
-    def __len__(self) -> int:
-        return len(self._queues)
-
-
-class _Held:
-    __slots__ = ("_key", "_locks")
-
-    def __init__(self, locks: _KeyedLocks, key: Hashable) -> None:
-        self._locks = locks
-        self._key = key
-
-    async def __aenter__(self) -> None:
-        await self._locks.acquire(self._key)
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._locks.release(self._key)
-
-
-def _bounded_put(cache: dict[Any, Any], key: Any, value: Any, limit: int) -> None:
-    if len(cache) >= limit:
-        cache.pop(next(iter(cache)))  # oldest first: dicts keep insertion order
-    cache[key] = value
 
 
 # -- the campus --------------------------------------------------------------------------------
@@ -806,9 +540,7 @@ class Campus:
         self.tz = campus_tz(tz)
         self.hold_timeout_s = hold_timeout_s
         self._clock = clock or (lambda: datetime.now(UTC))
-        self._terminals: dict[str, Terminal] = {}
-        self._cards: dict[tuple[int, str], _CardRef] = {}
-        self._holder_locks = _KeyedLocks()
+        self._holder_locks = KeyedLocks()
         self._spent = _SpendMemory(ttl_s=spend_ttl_s,
                                    max_holders=limits.MAX_REMEMBERED_HOLDERS, day_of=self._day_of)
         self._watched: object = None  # the batcher the spending memory hears commits from
@@ -817,26 +549,14 @@ class Campus:
         def pool() -> asyncpg.Pool:
             return self.engine.store.pool
 
-        def reads(name: str, run: Callable[[Connection, int, list[_I]], Awaitable[list[_R]]]
-                  ) -> Coalescer[_I, _R]:
-            return Coalescer(pool, run, max_batch=max_batch, session=COALESCE_SESSION,
-                             name=f"onecard-campus-{name}")
-
-        self._ref_reads: Coalescer[str, _CardRef | None] = reads("cards", self._read_card_refs)
-        self._state_reads: Coalescer[_StateQuery, _CardState | None] = reads(
-            "states", self._read_states)
-        self._part_reads: Coalescer[_PartsQuery, _PartsAnswer] = reads("parts", self._read_parts)
-        self._after_reads: Coalescer[_AfterQuery, _AfterAnswer] = reads("after", self._read_after)
-        self._terminal_reads: Coalescer[str, Terminal | None] = reads(
-            "terminals", self._read_terminals)
-        self._pin_tries: Coalescer[_PinTry, int] = reads("pins", self._count_pin_tries)
+        self._reads = Reads(pool, max_batch=max_batch)
+        self._pin_tries: Coalescer[_PinTry, int] = campus_coalescer(
+            pool, self._count_pin_tries, max_batch=max_batch, name="pins")
 
     @property
     def statements(self) -> int:
         """Shared hot-path read statements run so far (each serves a batch of requests)."""
-        return sum(c.statements for c in (self._ref_reads, self._state_reads, self._part_reads,
-                                          self._after_reads, self._terminal_reads,
-                                          self._pin_tries))
+        return self._reads.statements + self._pin_tries.statements
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -880,129 +600,6 @@ class Campus:
             start, end = self._day = day_window_at(ns, self.tz)
         return start, end
 
-    # -- shared reads (one statement per batch of requests, see Coalescer) ----------------------
-
-    async def _card_ref(self, ledger: int, card_no: str) -> _CardRef | None:
-        ref = self._cards.get((ledger, card_no))
-        if ref is None:
-            if not CARD_NO.fullmatch(card_no):
-                return None  # cannot be stored (cards CHECK); must not fail a shared read
-            ref = await self._ref_reads.ask(ledger, card_no)
-            if ref is None:
-                return None  # not cached: the card may be issued a moment later
-            _bounded_put(self._cards, (ledger, card_no), ref, limits.MAX_CACHED_CARDS)
-        return ref
-
-    async def _read_card_refs(
-        self, conn: Connection, ledger: int, card_nos: list[str]
-    ) -> list[_CardRef | None]:
-        rows = await conn.fetch(SQL_CARD_REFS, ledger, list(set(card_nos)))
-        found = {
-            r["card_no"]: _CardRef(ledger, r["card_no"], r["holder_id"], r["purse_account_id"],
-                                   r["subsidy_account_id"])
-            for r in rows
-        }
-        return [found.get(c) for c in card_nos]
-
-    async def _card_state(
-        self,
-        ref: _CardRef,
-        key: UUID,
-        parts: Sequence[UUID],
-        *,
-        day: tuple[int, int],
-        want_spent: bool,
-    ) -> _CardState:
-        a = parts[0] if parts else NIL_UUID
-        b = parts[1] if len(parts) > 1 else a
-        st = await self._state_reads.ask(
-            ref.ledger, _StateQuery(ref, key, a, b, want_spent, day[0], day[1])
-        )
-        assert st is not None, "cards, holders and accounts are never deleted"
-        return st
-
-    async def _read_states(
-        self, conn: Connection, ledger: int, qs: list[_StateQuery]
-    ) -> list[_CardState | None]:
-        rows = await conn.fetch(
-            SQL_CARD_STATES,
-            ledger,
-            [q.ref.card_no for q in qs],
-            [q.ref.purse_id for q in qs],
-            [q.ref.subsidy_id for q in qs],
-            [q.key for q in qs],
-            [q.part_a for q in qs],
-            [q.part_b for q in qs],
-            [q.want_spent for q in qs],
-            [q.day_start for q in qs],
-            [q.day_end for q in qs],
-        )
-        out: list[_CardState | None] = [None] * len(qs)
-        for r in rows:
-            out[r["i"] - 1] = _CardState(
-                status=CardStatus(r["status"]),
-                daily_limit=r["daily_limit"],
-                pin=r["pin"],
-                pin_threshold=r["pin_threshold"],
-                cash=r["cash"],
-                subsidy=r["subsidy"],
-                spent=r["spent"],
-                hold_expiry=r["hold_expiry"],
-                clock=r["clock"] or 0,
-                reversed=r["reversed"],
-                existing=r["existing"],
-            )
-        return out
-
-    async def _parts(
-        self, ledger: int, ids: Sequence[UUID], keys: Sequence[UUID] = ()
-    ) -> _PartsAnswer:
-        """The transfers ``ids`` that exist (timestamp order) and which of ``keys`` have a
-        remembered reversal."""
-        return await self._part_reads.ask(ledger, _PartsQuery(tuple(ids), tuple(keys)))
-
-    async def _read_parts(
-        self, conn: Connection, ledger: int, qs: list[_PartsQuery]
-    ) -> list[_PartsAnswer]:
-        ids = list({i for q in qs for i in q.ids})
-        keys = list({k for q in qs for k in q.keys})
-        parts: dict[UUID, _Part] = {}
-        reversed_: set[UUID] = set()
-        for r in await conn.fetch(SQL_PARTS, ledger, ids, keys):
-            if r["reversed"] is not None:
-                reversed_.add(r["reversed"])
-            else:
-                parts[r["id"]] = _part(r)
-        out = []
-        for q in qs:
-            mine = sorted((parts[i] for i in set(q.ids) if i in parts), key=lambda p: p.timestamp)
-            out.append(_PartsAnswer(mine, frozenset(k for k in q.keys if k in reversed_)))
-        return out
-
-    async def _after(
-        self, ledger: int, key: UUID, accounts: Sequence[int]
-    ) -> tuple[dict[int, int], bool]:
-        a = await self._after_reads.ask(ledger, _AfterQuery(key, tuple(accounts)))
-        return a.available, a.reversed
-
-    async def _read_after(
-        self, conn: Connection, ledger: int, qs: list[_AfterQuery]
-    ) -> list[_AfterAnswer]:
-        accounts = list({a for q in qs for a in q.accounts})
-        keys = list({q.key for q in qs})
-        available: dict[int, int] = {}
-        reversed_: set[UUID] = set()
-        for r in await conn.fetch(SQL_AFTER, ledger, accounts, keys):
-            if r["reversed"] is not None:
-                reversed_.add(r["reversed"])
-            else:
-                available[r["id"]] = r["available"]
-        return [
-            _AfterAnswer({a: available[a] for a in q.accounts if a in available},
-                         q.key in reversed_)
-            for q in qs
-        ]
-
     async def _finish(
         self,
         ledger: int,
@@ -1016,10 +613,10 @@ class Campus:
         """Read the balances after the operation; if a reversal of it was remembered while it
         ran, undo it now (the reversal may have looked before this posted)."""
         ids = [*(purses or ()), *((room,) if room is not None else ())]
-        available, reversed_ = await self._after(ledger, key, ids)
+        available, reversed_ = await self._reads.after(ledger, key, ids)
         if outcome is Outcome.APPROVED and reversed_:
             await self._undo(ledger, key)
-            available, _ = await self._after(ledger, key, ids)
+            available, _ = await self._reads.after(ledger, key, ids)
         return PaymentResult(
             outcome,
             purses=(
@@ -1047,9 +644,9 @@ class Campus:
         return self._spent.watching
 
     async def _state_and_spending(
-        self, ref: _CardRef, key: UUID, parts: Sequence[UUID], *, day: tuple[int, int],
+        self, ref: CardRef, key: UUID, parts: Sequence[UUID], *, day: tuple[int, int],
         want_spent: bool,
-    ) -> tuple[_CardState, int]:
+    ) -> tuple[CardState, int]:
         """The card's state and, if ``want_spent``, today's spending for the limit check (0 for
         a card without a limit): remembered, or read with the state and then remembered."""
         remembered = (
@@ -1057,11 +654,11 @@ class Campus:
             if want_spent and self._watch() else None
         )
         if remembered is not None or not want_spent:
-            st = await self._card_state(ref, key, parts, day=day, want_spent=False)
+            st = await self._reads.card_state(ref, key, parts, day=day, want_spent=False)
             return st, remembered or 0
         reading = self._spent.begin(ref.ledger, ref.purse_id, ref.subsidy_id)
         try:
-            st = await self._card_state(ref, key, parts, day=day, want_spent=True)
+            st = await self._reads.card_state(ref, key, parts, day=day, want_spent=True)
         finally:
             self._spent.end(reading)
         if st.spent is None:  # the card has no limit: nothing summed, nothing to remember
@@ -1086,7 +683,7 @@ class Campus:
         return 0 < amount <= self.max_amount
 
     async def _pin_refusal(
-        self, term: Terminal, card_no: str, st: _CardState, day: tuple[int, int],
+        self, term: Terminal, card_no: str, st: CardState, day: tuple[int, int],
         pin_block: bytes | None, *, required: bool,
     ) -> Outcome | None:
         """None when the PIN lets the request through (no PIN asked for, or the right one
@@ -1123,27 +720,10 @@ class Campus:
 
     # -- terminals -------------------------------------------------------------------------------
 
-    async def terminal(self, terminal_id: str) -> Terminal | None:
-        """The registered terminal with this id (cached: a terminal never changes), or None."""
-        term = self._terminals.get(terminal_id)
-        if term is None:
-            if len(terminal_id) != TERMINAL_ID_LEN or "\x00" in terminal_id:
-                return None  # cannot be stored (terminals CHECK); must not fail a shared read
-            # every terminal signs on at once after a restart: one statement for all of them
-            found = await self._terminal_reads.ask(_ANY_LEDGER, terminal_id)
-            if found is None:
-                return None  # not cached: it may be registered a moment later
-            term = found
-            _bounded_put(self._terminals, terminal_id, term, limits.MAX_CACHED_TERMINALS)
-        return term
-
-    @staticmethod
-    async def _read_terminals(
-        conn: Connection, _: int, terminal_ids: list[str]
-    ) -> list[Terminal | None]:
-        rows = await conn.fetch(SQL_TERMINALS, list(set(terminal_ids)))
-        found = {r["terminal_id"]: _terminal(r) for r in rows}
-        return [found.get(t) for t in terminal_ids]
+    def terminal(self, terminal_id: str) -> Coroutine[Any, Any, Terminal | None]:
+        """The registered terminal with this id (cached: a terminal never changes), or None.
+        Awaitable: the read's own coroutine (no frame of its own on the hot path)."""
+        return self._reads.terminal(terminal_id)
 
     # -- card payments ---------------------------------------------------------------------------
 
@@ -1201,7 +781,7 @@ class Campus:
             return PaymentResult(Outcome.INVALID_TRANSACTION)
         if not self._amount_ok(amount):
             return PaymentResult(Outcome.INVALID_AMOUNT)
-        ref = await self._card_ref(term.ledger, card_no)
+        ref = await self._reads.card_ref(term.ledger, card_no)
         if ref is None:
             return PaymentResult(Outcome.INVALID_CARD)
         code = TransferCode.HOT_WATER if hold else TransferCode.MEAL
@@ -1213,7 +793,7 @@ class Campus:
             st, spent = await self._state_and_spending(ref, key, ids, day=day,
                                                        want_spent=not force)
             if st.existing:  # a retransmission: answer from what the first attempt posted
-                parts = (await self._parts(ref.ledger, ids)).parts
+                parts = (await self._reads.parts(ref.ledger, ids)).parts
                 ok = _matches(parts, credit=term.account_id, code=code, amount=amount,
                               flags=_PENDING if hold else int(TransferFlags.FORCE) if force else 0)
                 outcome = Outcome.APPROVED if ok else Outcome.DUPLICATE_DIFFERENT
@@ -1263,11 +843,11 @@ class Campus:
     ) -> PaymentResult:
         if term.kind not in _INQUIRY_KINDS:
             return PaymentResult(Outcome.INVALID_TRANSACTION)
-        ref = await self._card_ref(term.ledger, card_no)
+        ref = await self._reads.card_ref(term.ledger, card_no)
         if ref is None:
             return PaymentResult(Outcome.INVALID_CARD)
         day = self.today()
-        st = await self._card_state(ref, NIL_UUID, (), day=day, want_spent=False)
+        st = await self._reads.card_state(ref, NIL_UUID, (), day=day, want_spent=False)
         refusal = _card_refusal(st.status)
         if refusal is None:  # a PIN block that is sent is a PIN check: it counts, and 75 applies
             refusal = await self._pin_refusal(term, card_no, st, day, pin_block,
@@ -1301,7 +881,7 @@ class Campus:
             return PaymentResult(Outcome.INVALID_AMOUNT)
         held_ids = {part_id(hold_key, p): p for p in (SUBSIDY_PART, CASH_PART)}
         done_ids = [part_id(key, p) for p in (SUBSIDY_PART, CASH_PART)]
-        got = await self._parts(term.ledger, [*held_ids, *done_ids], [hold_key, key])
+        got = await self._reads.parts(term.ledger, [*held_ids, *done_ids], [hold_key, key])
         parts, rev = got.parts, got.reversed
         holds = [p for p in parts if p.id in held_ids and p.flags & _PENDING]
         done = [p for p in parts if p.id in done_ids]
@@ -1313,7 +893,7 @@ class Campus:
             return PaymentResult(Outcome.ORIGINAL_NOT_FOUND)  # not this terminal's hold
         purses = holds[0].purses
         if card_no is not None:
-            ref = await self._card_ref(term.ledger, card_no)
+            ref = await self._reads.card_ref(term.ledger, card_no)
             if ref is None:
                 return PaymentResult(Outcome.INVALID_CARD)
             if purses != (ref.purse_id, ref.subsidy_id):
@@ -1385,7 +965,7 @@ class Campus:
             return PaymentResult(Outcome.INVALID_TRANSACTION)
         if not self._amount_ok(amount):
             return PaymentResult(Outcome.INVALID_AMOUNT)
-        ref = await self._card_ref(term.ledger, card_no)
+        ref = await self._reads.card_ref(term.ledger, card_no)
         if ref is None:
             return PaymentResult(Outcome.INVALID_CARD)
         room = room_account_id(term.ledger, room_id)
@@ -1396,10 +976,10 @@ class Campus:
             # the room's balance is read beside the card's: the answer must be able to show it
             (st, spent), (rooms, _) = await asyncio.gather(
                 self._state_and_spending(ref, key, (tid,), day=day, want_spent=True),
-                self._after(ref.ledger, key, (room,)),
+                self._reads.after(ref.ledger, key, (room,)),
             )
             if st.existing:
-                parts = (await self._parts(ref.ledger, (tid,))).parts
+                parts = (await self._reads.parts(ref.ledger, (tid,))).parts
                 ok = _matches(parts, credit=room, code=TransferCode.ELECTRICITY, amount=amount,
                               flags=0)
                 outcome = Outcome.APPROVED if ok else Outcome.DUPLICATE_DIFFERENT
@@ -1449,8 +1029,8 @@ class Campus:
         # A room's advices take turns (in this process): each posts against the balance it
         # checked, which its answer must be able to show (force posts past zero, unbounded).
         async with self._holder_locks.hold(("room", term.ledger, room)):
-            got, (rooms, _) = await asyncio.gather(self._parts(term.ledger, [tid], [key]),
-                                                   self._after(term.ledger, key, (room,)))
+            got, (rooms, _) = await asyncio.gather(self._reads.parts(term.ledger, [tid], [key]),
+                                                   self._reads.after(term.ledger, key, (room,)))
             if got.parts:
                 ok = _matches(got.parts, credit=term.account_id,
                               code=TransferCode.ELECTRICITY, amount=amount,
@@ -1547,7 +1127,7 @@ class Campus:
         undo_ids = {reversal_id(i): i for i in ids}
         for _ in range(limits.UNDO_ATTEMPTS):
             transfers: list[Transfer] = []
-            got = (await self._parts(ledger, [*ids, *undo_ids])).parts
+            got = (await self._reads.parts(ledger, [*ids, *undo_ids])).parts
             undone = {undo_ids[p.id]: p.timestamp for p in got if p.id in undo_ids}
             parts = [p for p in got if p.id not in undo_ids]
             stamps = [undone[p.id] for p in parts if p.id in undone]
@@ -1795,7 +1375,7 @@ class Campus:
             await conn.execute(SQL_ADVISORY_LOCK, _TERMINAL_LOCK, [terminal_id])
             r = await conn.fetchrow(SQL_TERMINAL, terminal_id)
             if r is not None:
-                if _terminal(r) == want:
+                if terminal_row(r) == want:
                     return RegistryStatus.EXISTS
                 return RegistryStatus.EXISTS_WITH_DIFFERENT_FIELDS
             account_kind = await conn.fetchval(SQL_ACCOUNT_KIND, ledger, account_id)

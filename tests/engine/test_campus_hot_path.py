@@ -15,7 +15,9 @@ import pytest
 from engine.calendar import day_window_at, to_ns
 from engine.campus import Campus, Card, HolderKind, HolderResult, Outcome, Replacement
 from engine.campus.accounts import holder_account_ids
-from engine.campus.service import SQL_CARD_STATES, _KeyedLocks, _SpendMemory
+from engine.campus.locks import KeyedLocks
+from engine.campus.reads import SQL_CARD_STATES
+from engine.campus.service import _SpendMemory
 from engine.db.coalesce import Connection
 from engine.db.migrate import migrate
 from engine.service import Engine
@@ -309,7 +311,7 @@ async def test_a_batch_failure_reaches_the_payment_as_unavailable(w: World) -> N
     async def broken(conn: Connection, ledger: int, items: list[object]) -> list[object]:
         raise asyncpg.InterfaceError("connection lost")
 
-    w.campus._state_reads._run = broken  # type: ignore[method-assign]
+    w.campus._reads._states._run = broken  # type: ignore[method-assign]
     r = await w.campus.purchase(w.pos, card_no=w.card, amount=100, key=key())
     assert r.outcome is Outcome.UNAVAILABLE
     assert await w.balances() == (1_000, 0)
@@ -319,7 +321,7 @@ async def test_a_batch_failure_reaches_the_payment_as_unavailable(w: World) -> N
 
 
 async def test_keyed_locks_are_fifo_and_survive_cancellation() -> None:
-    locks = _KeyedLocks()
+    locks = KeyedLocks()
     order: list[int] = []
     gate = asyncio.Event()
 
