@@ -56,12 +56,24 @@ from engine.campus.model import (
     Terminal,
     TerminalKind,
 )
-from engine.campus.reads import CardRef, CardState, Part, Reads, campus_coalescer, terminal_row
+from engine.campus.posting import (
+    ELECTRICITY_KINDS,
+    HOLD_KINDS,
+    INQUIRY_KINDS,
+    PURCHASE_KINDS,
+    card_refusal,
+    chain,
+    matches,
+    outcome_of,
+    showable,
+    split_subsidy_first,
+)
+from engine.campus.reads import CardRef, CardState, Reads, campus_coalescer, terminal_row
 from engine.db.coalesce import Coalescer, Connection
 from engine.pin import verify_pin
 from engine.service import Engine
 from ledger.account import Account
-from ledger.status import AccountStatus, TransferStatus
+from ledger.status import AccountStatus
 from ledger.transfer import MAX_TIMEOUT_S, StoredTransfer, Transfer
 from ledger.types import (
     NIL_UUID,
@@ -80,87 +92,12 @@ log = logging.getLogger(__name__)
 _CARD_LOCK: Final = 0x0CA4D
 _TERMINAL_LOCK: Final = 0x7E4A1
 
-_LINKED: Final = int(TransferFlags.LINKED)
 _PENDING: Final = int(TransferFlags.PENDING)
 _POST: Final = int(TransferFlags.POST_PENDING)
 _VOID: Final = int(TransferFlags.VOID_PENDING)
 _SPENDING_CODE_SET: Final = frozenset(int(c) for c in SPENDING_CODES)  # plain ints: hot path
 _REVERSAL_CODE: Final = int(TransferCode.REVERSAL)
 _NS_PER_S: Final = 1_000_000_000
-
-
-# -- pure helpers ------------------------------------------------------------------------------
-
-
-_PURCHASE_KINDS: Final = frozenset({TerminalKind.POS, TerminalKind.KIOSK})
-_HOLD_KINDS: Final = frozenset({TerminalKind.WATER})
-_ELECTRICITY_KINDS: Final = frozenset({TerminalKind.KIOSK, TerminalKind.POS})
-_INQUIRY_KINDS: Final = frozenset({TerminalKind.POS, TerminalKind.WATER, TerminalKind.KIOSK})
-
-_S = TransferStatus
-_STATUS_OUTCOME: Final[dict[TransferStatus, Outcome]] = {
-    _S.EXCEEDS_CREDITS: Outcome.INSUFFICIENT_FUNDS,
-    _S.DEBIT_ACCOUNT_FROZEN: Outcome.LOST_CARD,
-    _S.ACCOUNT_CLOSED: Outcome.CARD_NOT_ACTIVE,
-    _S.DAILY_LIMIT_EXCEEDED: Outcome.DAILY_LIMIT_EXCEEDED,
-    _S.CARD_NOT_ACTIVE: Outcome.CARD_NOT_ACTIVE,
-    _S.EXCEEDS_PENDING_TRANSFER_AMOUNT: Outcome.INVALID_AMOUNT,
-    _S.PENDING_TRANSFER_HAS_DIFFERENT_AMOUNT: Outcome.INVALID_AMOUNT,
-    _S.AMOUNT_MUST_BE_POSITIVE: Outcome.INVALID_AMOUNT,
-    _S.PENDING_TRANSFER_NOT_FOUND: Outcome.ORIGINAL_NOT_FOUND,
-    _S.PENDING_TRANSFER_EXPIRED: Outcome.ORIGINAL_NOT_FOUND,
-    _S.EXISTS_WITH_DIFFERENT_AMOUNT: Outcome.DUPLICATE_DIFFERENT,
-    _S.EXISTS_WITH_DIFFERENT_DEBIT_ACCOUNT_ID: Outcome.DUPLICATE_DIFFERENT,
-    _S.EXISTS_WITH_DIFFERENT_CREDIT_ACCOUNT_ID: Outcome.DUPLICATE_DIFFERENT,
-    _S.EXISTS_WITH_DIFFERENT_FLAGS: Outcome.DUPLICATE_DIFFERENT,
-    _S.EXISTS_WITH_DIFFERENT_PENDING_ID: Outcome.DUPLICATE_DIFFERENT,
-    _S.EXISTS_WITH_DIFFERENT_CODE: Outcome.DUPLICATE_DIFFERENT,
-    _S.EXISTS_WITH_DIFFERENT_LEDGER: Outcome.DUPLICATE_DIFFERENT,
-    _S.EXISTS_WITH_DIFFERENT_USER_DATA: Outcome.DUPLICATE_DIFFERENT,
-    _S.EXISTS_WITH_DIFFERENT_TIMEOUT: Outcome.DUPLICATE_DIFFERENT,
-}
-
-
-def outcome_of(results: Sequence[TransferResult]) -> tuple[Outcome, int | None]:
-    """The business outcome of one submitted operation and the timestamp of its first
-    transfer. A failed linked chain answers the status of the event that broke it."""
-    if all(r.status.ok for r in results):
-        stamps = [r.timestamp for r in results if r.timestamp]
-        return Outcome.APPROVED, min(stamps) if stamps else None
-    for r in results:
-        if not r.status.ok and r.status is not TransferStatus.LINKED_EVENT_FAILED:
-            return _STATUS_OUTCOME.get(r.status, Outcome.INVALID_TRANSACTION), None
-    return Outcome.INVALID_TRANSACTION, None
-
-
-def _chain(transfers: list[Transfer]) -> list[Transfer]:
-    """Link every transfer to the next: the operation commits whole or not at all."""
-    if len(transfers) < 2:
-        return transfers
-    linked = (TransferFlag.LINKED,)
-    return [
-        msgspec.structs.replace(t, flags=(*t.flags, *linked)) if i < len(transfers) - 1 else t
-        for i, t in enumerate(transfers)
-    ]
-
-
-def split_subsidy_first(amount: int, subsidy_available: int) -> tuple[int, int]:
-    """(from subsidy, from cash): the subsidy purse pays first, the cash purse the rest."""
-    from_subsidy = min(amount, max(subsidy_available, 0))
-    return from_subsidy, amount - from_subsidy
-
-
-def _showable(*balances: int) -> bool:
-    """Whether a terminal answer can show each of ``balances`` (field 54: 12 digits of fen)."""
-    return all(abs(b) <= limits.TERMINAL_FIELD_MAX_FEN for b in balances)
-
-
-def _card_refusal(status: CardStatus) -> Outcome | None:
-    if status is CardStatus.LOST:
-        return Outcome.LOST_CARD
-    if status is not CardStatus.ACTIVE:
-        return Outcome.CARD_NOT_ACTIVE
-    return None
 
 
 # -- SQL ---------------------------------------------------------------------------------------
@@ -474,15 +411,6 @@ def _holder(r: asyncpg.Record) -> Holder:
     )
 
 
-def _matches(parts: Sequence[Part], *, credit: int, code: int, amount: int, flags: int) -> bool:
-    """Whether the transfers an earlier attempt of this key posted are what this one asks."""
-    return (
-        all(p.credit_account_id == credit and p.code == code and p.flags & ~_LINKED == flags
-            for p in parts)
-        and sum(p.amount for p in parts) == amount
-    )
-
-
 # -- the campus --------------------------------------------------------------------------------
 
 
@@ -670,7 +598,7 @@ class Campus:
         if the outcome is unknown (the batcher failed), forget the holder's spending so it is
         read again."""
         try:
-            return await self._submit(_chain(transfers))
+            return await self._submit(chain(transfers))
         except BaseException:
             for t in transfers:
                 self._spent.drop(ledger, t.debit_account_id)
@@ -777,7 +705,7 @@ class Campus:
         force: bool,
         hold: bool,
     ) -> PaymentResult:
-        if term.kind not in (_HOLD_KINDS if hold else _PURCHASE_KINDS):
+        if term.kind not in (HOLD_KINDS if hold else PURCHASE_KINDS):
             return PaymentResult(Outcome.INVALID_TRANSACTION)
         if not self._amount_ok(amount):
             return PaymentResult(Outcome.INVALID_AMOUNT)
@@ -794,7 +722,7 @@ class Campus:
                                                        want_spent=not force)
             if st.existing:  # a retransmission: answer from what the first attempt posted
                 parts = (await self._reads.parts(ref.ledger, ids)).parts
-                ok = _matches(parts, credit=term.account_id, code=code, amount=amount,
+                ok = matches(parts, credit=term.account_id, code=code, amount=amount,
                               flags=_PENDING if hold else int(TransferFlags.FORCE) if force else 0)
                 outcome = Outcome.APPROVED if ok else Outcome.DUPLICATE_DIFFERENT
                 ts = parts[0].timestamp if ok and parts else None
@@ -802,7 +730,7 @@ class Campus:
             balances = PurseBalances(cash=st.cash, subsidy=st.subsidy)
             if st.reversed:  # reversed before it arrived: approve, move nothing
                 return PaymentResult(Outcome.APPROVED, purses=balances)
-            refusal = _card_refusal(st.status)
+            refusal = card_refusal(st.status)
             if refusal is None and not force:
                 refusal = await self._pin_refusal(term, card_no, st, day, pin_block,
                                                   required=amount > (st.pin_threshold or 0))
@@ -813,7 +741,7 @@ class Campus:
             from_subsidy, from_cash = split_subsidy_first(amount, st.subsidy)
             # Without force the ledger keeps each purse between 0 and where it was; an advice
             # posts past zero, so it is refused (13) where its answer could not show the rest.
-            if force and not _showable(st.cash - from_cash, st.subsidy - from_subsidy,
+            if force and not showable(st.cash - from_cash, st.subsidy - from_subsidy,
                                        balances.total - amount):
                 return PaymentResult(Outcome.INVALID_AMOUNT)
             timeout = self.hold_timeout_s if hold else None
@@ -841,14 +769,14 @@ class Campus:
     async def _balance(
         self, term: Terminal, card_no: str, pin_block: bytes | None
     ) -> PaymentResult:
-        if term.kind not in _INQUIRY_KINDS:
+        if term.kind not in INQUIRY_KINDS:
             return PaymentResult(Outcome.INVALID_TRANSACTION)
         ref = await self._reads.card_ref(term.ledger, card_no)
         if ref is None:
             return PaymentResult(Outcome.INVALID_CARD)
         day = self.today()
         st = await self._reads.card_state(ref, NIL_UUID, (), day=day, want_spent=False)
-        refusal = _card_refusal(st.status)
+        refusal = card_refusal(st.status)
         if refusal is None:  # a PIN block that is sent is a PIN check: it counts, and 75 applies
             refusal = await self._pin_refusal(term, card_no, st, day, pin_block,
                                               required=pin_block is not None)
@@ -875,7 +803,7 @@ class Campus:
     async def _complete(
         self, term: Terminal, hold_key: UUID, amount: int, key: UUID, card_no: str | None
     ) -> PaymentResult:
-        if term.kind not in _HOLD_KINDS:
+        if term.kind not in HOLD_KINDS:
             return PaymentResult(Outcome.INVALID_TRANSACTION)
         if not 0 <= amount <= self.max_amount:  # 0 releases the whole hold
             return PaymentResult(Outcome.INVALID_AMOUNT)
@@ -928,7 +856,7 @@ class Campus:
                               pending_id=h.id, flags=(TransferFlag.VOID_PENDING,))
             )
         try:
-            results = await self._submit(_chain(transfers))
+            results = await self._submit(chain(transfers))
         finally:  # the hold stops counting, its post counts: today's spending is read again
             for h in holds:
                 self._spent.drop(term.ledger, h.debit_account_id)
@@ -961,7 +889,7 @@ class Campus:
         key: UUID,
         pin_block: bytes | None,
     ) -> PaymentResult:
-        if term.kind not in _ELECTRICITY_KINDS:
+        if term.kind not in ELECTRICITY_KINDS:
             return PaymentResult(Outcome.INVALID_TRANSACTION)
         if not self._amount_ok(amount):
             return PaymentResult(Outcome.INVALID_AMOUNT)
@@ -980,7 +908,7 @@ class Campus:
             )
             if st.existing:
                 parts = (await self._reads.parts(ref.ledger, (tid,))).parts
-                ok = _matches(parts, credit=room, code=TransferCode.ELECTRICITY, amount=amount,
+                ok = matches(parts, credit=room, code=TransferCode.ELECTRICITY, amount=amount,
                               flags=0)
                 outcome = Outcome.APPROVED if ok else Outcome.DUPLICATE_DIFFERENT
                 ts = parts[0].timestamp if ok and parts else None
@@ -988,7 +916,7 @@ class Campus:
             if st.reversed:
                 return await self._finish(ref.ledger, key, Outcome.APPROVED, None,
                                           purses=purses, room=room)
-            refusal = _card_refusal(st.status)
+            refusal = card_refusal(st.status)
             if refusal is None:
                 refusal = await self._pin_refusal(term, card_no, st, day, pin_block,
                                                   required=amount > (st.pin_threshold or 0))
@@ -999,7 +927,7 @@ class Campus:
                                      purses=PurseBalances(st.cash, st.subsidy))
             # the cash purse stays between 0 and where it was (no force); the room could grow
             # past what its answer can show
-            if not _showable(rooms.get(room, 0) + amount):
+            if not showable(rooms.get(room, 0) + amount):
                 return PaymentResult(Outcome.INVALID_AMOUNT)
             transfer = Transfer(id=tid, ledger=ref.ledger, debit_account_id=ref.purse_id,
                                 credit_account_id=room, amount=amount,
@@ -1032,7 +960,7 @@ class Campus:
             got, (rooms, _) = await asyncio.gather(self._reads.parts(term.ledger, [tid], [key]),
                                                    self._reads.after(term.ledger, key, (room,)))
             if got.parts:
-                ok = _matches(got.parts, credit=term.account_id,
+                ok = matches(got.parts, credit=term.account_id,
                               code=TransferCode.ELECTRICITY, amount=amount,
                               flags=int(TransferFlags.FORCE)
                               ) and got.parts[0].debit_account_id == room
@@ -1041,7 +969,7 @@ class Campus:
                 ts = got.parts[0].timestamp
             elif got.reversed:
                 ts = None
-            elif not _showable(rooms.get(room, 0) - amount):
+            elif not showable(rooms.get(room, 0) - amount):
                 return PaymentResult(Outcome.INVALID_AMOUNT)
             else:
                 transfer = Transfer(id=tid, ledger=term.ledger, debit_account_id=room,
@@ -1147,7 +1075,7 @@ class Campus:
             if not transfers:
                 return True, min(stamps, default=None)
             try:
-                results = await self._submit(_chain(transfers))
+                results = await self._submit(chain(transfers))
             finally:  # spending given back no longer counts: today's sum is read again
                 for p in parts:
                     self._spent.drop(ledger, p.debit_account_id)

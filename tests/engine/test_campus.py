@@ -29,7 +29,7 @@ from engine.campus import (
     TerminalKind,
 )
 from engine.campus.accounts import derived_account_id, holder_account_ids, part_id
-from engine.campus.service import split_subsidy_first
+from engine.campus.posting import split_subsidy_first
 from engine.service import Engine
 from ledger.account import Account
 from ledger.status import AccountStatus, TransferStatus
