@@ -20,7 +20,7 @@ import asyncpg
 import msgspec
 
 from engine import limits
-from engine.batcher import RETRYABLE, Batcher, Overloaded, TransferResult, Unavailable
+from engine.batcher import RETRYABLE, Overloaded, TransferResult, Unavailable
 from engine.calendar import campus_tz, day_window_at, local_date, to_ns
 from engine.campus.accounts import (
     ALL_PARTS,
@@ -36,7 +36,6 @@ from engine.campus.locks import KeyedLocks
 from engine.campus.model import (
     PURSE_CODE,
     ROOM_CODE,
-    SPENDING_CODES,
     SUBSIDY_CODE,
     Card,
     CardBalance,
@@ -68,13 +67,14 @@ from engine.campus.posting import (
     showable,
     split_subsidy_first,
 )
-from engine.campus.reads import CardRef, CardState, Reads, campus_coalescer, terminal_row
+from engine.campus.reads import CardState, Reads, campus_coalescer, terminal_row
+from engine.campus.spending import Spending
 from engine.db.coalesce import Coalescer, Connection
 from engine.pin import verify_pin
 from engine.service import Engine
 from ledger.account import Account
 from ledger.status import AccountStatus
-from ledger.transfer import MAX_TIMEOUT_S, StoredTransfer, Transfer
+from ledger.transfer import MAX_TIMEOUT_S, Transfer
 from ledger.types import (
     NIL_UUID,
     AccountFlag,
@@ -95,9 +95,6 @@ _TERMINAL_LOCK: Final = 0x7E4A1
 _PENDING: Final = int(TransferFlags.PENDING)
 _POST: Final = int(TransferFlags.POST_PENDING)
 _VOID: Final = int(TransferFlags.VOID_PENDING)
-_SPENDING_CODE_SET: Final = frozenset(int(c) for c in SPENDING_CODES)  # plain ints: hot path
-_REVERSAL_CODE: Final = int(TransferCode.REVERSAL)
-_NS_PER_S: Final = 1_000_000_000
 
 
 # -- SQL ---------------------------------------------------------------------------------------
@@ -215,178 +212,6 @@ class _PinTry(msgspec.Struct, frozen=True):
     wrong: bool
 
 
-class _HolderSpend:
-    """One holder's remembered spending: day start -> (fen, good until (monotonic s), earliest
-    hold timeout it counts (engine ns, 0: none), the ledger clock the sum was read at)."""
-
-    __slots__ = ("accounts", "days")
-
-    def __init__(self, accounts: tuple[int, int]) -> None:
-        self.accounts = accounts
-        self.days: dict[int, tuple[int, float, int, int]] = {}
-
-
-class _Reading:
-    """A read of one holder's spending in flight, and what this process committed meanwhile
-    that may or may not be in it: (timestamp, fen, hold timeout) of spending added, and
-    whether anything lowered the spending (then the read is not remembered)."""
-
-    __slots__ = ("accounts", "added", "lowered")
-
-    def __init__(self, accounts: tuple[tuple[int, int], tuple[int, int]]) -> None:
-        self.accounts = accounts
-        self.added: list[tuple[int, int, int]] = []
-        self.lowered = False
-
-
-class _SpendMemory:
-    """Today's spending per holder (for daily limits), remembered after a first read; the
-    batcher's :class:`~engine.batcher.CommitObserver`.
-
-    The ledger's own sum is read on first touch (in the shared card-state statement, with the
-    ledger's clock as that statement saw it). From then on every group this process commits is
-    reported here, whatever door it came through (a terminal, ``POST /v1/transfers``, a
-    subsidy), and the spending it adds is added: what the read counts (``SQL_CARD_STATES``),
-    the spending codes debiting the holder's purses, a hold while it holds. A transfer stamped
-    at or before the clock of the read is in the sum already and is not added twice; one
-    committed while the read was in flight is collected for it (:class:`_Reading`) and added
-    if the read did not see it. Anything that lowers spending (a hold posted or voided, a
-    reversal crediting the purse, a hold reaching its timeout) drops the holder's entry, and
-    the next payment reads the sum again. So within this process the remembered sum is the
-    ledger's, never lower. A commit whose outcome is unknown (``unknown``) forgets everything.
-
-    Spending through *another* engine process is not reported here; it is counted once the
-    entry ages out (``ttl_s``) and the sum is read again: the limit is exact per process (see
-    :class:`Campus`), the money is exact everywhere (the ledger refuses every overdraft and
-    every debit of a frozen purse whoever submits it).
-
-    Until :meth:`watching` (the Campus registered it with a batcher that reports commits)
-    nothing is remembered: every limited payment reads the sum.
-    """
-
-    def __init__(self, *, ttl_s: float, max_holders: int, day_of: Callable[[int], int]) -> None:
-        self._ttl_s = ttl_s
-        self._max = max_holders
-        self._day_of = day_of
-        self.watching = False
-        # (ledger, purse id) and (ledger, subsidy id) both name the holder's one record
-        self._holders: dict[tuple[int, int], _HolderSpend] = {}
-        self._reading: dict[tuple[int, int], _Reading] = {}  # at most one per holder (its lock)
-
-    def lookup(self, ledger: int, purse: int, day: int) -> int | None:
-        """The remembered spending of the local day starting at ``day``, or None."""
-        rec = self._holders.get((ledger, purse))
-        entry = None if rec is None else rec.days.get(day)
-        if entry is not None:
-            assert rec is not None
-            spent, until, hold_expiry, _ = entry
-            if time.monotonic() < until and (not hold_expiry or time.time_ns() < hold_expiry):
-                return spent
-            del rec.days[day]
-        return None
-
-    def begin(self, ledger: int, purse: int, subsidy: int) -> _Reading:
-        """A read of the holder's spending starts now: collect what commits meanwhile."""
-        r = _Reading(((ledger, purse), (ledger, subsidy)))
-        for k in r.accounts:
-            self._reading[k] = r
-        return r
-
-    def end(self, r: _Reading) -> None:
-        """The read is over (answered or failed): stop collecting for it."""
-        for k in r.accounts:
-            if self._reading.get(k) is r:
-                del self._reading[k]
-
-    def finish(self, r: _Reading, day: int, spent: int, hold_expiry: int | None,
-               as_of: int) -> int:
-        """The read answered ``spent`` at ledger clock ``as_of``: remember it (unless something
-        lowered the spending meanwhile) and return it with what committed after it."""
-        self.end(r)
-        expiry = hold_expiry or 0
-        for ts, amount, hold in r.added:
-            if ts > as_of and self._day_of(ts) == day:
-                spent += amount
-                expiry = hold if hold and (not expiry or hold < expiry) else expiry
-        if self.watching and not r.lowered:
-            self._store(r.accounts, day, spent, expiry, as_of)
-        return spent
-
-    def _store(self, accounts: tuple[tuple[int, int], tuple[int, int]], day: int, spent: int,
-               hold_expiry: int, as_of: int) -> None:
-        (ledger, purse), (_, subsidy) = accounts
-        rec = self._holders.get((ledger, purse))
-        if rec is None:
-            if len(self._holders) >= 2 * self._max:
-                oldest = next(iter(self._holders))  # dicts keep insertion order
-                for aid in self._holders[oldest].accounts:
-                    self._holders.pop((oldest[0], aid), None)
-            rec = _HolderSpend((purse, subsidy))
-            self._holders[(ledger, purse)] = rec
-            self._holders[(ledger, subsidy)] = rec
-        now = time.monotonic()
-        for d in [d for d, (_, until, _, _) in rec.days.items() if until <= now]:
-            del rec.days[d]
-        rec.days[day] = (spent, now + self._ttl_s, hold_expiry, as_of)
-
-    def committed(self, ledger: int, created: Sequence[StoredTransfer]) -> None:
-        """The batcher committed ``created`` on ``ledger`` (any door, this process)."""
-        holders, reading = self._holders, self._reading
-        if not holders and not reading:
-            return
-        for t in created:  # per transfer: a set lookup, nothing more for the rest
-            if t.code in _SPENDING_CODE_SET:
-                key = (ledger, t.debit_account_id)
-                if key not in holders and key not in reading:
-                    continue
-                if t.flags & (_POST | _VOID):  # a hold resolved: the sum falls, read it again
-                    self._lower(key)
-                else:
-                    expiry = (t.timestamp + t.timeout_s * _NS_PER_S
-                              if t.flags & _PENDING and t.timeout_s else 0)
-                    self._add(key, t.timestamp, t.amount, expiry)
-            elif t.code == _REVERSAL_CODE:  # spending given back no longer counts
-                key = (ledger, t.credit_account_id)
-                if key in holders or key in reading:
-                    self._lower(key)
-
-    def unknown(self, ledger: int) -> None:
-        """Something may have committed unreported: forget everything, read sums again."""
-        self._holders.clear()
-        for r in self._reading.values():
-            r.lowered = True  # not remembered; still exact as far as it saw
-
-    def _add(self, key: tuple[int, int], ts: int, amount: int, hold_expiry: int) -> None:
-        r = self._reading.get(key)
-        if r is not None:
-            r.added.append((ts, amount, hold_expiry))
-        rec = self._holders.get(key)
-        if rec is None:
-            return
-        day = self._day_of(ts)
-        entry = rec.days.get(day)
-        if entry is None:
-            return  # nothing remembered for that day: the next read sums it from the ledger
-        spent, until, expiry, as_of = entry
-        if ts <= as_of:
-            return  # the read that made the entry counted it already
-        if hold_expiry and (not expiry or hold_expiry < expiry):
-            expiry = hold_expiry
-        rec.days[day] = (spent + amount, until, expiry, as_of)
-
-    def _lower(self, key: tuple[int, int]) -> None:
-        r = self._reading.get(key)
-        if r is not None:
-            r.lowered = True
-        rec = self._holders.get(key)
-        if rec is not None:
-            rec.days.clear()
-
-    def drop(self, ledger: int, account: int) -> None:
-        """Forget the spending of the holder owning ``account`` (any account: no-op)."""
-        self._lower((ledger, account))
-
-
 def _card(r: asyncpg.Record) -> Card:
     return Card(
         card_no=r["card_no"],
@@ -419,7 +244,7 @@ class Campus:
 
     Daily limits count every spending this process commits, whatever door it came through:
     today's sum is read from the ledger once, and then the batcher reports every committed
-    group to the spending memory (see :class:`_SpendMemory`), so a meal posted with
+    group to the spending memory (see engine/campus/spending.py), so a meal posted with
     ``POST /v1/transfers`` counts for the very next terminal payment. Terminal payments of one
     holder are race-free within this process: a per-holder asyncio lock is held from reading
     today's spending until the batcher has answered. A raw ledger transfer takes no such lock
@@ -469,15 +294,13 @@ class Campus:
         self.hold_timeout_s = hold_timeout_s
         self._clock = clock or (lambda: datetime.now(UTC))
         self._holder_locks = KeyedLocks()
-        self._spent = _SpendMemory(ttl_s=spend_ttl_s,
-                                   max_holders=limits.MAX_REMEMBERED_HOLDERS, day_of=self._day_of)
-        self._watched: object = None  # the batcher the spending memory hears commits from
         self._day: tuple[int, int] = (0, 0)  # the local day _day_of answered last: [start, end)
 
         def pool() -> asyncpg.Pool:
             return self.engine.store.pool
 
         self._reads = Reads(pool, max_batch=max_batch)
+        self._spending = Spending(engine, self._reads, ttl_s=spend_ttl_s, day_of=self._day_of)
         self._pin_tries: Coalescer[_PinTry, int] = campus_coalescer(
             pool, self._count_pin_tries, max_batch=max_batch, name="pins")
 
@@ -555,54 +378,6 @@ class Campus:
             room_balance=available.get(room) if room is not None else None,
             timestamp=timestamp,
         )
-
-    # -- daily spending --------------------------------------------------------------------------
-
-    def _watch(self) -> bool:
-        """Register the spending memory with the engine's batcher (again after a restart made a
-        new one); False if the batcher cannot report commits (nothing is remembered then)."""
-        batcher = self.engine.batcher
-        if self._watched is not batcher:
-            self._watched = batcher
-            self._spent.unknown(0)  # commits of the old batcher's last moments were not heard
-            # a stand-in (tests wrap the batcher) reports nothing: then nothing is remembered
-            self._spent.watching = isinstance(batcher, Batcher)
-            if isinstance(batcher, Batcher):
-                batcher.observe(self._spent)
-        return self._spent.watching
-
-    async def _state_and_spending(
-        self, ref: CardRef, key: UUID, parts: Sequence[UUID], *, day: tuple[int, int],
-        want_spent: bool,
-    ) -> tuple[CardState, int]:
-        """The card's state and, if ``want_spent``, today's spending for the limit check (0 for
-        a card without a limit): remembered, or read with the state and then remembered."""
-        remembered = (
-            self._spent.lookup(ref.ledger, ref.purse_id, day[0])
-            if want_spent and self._watch() else None
-        )
-        if remembered is not None or not want_spent:
-            st = await self._reads.card_state(ref, key, parts, day=day, want_spent=False)
-            return st, remembered or 0
-        reading = self._spent.begin(ref.ledger, ref.purse_id, ref.subsidy_id)
-        try:
-            st = await self._reads.card_state(ref, key, parts, day=day, want_spent=True)
-        finally:
-            self._spent.end(reading)
-        if st.spent is None:  # the card has no limit: nothing summed, nothing to remember
-            return st, 0
-        return st, self._spent.finish(reading, day[0], st.spent, st.hold_expiry, st.clock)
-
-    async def _post_spending(self, ledger: int, transfers: list[Transfer]) -> list[TransferResult]:
-        """Submit a spending chain (the batcher reports what it posted to the spending memory);
-        if the outcome is unknown (the batcher failed), forget the holder's spending so it is
-        read again."""
-        try:
-            return await self._submit(chain(transfers))
-        except BaseException:
-            for t in transfers:
-                self._spent.drop(ledger, t.debit_account_id)
-            raise
 
     # -- amounts and PINs ------------------------------------------------------------------------
 
@@ -718,7 +493,7 @@ class Campus:
         purses = (ref.purse_id, ref.subsidy_id)
         async with self._holder_locks.hold((ref.ledger, ref.holder_id)):
             day = self.today()
-            st, spent = await self._state_and_spending(ref, key, ids, day=day,
+            st, spent = await self._spending.state_and_spending(ref, key, ids, day=day,
                                                        want_spent=not force)
             if st.existing:  # a retransmission: answer from what the first attempt posted
                 parts = (await self._reads.parts(ref.ledger, ids)).parts
@@ -755,7 +530,7 @@ class Campus:
                 )
                 if part > 0
             ]
-            outcome, ts = outcome_of(await self._post_spending(ref.ledger, transfers))
+            outcome, ts = outcome_of(await self._spending.post(ref.ledger, transfers))
         return await self._finish(ref.ledger, key, outcome, ts, purses=purses)
 
     async def balance(
@@ -859,7 +634,7 @@ class Campus:
             results = await self._submit(chain(transfers))
         finally:  # the hold stops counting, its post counts: today's spending is read again
             for h in holds:
-                self._spent.drop(term.ledger, h.debit_account_id)
+                self._spending.drop(term.ledger, h.debit_account_id)
         outcome, ts = outcome_of(results)
         return await self._finish(term.ledger, key, outcome, ts, purses=purses)
 
@@ -903,7 +678,7 @@ class Campus:
             day = self.today()
             # the room's balance is read beside the card's: the answer must be able to show it
             (st, spent), (rooms, _) = await asyncio.gather(
-                self._state_and_spending(ref, key, (tid,), day=day, want_spent=True),
+                self._spending.state_and_spending(ref, key, (tid,), day=day, want_spent=True),
                 self._reads.after(ref.ledger, key, (room,)),
             )
             if st.existing:
@@ -933,7 +708,7 @@ class Campus:
                                 credit_account_id=room, amount=amount,
                                 code=TransferCode.ELECTRICITY,
                                 user_data=f"{term.terminal_id}:{card_no}")
-            outcome, ts = outcome_of(await self._post_spending(ref.ledger, [transfer]))
+            outcome, ts = outcome_of(await self._spending.post(ref.ledger, [transfer]))
         return await self._finish(ref.ledger, key, outcome, ts, purses=purses, room=room)
 
     async def meter_usage(
@@ -1078,7 +853,7 @@ class Campus:
                 results = await self._submit(chain(transfers))
             finally:  # spending given back no longer counts: today's sum is read again
                 for p in parts:
-                    self._spent.drop(ledger, p.debit_account_id)
+                    self._spending.drop(ledger, p.debit_account_id)
             outcome, ts = outcome_of(results)
             if outcome is Outcome.APPROVED:
                 return True, min([*stamps, *([ts] if ts else [])], default=None)

@@ -17,7 +17,7 @@ from engine.campus import Campus, Card, HolderKind, HolderResult, Outcome, Repla
 from engine.campus.accounts import holder_account_ids
 from engine.campus.locks import KeyedLocks
 from engine.campus.reads import SQL_CARD_STATES
-from engine.campus.service import _SpendMemory
+from engine.campus.spending import SpendMemory
 from engine.db.coalesce import Connection
 from engine.db.migrate import migrate
 from engine.service import Engine
@@ -189,13 +189,13 @@ def _stored(ledger: int, debit: int, amount: int, ts: int, *, code: int = 1, fla
                           flags=flags, timeout_s=timeout_s, user_data=user_data, timestamp=ts)
 
 
-def _memory(ttl_s: float, max_holders: int) -> _SpendMemory:
-    m = _SpendMemory(ttl_s=ttl_s, max_holders=max_holders, day_of=lambda ns: ns // 86_400 * 86_400)
+def _memory(ttl_s: float, max_holders: int) -> SpendMemory:
+    m = SpendMemory(ttl_s=ttl_s, max_holders=max_holders, day_of=lambda ns: ns // 86_400 * 86_400)
     m.watching = True
     return m
 
 
-def _read(m: _SpendMemory, purse: int, spent: int, *, hold_expiry: int | None = None,
+def _read(m: SpendMemory, purse: int, spent: int, *, hold_expiry: int | None = None,
           as_of: int = 0) -> int:
     r = m.begin(1, purse, purse + 1)
     return m.finish(r, 0, spent, hold_expiry, as_of)
