@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from typing import Any, Final
 from uuid import UUID
 
@@ -21,7 +21,7 @@ import msgspec
 
 from engine import limits
 from engine.batcher import RETRYABLE, Overloaded, TransferResult, Unavailable
-from engine.calendar import campus_tz, day_window_at, local_date, to_ns
+from engine.calendar import campus_tz, day_window_at, to_ns
 from engine.campus.accounts import (
     ALL_PARTS,
     CASH_PART,
@@ -55,6 +55,7 @@ from engine.campus.model import (
     Terminal,
     TerminalKind,
 )
+from engine.campus.pin import SQL_RESET_PIN_TRIES, PinTries
 from engine.campus.posting import (
     ELECTRICITY_KINDS,
     HOLD_KINDS,
@@ -67,10 +68,8 @@ from engine.campus.posting import (
     showable,
     split_subsidy_first,
 )
-from engine.campus.reads import CardState, Reads, campus_coalescer, terminal_row
+from engine.campus.reads import Reads, terminal_row
 from engine.campus.spending import Spending
-from engine.db.coalesce import Coalescer, Connection
-from engine.pin import verify_pin
 from engine.service import Engine
 from ledger.account import Account
 from ledger.status import AccountStatus
@@ -99,28 +98,6 @@ _VOID: Final = int(TransferFlags.VOID_PENDING)
 
 # -- SQL ---------------------------------------------------------------------------------------
 
-# Wrong PINs (contract §5 v4), counted and read when each check is decided. $2..$4: one row per
-# (card, day) of a batch of PIN checks and how many of them were wrong; each row answers the
-# failures counted before the batch's own. Wrong PINs are added under the row's lock, so no
-# two processes count from the same number; rows are taken in card order (no deadlocks).
-SQL_PIN_TRIES = """
-WITH q AS (
-    SELECT * FROM unnest($2::text[], $3::date[], $4::bigint[]) AS q(card_no, day, wrong)
-), counted AS (
-    INSERT INTO pin_tries AS p (ledger, card_no, day, failures, updated_at)
-    SELECT $1, q.card_no, q.day, q.wrong, $5 FROM q WHERE q.wrong > 0
-    ORDER BY q.card_no, q.day
-    ON CONFLICT (ledger, card_no, day) DO UPDATE
-        SET failures = p.failures + excluded.failures, updated_at = excluded.updated_at
-    RETURNING p.card_no, p.day, p.failures
-)
-SELECT q.card_no, q.day, coalesce(c.failures - q.wrong, p.failures, 0) AS before
-FROM q
-LEFT JOIN counted c ON c.card_no = q.card_no AND c.day = q.day
-LEFT JOIN pin_tries p ON q.wrong = 0 AND p.ledger = $1 AND p.card_no = q.card_no
-                     AND p.day = q.day
-"""
-SQL_RESET_PIN_TRIES = "DELETE FROM pin_tries WHERE ledger = $1 AND card_no = $2"
 SQL_REMEMBER_REVERSAL = """
 INSERT INTO reversals (ledger, original_key, key, terminal_id, created_at)
 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (ledger, original_key) DO NOTHING
@@ -201,15 +178,6 @@ ON CONFLICT (ledger, room_id) DO NOTHING
 
 
 # -- internals ---------------------------------------------------------------------------------
-
-
-class _PinTry(msgspec.Struct, frozen=True):
-    """One PIN check of a card on a campus-local day; ``wrong``: a wrong PIN block was sent
-    (counted). A right or missing one only asks for the count."""
-
-    card_no: str
-    day: date
-    wrong: bool
 
 
 def _card(r: asyncpg.Record) -> Card:
@@ -301,13 +269,12 @@ class Campus:
 
         self._reads = Reads(pool, max_batch=max_batch)
         self._spending = Spending(engine, self._reads, ttl_s=spend_ttl_s, day_of=self._day_of)
-        self._pin_tries: Coalescer[_PinTry, int] = campus_coalescer(
-            pool, self._count_pin_tries, max_batch=max_batch, name="pins")
+        self._pins = PinTries(pool, tz=self.tz, max_batch=max_batch)
 
     @property
     def statements(self) -> int:
         """Shared hot-path read statements run so far (each serves a batch of requests)."""
-        return self._reads.statements + self._pin_tries.statements
+        return self._reads.statements + self._pins.statements
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -379,47 +346,11 @@ class Campus:
             timestamp=timestamp,
         )
 
-    # -- amounts and PINs ------------------------------------------------------------------------
+    # -- amounts ------------------------------------------------------------------------
 
     def _amount_ok(self, amount: int) -> bool:
         """A terminal amount this campus moves in one operation."""
         return 0 < amount <= self.max_amount
-
-    async def _pin_refusal(
-        self, term: Terminal, card_no: str, st: CardState, day: tuple[int, int],
-        pin_block: bytes | None, *, required: bool,
-    ) -> Outcome | None:
-        """None when the PIN lets the request through (no PIN asked for, or the right one
-        within the day's tries), else INCORRECT_PIN or PIN_TRIES_EXCEEDED.
-
-        Every PIN check asks ``pin_tries`` at decision time, the right PIN too: a stale count
-        would let a burst of guesses sent at once all see "no failures yet". A missing PIN is
-        not a guess (not counted) but is refused 75 once the tries are used up, like any."""
-        if st.pin is None or not required:
-            return None
-        right = pin_block is not None and verify_pin(term.mac_key, card_no, st.pin, pin_block)
-        attempt = _PinTry(card_no, local_date(day[0], self.tz), pin_block is not None and not right)
-        failures = await self._pin_tries.ask(term.ledger, attempt)
-        if failures >= limits.PIN_TRIES_PER_DAY:
-            return Outcome.PIN_TRIES_EXCEEDED
-        return None if right else Outcome.INCORRECT_PIN
-
-    @staticmethod
-    async def _count_pin_tries(conn: Connection, ledger: int, tries: list[_PinTry]) -> list[int]:
-        """The failures counted before each attempt of the batch (wrong ones are counted in the
-        batch's order: the sixth wrong PIN of a day sees five)."""
-        wrong: dict[tuple[str, date], int] = {}
-        for t in tries:
-            wrong[(t.card_no, t.day)] = wrong.get((t.card_no, t.day), 0) + t.wrong
-        rows = await conn.fetch(SQL_PIN_TRIES, ledger, [c for c, _ in wrong], [d for _, d in wrong],
-                                list(wrong.values()), time.time_ns())
-        running = {(r["card_no"], r["day"]): r["before"] for r in rows}
-        out = []
-        for t in tries:
-            n = running[(t.card_no, t.day)]
-            out.append(n)
-            running[(t.card_no, t.day)] = n + t.wrong
-        return out
 
     # -- terminals -------------------------------------------------------------------------------
 
@@ -507,7 +438,7 @@ class Campus:
                 return PaymentResult(Outcome.APPROVED, purses=balances)
             refusal = card_refusal(st.status)
             if refusal is None and not force:
-                refusal = await self._pin_refusal(term, card_no, st, day, pin_block,
+                refusal = await self._pins.refusal(term, card_no, st.pin, day[0], pin_block,
                                                   required=amount > (st.pin_threshold or 0))
             if refusal is not None:
                 return PaymentResult(refusal)
@@ -553,7 +484,7 @@ class Campus:
         st = await self._reads.card_state(ref, NIL_UUID, (), day=day, want_spent=False)
         refusal = card_refusal(st.status)
         if refusal is None:  # a PIN block that is sent is a PIN check: it counts, and 75 applies
-            refusal = await self._pin_refusal(term, card_no, st, day, pin_block,
+            refusal = await self._pins.refusal(term, card_no, st.pin, day[0], pin_block,
                                               required=pin_block is not None)
         if refusal is not None:
             return PaymentResult(refusal)
@@ -693,7 +624,7 @@ class Campus:
                                           purses=purses, room=room)
             refusal = card_refusal(st.status)
             if refusal is None:
-                refusal = await self._pin_refusal(term, card_no, st, day, pin_block,
+                refusal = await self._pins.refusal(term, card_no, st.pin, day[0], pin_block,
                                                   required=amount > (st.pin_threshold or 0))
             if refusal is not None:
                 return PaymentResult(refusal)
