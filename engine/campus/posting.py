@@ -101,3 +101,14 @@ def matches(parts: Sequence[Part], *, credit: int, code: int, amount: int, flags
             for p in parts)
         and sum(p.amount for p in parts) == amount
     )
+
+
+def answer_again(
+    parts: Sequence[Part], *, credit: int, code: int, amount: int, flags: int
+) -> tuple[Outcome, int | None]:
+    """What a retransmission answers, from the transfers its first attempt posted: APPROVED
+    with the first one's timestamp when they are what this attempt asks (``matches``), else
+    DUPLICATE_DIFFERENT."""
+    if not matches(parts, credit=credit, code=code, amount=amount, flags=flags):
+        return Outcome.DUPLICATE_DIFFERENT, None
+    return Outcome.APPROVED, parts[0].timestamp if parts else None

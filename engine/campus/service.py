@@ -7,11 +7,10 @@ OVERLOADED / UNAVAILABLE; each operation itself lives in the module of its conce
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any, Final
 from uuid import UUID
@@ -19,20 +18,17 @@ from uuid import UUID
 import asyncpg
 import msgspec
 
+import engine.campus.electricity as electricity
+import engine.campus.payments as payments
+import engine.campus.reversals as reversals
+import engine.campus.water as water
 from engine import limits
-from engine.batcher import RETRYABLE, Overloaded, TransferResult, Unavailable
-from engine.calendar import campus_tz, day_window_at, to_ns
+from engine.batcher import RETRYABLE, Overloaded, Unavailable
+from engine.calendar import campus_tz
 from engine.campus.accounts import (
-    ALL_PARTS,
-    CASH_PART,
-    ROOM_PART,
-    SUBSIDY_PART,
     holder_account_ids,
-    part_id,
-    reversal_id,
     room_account_id,
 )
-from engine.campus.locks import KeyedLocks
 from engine.campus.model import (
     PURSE_CODE,
     ROOM_CODE,
@@ -46,7 +42,6 @@ from engine.campus.model import (
     Outcome,
     PaymentResult,
     Purse,
-    PurseBalances,
     Refusal,
     Refused,
     RegistryStatus,
@@ -55,33 +50,17 @@ from engine.campus.model import (
     Terminal,
     TerminalKind,
 )
-from engine.campus.pin import SQL_RESET_PIN_TRIES, PinTries
-from engine.campus.posting import (
-    ELECTRICITY_KINDS,
-    HOLD_KINDS,
-    INQUIRY_KINDS,
-    PURCHASE_KINDS,
-    card_refusal,
-    chain,
-    matches,
-    outcome_of,
-    showable,
-    split_subsidy_first,
-)
-from engine.campus.reads import Reads, terminal_row
-from engine.campus.spending import Spending
+from engine.campus.pin import SQL_RESET_PIN_TRIES
+from engine.campus.reads import terminal_row
+from engine.campus.shared import Shared, connection
 from engine.service import Engine
 from ledger.account import Account
 from ledger.status import AccountStatus
-from ledger.transfer import MAX_TIMEOUT_S, Transfer
+from ledger.transfer import MAX_TIMEOUT_S
 from ledger.types import (
-    NIL_UUID,
     AccountFlag,
     AccountFlags,
     AccountKind,
-    TransferCode,
-    TransferFlag,
-    TransferFlags,
 )
 
 log = logging.getLogger(__name__)
@@ -91,17 +70,10 @@ log = logging.getLogger(__name__)
 _CARD_LOCK: Final = 0x0CA4D
 _TERMINAL_LOCK: Final = 0x7E4A1
 
-_PENDING: Final = int(TransferFlags.PENDING)
-_POST: Final = int(TransferFlags.POST_PENDING)
-_VOID: Final = int(TransferFlags.VOID_PENDING)
 
 
 # -- SQL ---------------------------------------------------------------------------------------
 
-SQL_REMEMBER_REVERSAL = """
-INSERT INTO reversals (ledger, original_key, key, terminal_id, created_at)
-VALUES ($1, $2, $3, $4, $5) ON CONFLICT (ledger, original_key) DO NOTHING
-"""
 SQL_TERMINAL = """
 SELECT terminal_id, merchant_id, ledger, kind, account_id, mac_key
 FROM terminals WHERE terminal_id = $1 ORDER BY ledger LIMIT 1
@@ -260,35 +232,18 @@ class Campus:
         self.max_amount = max_amount
         self.tz = campus_tz(tz)
         self.hold_timeout_s = hold_timeout_s
-        self._clock = clock or (lambda: datetime.now(UTC))
-        self._holder_locks = KeyedLocks()
-        self._day: tuple[int, int] = (0, 0)  # the local day _day_of answered last: [start, end)
-
-        def pool() -> asyncpg.Pool:
-            return self.engine.store.pool
-
-        self._reads = Reads(pool, max_batch=max_batch)
-        self._spending = Spending(engine, self._reads, ttl_s=spend_ttl_s, day_of=self._day_of)
-        self._pins = PinTries(pool, tz=self.tz, max_batch=max_batch)
+        self._s = Shared(engine, tz=self.tz, hold_timeout_s=hold_timeout_s,
+                         clock=clock or (lambda: datetime.now(UTC)), spend_ttl_s=spend_ttl_s,
+                         max_batch=max_batch, max_amount=max_amount)
 
     @property
     def statements(self) -> int:
         """Shared hot-path read statements run so far (each serves a batch of requests)."""
-        return self._reads.statements + self._pins.statements
+        return self._s.reads.statements + self._s.pins.statements
 
-    # -- plumbing ------------------------------------------------------------------------------
-
-    @property
-    def _pool(self) -> asyncpg.Pool:
-        return self.engine.store.pool
-
-    @contextlib.asynccontextmanager
-    async def _conn(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
-        async with self._pool.acquire(timeout=limits.DB_ACQUIRE_TIMEOUT_S) as conn:
-            yield conn
-
-    async def _submit(self, transfers: list[Transfer]) -> list[TransferResult]:
-        return await self.engine.batcher.submit(transfers)
+    def today(self) -> tuple[int, int]:
+        """[start, end) of the current campus-local day in engine ns (per the clock)."""
+        return self._s.today()
 
     @staticmethod
     async def _guard(op: Awaitable[PaymentResult]) -> PaymentResult:
@@ -304,62 +259,12 @@ class Campus:
             log.exception("campus: database error")
             return PaymentResult(Outcome.UNAVAILABLE)
 
-    def today(self) -> tuple[int, int]:
-        """[start, end) of the current campus-local day in engine ns (per the clock)."""
-        return self._day_bounds(to_ns(self._clock()))
-
-    def _day_of(self, ns: int) -> int:
-        """Start (engine ns) of the campus-local day containing engine timestamp ``ns``."""
-        return self._day_bounds(ns)[0]
-
-    def _day_bounds(self, ns: int) -> tuple[int, int]:
-        start, end = self._day
-        if not start <= ns < end:  # one zone lookup per local day, not per request
-            start, end = self._day = day_window_at(ns, self.tz)
-        return start, end
-
-    async def _finish(
-        self,
-        ledger: int,
-        key: UUID,
-        outcome: Outcome,
-        timestamp: int | None,
-        *,
-        purses: tuple[int, int] | None,
-        room: int | None = None,
-    ) -> PaymentResult:
-        """Read the balances after the operation; if a reversal of it was remembered while it
-        ran, undo it now (the reversal may have looked before this posted)."""
-        ids = [*(purses or ()), *((room,) if room is not None else ())]
-        available, reversed_ = await self._reads.after(ledger, key, ids)
-        if outcome is Outcome.APPROVED and reversed_:
-            await self._undo(ledger, key)
-            available, _ = await self._reads.after(ledger, key, ids)
-        return PaymentResult(
-            outcome,
-            purses=(
-                PurseBalances(cash=available.get(purses[0], 0), subsidy=available.get(purses[1], 0))
-                if purses is not None
-                else None
-            ),
-            room_balance=available.get(room) if room is not None else None,
-            timestamp=timestamp,
-        )
-
-    # -- amounts ------------------------------------------------------------------------
-
-    def _amount_ok(self, amount: int) -> bool:
-        """A terminal amount this campus moves in one operation."""
-        return 0 < amount <= self.max_amount
-
-    # -- terminals -------------------------------------------------------------------------------
+    # -- terminal operations (payments.py, water.py, electricity.py, reversals.py) -------------
 
     def terminal(self, terminal_id: str) -> Coroutine[Any, Any, Terminal | None]:
         """The registered terminal with this id (cached: a terminal never changes), or None.
         Awaitable: the read's own coroutine (no frame of its own on the hot path)."""
-        return self._reads.terminal(terminal_id)
-
-    # -- card payments ---------------------------------------------------------------------------
+        return self._s.reads.terminal(terminal_id)
 
     async def purchase(
         self,
@@ -381,7 +286,8 @@ class Campus:
         Allowed on POS and kiosk terminals.
         """
         return await self._guard(
-            self._spend(term, card_no, amount, key, pin_block, force=force, hold=False)
+            payments.spend(self._s, term, card_no, amount, key, pin_block, force=force,
+                           hold=False)
         )
 
     async def hold(
@@ -397,72 +303,9 @@ class Campus:
         and split across the purses (linked) when needed; released by itself after
         ``hold_timeout_s``. Water terminals only."""
         return await self._guard(
-            self._spend(term, card_no, amount, key, pin_block, force=False, hold=True)
+            payments.spend(self._s, term, card_no, amount, key, pin_block, force=False,
+                           hold=True)
         )
-
-    async def _spend(
-        self,
-        term: Terminal,
-        card_no: str,
-        amount: int,
-        key: UUID,
-        pin_block: bytes | None,
-        *,
-        force: bool,
-        hold: bool,
-    ) -> PaymentResult:
-        if term.kind not in (HOLD_KINDS if hold else PURCHASE_KINDS):
-            return PaymentResult(Outcome.INVALID_TRANSACTION)
-        if not self._amount_ok(amount):
-            return PaymentResult(Outcome.INVALID_AMOUNT)
-        ref = await self._reads.card_ref(term.ledger, card_no)
-        if ref is None:
-            return PaymentResult(Outcome.INVALID_CARD)
-        code = TransferCode.HOT_WATER if hold else TransferCode.MEAL
-        flags = (TransferFlag.PENDING,) if hold else (TransferFlag.FORCE,) if force else ()
-        ids = (part_id(key, SUBSIDY_PART), part_id(key, CASH_PART))
-        purses = (ref.purse_id, ref.subsidy_id)
-        async with self._holder_locks.hold((ref.ledger, ref.holder_id)):
-            day = self.today()
-            st, spent = await self._spending.state_and_spending(ref, key, ids, day=day,
-                                                       want_spent=not force)
-            if st.existing:  # a retransmission: answer from what the first attempt posted
-                parts = (await self._reads.parts(ref.ledger, ids)).parts
-                ok = matches(parts, credit=term.account_id, code=code, amount=amount,
-                              flags=_PENDING if hold else int(TransferFlags.FORCE) if force else 0)
-                outcome = Outcome.APPROVED if ok else Outcome.DUPLICATE_DIFFERENT
-                ts = parts[0].timestamp if ok and parts else None
-                return await self._finish(ref.ledger, key, outcome, ts, purses=purses)
-            balances = PurseBalances(cash=st.cash, subsidy=st.subsidy)
-            if st.reversed:  # reversed before it arrived: approve, move nothing
-                return PaymentResult(Outcome.APPROVED, purses=balances)
-            refusal = card_refusal(st.status)
-            if refusal is None and not force:
-                refusal = await self._pins.refusal(term, card_no, st.pin, day[0], pin_block,
-                                                  required=amount > (st.pin_threshold or 0))
-            if refusal is not None:
-                return PaymentResult(refusal)
-            if not force and st.daily_limit is not None and spent + amount > st.daily_limit:
-                return PaymentResult(Outcome.DAILY_LIMIT_EXCEEDED, purses=balances)
-            from_subsidy, from_cash = split_subsidy_first(amount, st.subsidy)
-            # Without force the ledger keeps each purse between 0 and where it was; an advice
-            # posts past zero, so it is refused (13) where its answer could not show the rest.
-            if force and not showable(st.cash - from_cash, st.subsidy - from_subsidy,
-                                       balances.total - amount):
-                return PaymentResult(Outcome.INVALID_AMOUNT)
-            timeout = self.hold_timeout_s if hold else None
-            transfers = [
-                Transfer(id=tid, ledger=ref.ledger, debit_account_id=debit,
-                         credit_account_id=term.account_id, amount=part, code=code, flags=flags,
-                         timeout_s=timeout, user_data=f"{term.terminal_id}:{card_no}")
-                for tid, debit, part in (
-                    (ids[0], ref.subsidy_id, from_subsidy),
-                    (ids[1], ref.purse_id, from_cash),
-                )
-                if part > 0
-            ]
-            outcome, ts = outcome_of(await self._spending.post(ref.ledger, transfers))
-        return await self._finish(ref.ledger, key, outcome, ts, purses=purses)
 
     async def balance(
         self, term: Terminal, *, card_no: str, pin_block: bytes | None = None
@@ -470,25 +313,7 @@ class Campus:
         """Balance inquiry: the purses' available fen. No PIN is required (no amount), but a
         PIN block that is sent must be right, and a wrong one counts towards the day's tries
         (otherwise inquiries would be a free PIN oracle)."""
-        return await self._guard(self._balance(term, card_no, pin_block))
-
-    async def _balance(
-        self, term: Terminal, card_no: str, pin_block: bytes | None
-    ) -> PaymentResult:
-        if term.kind not in INQUIRY_KINDS:
-            return PaymentResult(Outcome.INVALID_TRANSACTION)
-        ref = await self._reads.card_ref(term.ledger, card_no)
-        if ref is None:
-            return PaymentResult(Outcome.INVALID_CARD)
-        day = self.today()
-        st = await self._reads.card_state(ref, NIL_UUID, (), day=day, want_spent=False)
-        refusal = card_refusal(st.status)
-        if refusal is None:  # a PIN block that is sent is a PIN check: it counts, and 75 applies
-            refusal = await self._pins.refusal(term, card_no, st.pin, day[0], pin_block,
-                                              required=pin_block is not None)
-        if refusal is not None:
-            return PaymentResult(refusal)
-        return PaymentResult(Outcome.APPROVED, purses=PurseBalances(st.cash, st.subsidy))
+        return await self._guard(payments.balance(self._s, term, card_no, pin_block))
 
     async def complete(
         self,
@@ -504,70 +329,7 @@ class Campus:
         unknown or expired hold ORIGINAL_NOT_FOUND; a hold already settled or released by
         another completion INVALID_TRANSACTION. The card state is not checked again: the hold
         was authorised and the water has flowed."""
-        return await self._guard(self._complete(term, hold_key, amount, key, card_no))
-
-    async def _complete(
-        self, term: Terminal, hold_key: UUID, amount: int, key: UUID, card_no: str | None
-    ) -> PaymentResult:
-        if term.kind not in HOLD_KINDS:
-            return PaymentResult(Outcome.INVALID_TRANSACTION)
-        if not 0 <= amount <= self.max_amount:  # 0 releases the whole hold
-            return PaymentResult(Outcome.INVALID_AMOUNT)
-        held_ids = {part_id(hold_key, p): p for p in (SUBSIDY_PART, CASH_PART)}
-        done_ids = [part_id(key, p) for p in (SUBSIDY_PART, CASH_PART)]
-        got = await self._reads.parts(term.ledger, [*held_ids, *done_ids], [hold_key, key])
-        parts, rev = got.parts, got.reversed
-        holds = [p for p in parts if p.id in held_ids and p.flags & _PENDING]
-        done = [p for p in parts if p.id in done_ids]
-        if not holds:
-            if hold_key in rev and not done:  # the hold was reversed before it arrived
-                return PaymentResult(Outcome.APPROVED)
-            return PaymentResult(Outcome.ORIGINAL_NOT_FOUND)
-        if any(h.credit_account_id != term.account_id for h in holds):
-            return PaymentResult(Outcome.ORIGINAL_NOT_FOUND)  # not this terminal's hold
-        purses = holds[0].purses
-        if card_no is not None:
-            ref = await self._reads.card_ref(term.ledger, card_no)
-            if ref is None:
-                return PaymentResult(Outcome.INVALID_CARD)
-            if purses != (ref.purse_id, ref.subsidy_id):
-                return PaymentResult(Outcome.INVALID_TRANSACTION)
-        if done:  # a retransmission
-            posted = sum(p.amount for p in done if p.flags & _POST)
-            pids = {p.pending_id for p in done}
-            ok = posted == amount and pids <= {h.id for h in holds}
-            outcome = Outcome.APPROVED if ok else Outcome.DUPLICATE_DIFFERENT
-            ts = done[0].timestamp if ok else None
-            return await self._finish(term.ledger, key, outcome, ts, purses=purses)
-        if key in rev:  # the completion was reversed before it arrived
-            return await self._finish(term.ledger, key, Outcome.APPROVED, None, purses=purses)
-        if any(h.state == "expired" for h in holds):
-            return PaymentResult(Outcome.ORIGINAL_NOT_FOUND)
-        if any(h.state != "pending" for h in holds):
-            return PaymentResult(Outcome.INVALID_TRANSACTION)
-        if amount > sum(h.amount for h in holds):
-            return PaymentResult(Outcome.INVALID_AMOUNT)
-        holds.sort(key=lambda h: held_ids[h.id] != SUBSIDY_PART)  # settle the subsidy part first
-        rest = amount
-        transfers = []
-        for h in holds:
-            take = min(rest, h.amount)
-            rest -= take
-            # post_pending with amount 0 would mean "the full hold": a zero part is a void
-            transfers.append(
-                Transfer(id=part_id(key, held_ids[h.id]), ledger=term.ledger, pending_id=h.id,
-                         amount=take, flags=(TransferFlag.POST_PENDING,))
-                if take
-                else Transfer(id=part_id(key, held_ids[h.id]), ledger=term.ledger,
-                              pending_id=h.id, flags=(TransferFlag.VOID_PENDING,))
-            )
-        try:
-            results = await self._submit(chain(transfers))
-        finally:  # the hold stops counting, its post counts: today's spending is read again
-            for h in holds:
-                self._spending.drop(term.ledger, h.debit_account_id)
-        outcome, ts = outcome_of(results)
-        return await self._finish(term.ledger, key, outcome, ts, purses=purses)
+        return await self._guard(water.complete(self._s, term, hold_key, amount, key, card_no))
 
     async def buy_electricity(
         self,
@@ -583,64 +345,8 @@ class Campus:
         Card state, PIN and daily limit apply; an unknown room is INVALID_TRANSACTION. Kiosk
         and POS terminals."""
         return await self._guard(
-            self._buy_electricity(term, card_no, room_id, amount, key, pin_block)
+            electricity.buy(self._s, term, card_no, room_id, amount, key, pin_block)
         )
-
-    async def _buy_electricity(
-        self,
-        term: Terminal,
-        card_no: str,
-        room_id: str,
-        amount: int,
-        key: UUID,
-        pin_block: bytes | None,
-    ) -> PaymentResult:
-        if term.kind not in ELECTRICITY_KINDS:
-            return PaymentResult(Outcome.INVALID_TRANSACTION)
-        if not self._amount_ok(amount):
-            return PaymentResult(Outcome.INVALID_AMOUNT)
-        ref = await self._reads.card_ref(term.ledger, card_no)
-        if ref is None:
-            return PaymentResult(Outcome.INVALID_CARD)
-        room = room_account_id(term.ledger, room_id)
-        tid = part_id(key, CASH_PART)
-        purses = (ref.purse_id, ref.subsidy_id)
-        async with self._holder_locks.hold((ref.ledger, ref.holder_id)):
-            day = self.today()
-            # the room's balance is read beside the card's: the answer must be able to show it
-            (st, spent), (rooms, _) = await asyncio.gather(
-                self._spending.state_and_spending(ref, key, (tid,), day=day, want_spent=True),
-                self._reads.after(ref.ledger, key, (room,)),
-            )
-            if st.existing:
-                parts = (await self._reads.parts(ref.ledger, (tid,))).parts
-                ok = matches(parts, credit=room, code=TransferCode.ELECTRICITY, amount=amount,
-                              flags=0)
-                outcome = Outcome.APPROVED if ok else Outcome.DUPLICATE_DIFFERENT
-                ts = parts[0].timestamp if ok and parts else None
-                return await self._finish(ref.ledger, key, outcome, ts, purses=purses, room=room)
-            if st.reversed:
-                return await self._finish(ref.ledger, key, Outcome.APPROVED, None,
-                                          purses=purses, room=room)
-            refusal = card_refusal(st.status)
-            if refusal is None:
-                refusal = await self._pins.refusal(term, card_no, st.pin, day[0], pin_block,
-                                                  required=amount > (st.pin_threshold or 0))
-            if refusal is not None:
-                return PaymentResult(refusal)
-            if st.daily_limit is not None and spent + amount > st.daily_limit:
-                return PaymentResult(Outcome.DAILY_LIMIT_EXCEEDED,
-                                     purses=PurseBalances(st.cash, st.subsidy))
-            # the cash purse stays between 0 and where it was (no force); the room could grow
-            # past what its answer can show
-            if not showable(rooms.get(room, 0) + amount):
-                return PaymentResult(Outcome.INVALID_AMOUNT)
-            transfer = Transfer(id=tid, ledger=ref.ledger, debit_account_id=ref.purse_id,
-                                credit_account_id=room, amount=amount,
-                                code=TransferCode.ELECTRICITY,
-                                user_data=f"{term.terminal_id}:{card_no}")
-            outcome, ts = outcome_of(await self._spending.post(ref.ledger, [transfer]))
-        return await self._finish(ref.ledger, key, outcome, ts, purses=purses, room=room)
 
     async def meter_usage(
         self, term: Terminal, *, room_id: str, amount: int, key: UUID
@@ -649,50 +355,7 @@ class Campus:
         always posted with ``force``. APPROVED while the room balance after it is > 0,
         INSUFFICIENT_FUNDS (cut the power) when it is <= 0; ``room_balance`` either way.
         Meter terminals only; an unknown room is INVALID_TRANSACTION."""
-        return await self._guard(self._meter_usage(term, room_id, amount, key))
-
-    async def _meter_usage(
-        self, term: Terminal, room_id: str, amount: int, key: UUID
-    ) -> PaymentResult:
-        if term.kind is not TerminalKind.METER:
-            return PaymentResult(Outcome.INVALID_TRANSACTION)
-        if not self._amount_ok(amount):
-            return PaymentResult(Outcome.INVALID_AMOUNT)
-        room = room_account_id(term.ledger, room_id)
-        tid = part_id(key, ROOM_PART)
-        # A room's advices take turns (in this process): each posts against the balance it
-        # checked, which its answer must be able to show (force posts past zero, unbounded).
-        async with self._holder_locks.hold(("room", term.ledger, room)):
-            got, (rooms, _) = await asyncio.gather(self._reads.parts(term.ledger, [tid], [key]),
-                                                   self._reads.after(term.ledger, key, (room,)))
-            if got.parts:
-                ok = matches(got.parts, credit=term.account_id,
-                              code=TransferCode.ELECTRICITY, amount=amount,
-                              flags=int(TransferFlags.FORCE)
-                              ) and got.parts[0].debit_account_id == room
-                if not ok:
-                    return PaymentResult(Outcome.DUPLICATE_DIFFERENT)
-                ts = got.parts[0].timestamp
-            elif got.reversed:
-                ts = None
-            elif not showable(rooms.get(room, 0) - amount):
-                return PaymentResult(Outcome.INVALID_AMOUNT)
-            else:
-                transfer = Transfer(id=tid, ledger=term.ledger, debit_account_id=room,
-                                    credit_account_id=term.account_id, amount=amount,
-                                    code=TransferCode.ELECTRICITY, flags=(TransferFlag.FORCE,),
-                                    user_data=f"{term.terminal_id}:{room_id}")
-                outcome, ts = outcome_of(await self._submit([transfer]))
-                if outcome is not Outcome.APPROVED:
-                    return PaymentResult(outcome)
-        r = await self._finish(term.ledger, key, Outcome.APPROVED, ts, purses=None, room=room)
-        if r.room_balance is None:
-            return PaymentResult(Outcome.INVALID_TRANSACTION)
-        return msgspec.structs.replace(
-            r, outcome=Outcome.APPROVED if r.room_balance > 0 else Outcome.INSUFFICIENT_FUNDS
-        )
-
-    # -- reversals -------------------------------------------------------------------------------
+        return await self._guard(electricity.meter_usage(self._s, term, room_id, amount, key))
 
     async def reverse(self, term: Terminal, *, original_key: UUID, key: UUID) -> PaymentResult:
         """Undo whatever the operation ``original_key`` posted (code 7 back to where the money
@@ -706,20 +369,7 @@ class Campus:
         money comes back exactly once. ``original_key`` is derived from this terminal's id by
         the gateway, so a terminal can only reverse its own operations.
         """
-        return await self._guard(self._reverse(term, original_key, key))
-
-    async def _reverse(self, term: Terminal, original_key: UUID, key: UUID) -> PaymentResult:
-        async with self._conn() as conn:
-            await conn.execute(SQL_REMEMBER_REVERSAL, term.ledger, original_key, key,
-                               term.terminal_id, time.time_ns())
-        ts = await self._undo(term.ledger, original_key)
-        return PaymentResult(Outcome.APPROVED, timestamp=ts)
-
-    async def _undo(self, ledger: int, original_key: UUID) -> int | None:
-        """Post the undo of every transfer the operation ``original_key`` posted (once: the
-        ids are derived); returns the first undo's timestamp, if anything was undone."""
-        ids = [part_id(original_key, p) for p in ALL_PARTS]
-        return (await self._undo_parts(ledger, original_key, ids))[1]
+        return await self._guard(reversals.reverse(self._s, term, original_key, key))
 
     async def withdraw(self, ledger: int, *, key: UUID, hold_key: UUID | None = None) -> bool:
         """Take back whatever the operation ``key`` posted, for a request that was answered
@@ -739,60 +389,14 @@ class Campus:
         not be established (the database is away, the queue full, or a racing completion kept
         moving the hold): call it again later. Idempotent; never raises for those.
         """
-        ids = [part_id(key, p) for p in ALL_PARTS]
-        if hold_key is not None:
-            ids += [part_id(hold_key, p) for p in (SUBSIDY_PART, CASH_PART)]
-        try:
-            done, _ = await self._undo_parts(ledger, key, ids)
-        except Overloaded:
-            return False
-        except (Unavailable, *RETRYABLE, asyncpg.PostgresError) as e:
-            log.warning("campus: could not take back %s yet: %s", key, e)
-            return False
-        return done
+        return await reversals.withdraw(self._s, ledger, key, hold_key)
 
-    async def _undo_parts(
-        self, ledger: int, label: UUID, ids: Sequence[UUID]
-    ) -> tuple[bool, int | None]:
-        """Undo those of the transfers ``ids`` that exist: a pending hold is voided, anything
-        else posted is paid back; one linked chain, with derived ids (an undo already posted is
-        read, not posted again). Returns (nothing is left to undo, the first undo's timestamp);
-        ``label`` names the operation in the log."""
-        undo_ids = {reversal_id(i): i for i in ids}
-        for _ in range(limits.UNDO_ATTEMPTS):
-            transfers: list[Transfer] = []
-            got = (await self._reads.parts(ledger, [*ids, *undo_ids])).parts
-            undone = {undo_ids[p.id]: p.timestamp for p in got if p.id in undo_ids}
-            parts = [p for p in got if p.id not in undo_ids]
-            stamps = [undone[p.id] for p in parts if p.id in undone]
-            for p in parts:
-                if p.flags & _PENDING:
-                    if p.state == "pending":
-                        transfers.append(Transfer(id=reversal_id(p.id), ledger=ledger,
-                                                  pending_id=p.id,
-                                                  flags=(TransferFlag.VOID_PENDING,)))
-                elif not p.flags & _VOID and p.id not in undone:
-                    # money back, even out of a room purse already burnt down: it was never due
-                    transfers.append(Transfer(
-                        id=reversal_id(p.id), ledger=ledger,
-                        debit_account_id=p.credit_account_id, credit_account_id=p.debit_account_id,
-                        amount=p.amount, code=TransferCode.REVERSAL, flags=(TransferFlag.FORCE,),
-                        user_data=str(p.id)))
-            if not transfers:
-                return True, min(stamps, default=None)
-            try:
-                results = await self._submit(chain(transfers))
-            finally:  # spending given back no longer counts: today's sum is read again
-                for p in parts:
-                    self._spending.drop(ledger, p.debit_account_id)
-            outcome, ts = outcome_of(results)
-            if outcome is Outcome.APPROVED:
-                return True, min([*stamps, *([ts] if ts else [])], default=None)
-            # a completion may have settled the hold between our read and our void: re-read
-            log.warning("campus: undo of %s failed (%s); retrying", label,
-                        [r.status.value for r in results])
-        log.error("campus: could not undo %s", label)
-        return False, None
+    # -- registry ----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+        async with connection(self.engine) as conn:
+            yield conn
 
     # -- registry: holders -----------------------------------------------------------------------
 

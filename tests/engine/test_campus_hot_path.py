@@ -311,7 +311,7 @@ async def test_a_batch_failure_reaches_the_payment_as_unavailable(w: World) -> N
     async def broken(conn: Connection, ledger: int, items: list[object]) -> list[object]:
         raise asyncpg.InterfaceError("connection lost")
 
-    w.campus._reads._states._run = broken  # type: ignore[method-assign]
+    w.campus._s.reads._states._run = broken  # type: ignore[method-assign]
     r = await w.campus.purchase(w.pos, card_no=w.card, amount=100, key=key())
     assert r.outcome is Outcome.UNAVAILABLE
     assert await w.balances() == (1_000, 0)
