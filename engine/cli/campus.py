@@ -13,15 +13,15 @@ from rich.console import Console
 from rich.table import Table
 
 from engine.calendar import campus_tz, campus_tz_name, parse_month
-from engine.cli.base import Command, console, progress
-from engine.service import Engine
-from engine.subsidy import (
+from engine.campus.subsidies import (
     FileError,
     Grant,
     clear_down,
     grant_subsidies,
     read_grants,
 )
+from engine.cli.base import Command, console, progress
+from engine.service import Engine
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:

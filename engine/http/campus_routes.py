@@ -34,9 +34,9 @@ from engine.campus import (
     RegistryStatus,
     TerminalKind,
 )
+from engine.campus.subsidies import MAX_BATCH_ID_LEN, Grant, grant_problem, grant_subsidies
 from engine.http.app import ApiError, ErrorCode, require_admin, require_read
 from engine.service import Engine
-from engine.subsidy import MAX_BATCH_ID_LEN, Grant, grant_problem, grant_subsidies
 from ledger.account import AccountName, HolderId
 from ledger.types import INT32_MAX, INT64_MAX, TEXT_WITHOUT_NUL, AccountKind, whole_match
 
@@ -58,7 +58,7 @@ MerchantId = Annotated[str, msgspec.Meta(pattern=whole_match(r"[\x20-\x7e]{15}")
 RoomId = Annotated[str, msgspec.Meta(pattern=whole_match(r"[\x20-\x7e]{1,28}"))]
 MacKeyHex = Annotated[str, msgspec.Meta(pattern=whole_match("[0-9A-Fa-f]{64}"))]
 # It goes into every grant's user_data ("subsidy " + it), which holds 256 bytes: up to 64
-# characters, and at most MAX_BATCH_ID_BYTES bytes of UTF-8 (checked by engine.subsidy).
+# characters, and at most MAX_BATCH_ID_BYTES bytes of UTF-8 (checked by engine.campus.subsidies).
 BatchId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_BATCH_ID_LEN,
                                       pattern=TEXT_WITHOUT_NUL)]
 
