@@ -24,9 +24,9 @@ from engine.service import Engine
 from ledger.status import TransferStatus
 from ledger.transfer import StoredTransfer, Transfer
 from ledger.types import TransferCode, TransferFlags
+from tests.campus.test_campus import World, card_number, make_world
 from tests.conftest import Ids
 from tests.databases import scratch_database
-from tests.engine.test_campus import World, card_number, make_world
 
 
 def key() -> uuid.UUID:
