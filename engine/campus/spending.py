@@ -72,8 +72,8 @@ class SpendMemory:
 
     Spending through *another* engine process is not reported here; it is counted once the
     entry ages out (``ttl_s``) and the sum is read again: the limit is exact per process (see
-    :class:`Campus`), the money is exact everywhere (the ledger refuses every overdraft and
-    every debit of a frozen purse whoever submits it).
+    :class:`~engine.campus.service.Campus`), the money is exact everywhere (the ledger refuses
+    every overdraft and every debit of a frozen purse whoever submits it).
 
     Until :meth:`watching` (the Campus registered it with a batcher that reports commits)
     nothing is remembered: every limited payment reads the sum.
