@@ -194,7 +194,8 @@ async def run(o: Options, bar: Bar) -> Result:
     iso_stats: Stats | None = None
     has_iso = _gateway_available()
     if not has_iso:
-        notes.append("terminals.gateway or engine.campus_api missing: ISO 8583 phase skipped")
+        notes.append("terminals.gateway or engine.http.campus_routes missing: "
+                     "ISO 8583 phase skipped")
     async with campus_server(o, "terminals", iso=has_iso) as (dsn, campus, server):
         cpu.start()
         http_stats = await _http_phase(o, bar, dsn, campus, server)

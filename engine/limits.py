@@ -189,3 +189,21 @@ SIMULATOR_MAX_ATTEMPTS: Final = 12
 SIMULATOR_RETRY_BACKOFF_S: Final = 0.05
 SIMULATOR_RETRY_BACKOFF_MAX_S: Final = 1.0
 SIMULATOR_MAX_PROBLEMS: Final = 50  # problems kept for the report
+# -- the campus (engine/campus/) ------------------------------------------------------------------
+DEFAULT_HOLD_TIMEOUT_S: Final = 1800  # a shower is paid or released within half an hour
+MAX_CACHED_TERMINALS: Final = 65_536  # terminals never change once registered
+MAX_CACHED_CARDS: Final = 262_144  # card -> holder never changes either
+UNDO_ATTEMPTS: Final = 3  # a reversal racing a completion re-reads and tries again
+# Today's spending of a holder is re-read from the ledger at least this often, so spending
+# through another engine process (whose commits this one does not hear) counts within this long.
+SPEND_MEMORY_TTL_S: Final = 5.0
+MAX_REMEMBERED_HOLDERS: Final = 262_144  # holders whose spending today is remembered
+SUBSIDY_CHUNK: Final = 1000  # subsidy grants / clear-downs per batcher submission
+
+# -- read coalescing (engine/db/coalesce.py) ------------------------------------------------------
+# Requests one shared read statement serves at most (rows of its unnest arrays): bounds the
+# statement's size and how long the requests behind it wait for the next one.
+COALESCE_MAX_BATCH: Final = 2048
+# A coalescer whose queue ran dry keeps its connection this long for the next request before
+# it gives it back (giving it back costs a reset round trip; under load work comes every ms).
+COALESCE_LINGER_S: Final = 0.05

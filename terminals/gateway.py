@@ -40,7 +40,6 @@ import enum
 import functools
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -53,8 +52,9 @@ import msgspec
 from prometheus_client import Counter, Gauge, Histogram
 
 from engine import limits, metrics
-from engine.campus import Campus, Coalescer, Connection, Outcome, PaymentResult, Terminal
-from engine.config import DEFAULT_TZ
+from engine.calendar import campus_tz_name
+from engine.campus import Campus, Outcome, PaymentResult, Terminal
+from engine.db.coalesce import Coalescer, Connection
 from engine.db.pool import create_pool
 from engine.service import Engine
 from engine.slots import PeerSlots, peer_of
@@ -467,7 +467,7 @@ _decode_answer = msgspec.json.Decoder(Message).decode
 class AnswerMemory:
     """Remembered answers in ``gateway_responses`` (see migrations/0003_gateway.sql).
 
-    Lookups and stores are each coalesced (engine.campus.Coalescer): the requests that arrive
+    Lookups and stores are each coalesced (engine.db.coalesce.Coalescer): the requests that arrive
     while one statement runs share the next, so each is one statement per batch of requests,
     on one connection held while the work keeps coming.
     """
@@ -495,7 +495,7 @@ class AnswerMemory:
 
     async def lookup(self, ledger: int, key: UUID) -> _Answer | None:
         """The remembered answer for ``key``, or None."""
-        return await self._lookups.submit(ledger, key)
+        return await self._lookups.ask(ledger, key)
 
     async def remember(
         self, ledger: int, key: UUID, terminal_id: str, digest: bytes, response: Message
@@ -525,7 +525,7 @@ class AnswerMemory:
         for attempt in range(_RRN_ATTEMPTS):
             answer = msgspec.structs.replace(response, rrn=rrn_for(key, attempt))
             row = _Row(key, terminal_id, digest, answer.rrn or "", _encode_answer(answer))
-            if await writer.submit(ledger, row):
+            if await writer.ask(ledger, row):
                 return _Answer(digest, answer, True)
             stored = await self.lookup(ledger, key)
             if stored is not None:
@@ -644,7 +644,7 @@ class Gateway:
         """Configure the gateway; ``campus`` defaults to a Campus over ``engine`` in ``tz``
         (default ``$ONECARD_TZ``, else Asia/Shanghai)."""
         self.engine = engine
-        self.tz = tz or os.environ.get("ONECARD_TZ") or DEFAULT_TZ
+        self.tz = campus_tz_name(tz)
         self._zone = ZoneInfo(self.tz)
         if campus is None:
             campus = Campus(engine, tz=self.tz)

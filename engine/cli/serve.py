@@ -12,7 +12,6 @@ import logging
 import signal
 from typing import Final
 
-from engine.calendar import campus_tz_name
 from engine.campus import Campus
 from engine.cli.base import Command, hostport_arg
 from engine.config import DEFAULT_HTTP, DEFAULT_ISO, tokens_from_env
@@ -49,7 +48,7 @@ async def serve(dsn: str, args: argparse.Namespace) -> None:
     )
     # One Campus for both doors: its card and terminal caches must see a report-lost made over
     # HTTP before the next swipe at a terminal.
-    campus = Campus(engine, tz=campus_tz_name())
+    campus = Campus(engine)  # in the campus time zone ($ONECARD_TZ)
     app = create_app(engine, admin_token=admin, read_token=read)
     app.state.campus = campus
     host, port = args.http

@@ -15,7 +15,6 @@ forgives the card's wrong PINs: after 5 in a day its PIN checks answer 75 until 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 from uuid import UUID
@@ -27,7 +26,6 @@ from litestar.params import FromPath, JSONBody
 from engine import limits
 from engine.batcher import RETRYABLE, Overloaded, Unavailable
 from engine.campus import (
-    DEFAULT_TZ,
     Campus,
     Card,
     CardStatus,
@@ -36,9 +34,9 @@ from engine.campus import (
     RegistryStatus,
     TerminalKind,
 )
+from engine.campus.subsidies import MAX_BATCH_ID_LEN, Grant, grant_problem, grant_subsidies
 from engine.http.app import ApiError, ErrorCode, require_admin, require_read
 from engine.service import Engine
-from engine.subsidy import MAX_BATCH_ID_LEN, Grant, grant_problem, grant_subsidies
 from ledger.account import AccountName, HolderId
 from ledger.types import INT32_MAX, INT64_MAX, TEXT_WITHOUT_NUL, AccountKind, whole_match
 
@@ -60,7 +58,7 @@ MerchantId = Annotated[str, msgspec.Meta(pattern=whole_match(r"[\x20-\x7e]{15}")
 RoomId = Annotated[str, msgspec.Meta(pattern=whole_match(r"[\x20-\x7e]{1,28}"))]
 MacKeyHex = Annotated[str, msgspec.Meta(pattern=whole_match("[0-9A-Fa-f]{64}"))]
 # It goes into every grant's user_data ("subsidy " + it), which holds 256 bytes: up to 64
-# characters, and at most MAX_BATCH_ID_BYTES bytes of UTF-8 (checked by engine.subsidy).
+# characters, and at most MAX_BATCH_ID_BYTES bytes of UTF-8 (checked by engine.campus.subsidies).
 BatchId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_BATCH_ID_LEN,
                                       pattern=TEXT_WITHOUT_NUL)]
 
@@ -196,7 +194,7 @@ def campus_of(request: Request[Any, Any, Any]) -> Campus:
     campus: Campus | None = getattr(state, "campus", None)
     if campus is None:
         engine: Engine = state.engine
-        campus = Campus(engine, tz=os.environ.get("ONECARD_TZ") or DEFAULT_TZ)
+        campus = Campus(engine)
         state.campus = campus
     return campus
 

@@ -24,8 +24,8 @@ from engine.campus import (
     Replacement,
     Room,
     TerminalKind,
-    derived_account_id,
 )
+from engine.campus.accounts import derived_account_id
 from engine.service import Engine
 from ledger.account import Account
 from ledger.status import AccountStatus

@@ -23,8 +23,8 @@ from engine.campus import (
     RegistryStatus,
     Room,
     TerminalKind,
-    holder_account_ids,
 )
+from engine.campus.accounts import holder_account_ids
 from engine.service import Engine
 from ledger.account import Account
 from ledger.status import AccountStatus, TransferStatus

@@ -40,24 +40,29 @@ import csv
 import hashlib
 import io
 from collections.abc import Callable, Sequence
-from datetime import UTC, date, datetime, timedelta
-from datetime import time as dtime
+from datetime import UTC, datetime
 from typing import Final
 from uuid import UUID, uuid5
-from zoneinfo import ZoneInfo
 
 import msgspec
 
-from engine.campus import DEFAULT_TZ, derived_account_id
+from engine import limits
+from engine.calendar import campus_tz, month_window, parse_month, to_ns
+from engine.campus.accounts import derived_account_id
 from engine.service import Engine
 from engine.store import Store
 from ledger.account import Account
 from ledger.status import AccountStatus, TransferStatus
 from ledger.transfer import USER_DATA_MAX_BYTES, Transfer
-from ledger.types import INT32_MAX, INT64_MAX, AccountKind, TransferCode, TransferFlags
+from ledger.types import (
+    INT32_MAX,
+    INT64_MAX,
+    UNPOSTED_FLAGS,
+    AccountKind,
+    TransferCode,
+)
 
 SUBSIDY_NAMESPACE: Final = UUID("6f1c0a52-3d1e-4b7a-9c55-0d5e1a7b2c10")
-SUBSIDY_CHUNK: Final = 1000  # transfers per batcher submission
 FUND_CODE: Final = 90
 FUND_OWNER: Final = "subsidy-fund"
 MAX_BATCH_ID_LEN: Final = 64  # characters
@@ -67,8 +72,6 @@ _USER_DATA_PREFIX: Final = "subsidy "
 MAX_BATCH_ID_BYTES: Final = USER_DATA_MAX_BYTES - len(_USER_DATA_PREFIX)
 MAX_HOLDER_ID_LEN: Final = 64  # the holders table's CHECK
 
-_NOT_POSTED: Final = int(TransferFlags.PENDING | TransferFlags.VOID_PENDING)
-EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 # Holders' subsidy purses, for many (ledger, holder) pairs at once.
 SQL_SUBSIDY_PURSES = """
@@ -82,7 +85,7 @@ SQL_LEDGER_CLOCK = "SELECT last_timestamp FROM ledgers WHERE ledger = $1"
 SQL_SUBSIDY_LEFT = f"""
 WITH after AS (
     SELECT t.debit_account_id, t.credit_account_id, t.amount FROM transfers t
-    WHERE t.ledger = $1 AND t.timestamp > $2 AND t.flags & {_NOT_POSTED} = 0
+    WHERE t.ledger = $1 AND t.timestamp > $2 AND t.flags & {UNPOSTED_FLAGS} = 0
 ), moved AS (
     SELECT id, sum(delta)::bigint AS delta FROM (
         SELECT credit_account_id AS id, amount AS delta FROM after
@@ -199,8 +202,8 @@ async def grant_subsidies(
     on_progress: Callable[[int], None] | None = None,
 ) -> list[GrantResult]:
     """Credit each grant's holder's subsidy purse from its ledger's fund (code 5); results in
-    input order. Chunks of ``SUBSIDY_CHUNK`` go through the batcher; ``on_progress`` hears how
-    many grants each chunk settled. A grant that cannot be posted (``grant_problem``) is a
+    input order. Chunks of ``limits.SUBSIDY_CHUNK`` go through the batcher; ``on_progress``
+    hears how many grants each chunk settled. A grant that cannot be posted (``grant_problem``) is a
     ValueError before anything is done."""
     for i, g in enumerate(grants):
         problem = grant_problem(g)
@@ -209,8 +212,8 @@ async def grant_subsidies(
     funds = {ledger: await ensure_fund(engine.store, ledger)
              for ledger in sorted({g.ledger for g in grants})}
     results: list[GrantResult] = []
-    for start in range(0, len(grants), SUBSIDY_CHUNK):
-        chunk = grants[start : start + SUBSIDY_CHUNK]
+    for start in range(0, len(grants), limits.SUBSIDY_CHUNK):
+        chunk = grants[start : start + limits.SUBSIDY_CHUNK]
         async with engine.store.pool.acquire() as conn:
             rows = await conn.fetch(SQL_SUBSIDY_PURSES, [g.ledger for g in chunk],
                                     [g.holder_id for g in chunk])
@@ -238,36 +241,22 @@ async def grant_subsidies(
     return results
 
 
-def month_bounds(month: str, tz: ZoneInfo) -> tuple[int, int]:
-    """[start, end) of a campus-local month ``YYYY-MM`` in engine ns; ValueError if malformed."""
-    try:
-        first = datetime.strptime(month, "%Y-%m").date()
-    except ValueError:
-        raise ValueError(f"--month must be YYYY-MM, not {month!r}") from None
-    nxt = date(first.year + first.month // 12, first.month % 12 + 1, 1)
-    return _ns(datetime.combine(first, dtime(0), tzinfo=tz)), _ns(
-        datetime.combine(nxt, dtime(0), tzinfo=tz)
-    )
-
-
-def _ns(dt: datetime) -> int:
-    return (dt - EPOCH) // timedelta(microseconds=1) * 1000
-
-
 async def clear_down(
     engine: Engine,
     ledger: int,
     month: str,
     *,
-    tz: str = DEFAULT_TZ,
+    tz: str | None = None,
     on_total: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> list[ClearDownResult]:
     """Return every subsidy purse's unused subsidy of ``month`` to the fund (see the module
-    docstring). Purses with nothing to return are left out; purses already cleared for the
-    month answer ``exists``."""
-    start, end = month_bounds(month, ZoneInfo(tz))
-    if start > _ns(datetime.now(UTC)):
+    docstring), ``month`` being ``YYYY-MM`` in the campus time zone ``tz`` (default
+    ``$ONECARD_TZ``, else Asia/Shanghai). Purses with nothing to return are left out; purses
+    already cleared for the month answer ``exists``. ValueError for a malformed month or one
+    that has not begun."""
+    start, end = month_window(parse_month(month), campus_tz(tz))
+    if start > to_ns(datetime.now(UTC)):
         raise ValueError(f"month {month} has not begun")
     fund = await ensure_fund(engine.store, ledger)
     async with engine.store.pool.acquire() as conn:
@@ -291,8 +280,8 @@ async def clear_down(
                                         TransferStatus.CREATED))
     if on_total is not None:
         on_total(len(todo))
-    for i in range(0, len(todo), SUBSIDY_CHUNK):
-        chunk = todo[i : i + SUBSIDY_CHUNK]
+    for i in range(0, len(todo), limits.SUBSIDY_CHUNK):
+        chunk = todo[i : i + limits.SUBSIDY_CHUNK]
         answers = await engine.batcher.submit([
             Transfer(id=c.id, ledger=ledger, debit_account_id=c.account_id,
                      credit_account_id=fund, amount=c.amount, code=TransferCode.SUBSIDY,
