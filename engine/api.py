@@ -29,7 +29,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine import limits, metrics
-from engine.batcher import Overloaded, TransferResult, Unavailable
+from engine.batcher import Overloaded, TooManyLedgers, TransferResult, Unavailable
 from engine.service import Engine
 from engine.store import TransferRecord
 from ledger.account import Account
@@ -222,6 +222,8 @@ async def _strict_body(request: Request[Any, Any, Any], decoder: msgspec.json.De
 async def _submit(engine: Engine, transfers: list[Transfer]) -> list[TransferResult]:
     try:
         return await engine.batcher.submit(transfers)
+    except TooManyLedgers as e:  # each ledger is a transaction of the one committer
+        raise ApiError(413, ErrorCode.TOO_LARGE, str(e)) from e
     except Overloaded as e:
         raise ApiError(503, ErrorCode.OVERLOADED, str(e)) from e
     except Unavailable as e:
