@@ -100,6 +100,10 @@ MAX_REMEMBERED_HOLDERS: Final = 262_144  # holders whose spending today is remem
 PURSE_CODE: Final = 10
 SUBSIDY_CODE: Final = 20
 ROOM_CODE: Final = 30
+# The ledger's subsidy fund (engine/subsidy.py pays every subsidy from it): created with the
+# ledger's holders, never by a subsidy. Migration 0005 computes the same id in SQL.
+FUND_CODE: Final = 90
+FUND_OWNER: Final = "subsidy-fund"
 
 # Lock classes for pg_advisory_xact_lock(int, int): the two-key space never meets the store's
 # one-key account-id locks.
@@ -305,6 +309,11 @@ def derived_account_id(ledger: int, owner: str, kind: AccountKind) -> int:
     hash, so creating the same holder or room twice names the same accounts."""
     digest = hashlib.sha256(f"onecard/{ledger}/{kind}/{owner}".encode()).digest()
     return (int.from_bytes(digest[:8], "big") & INT64_MAX) or 1
+
+
+def fund_account_id(ledger: int) -> int:
+    """The ledger's subsidy fund account id (deterministic)."""
+    return derived_account_id(ledger, FUND_OWNER, AccountKind.FUND)
 
 
 def holder_account_ids(ledger: int, holder_id: str) -> tuple[int, int]:
@@ -1709,21 +1718,26 @@ class Campus:
         self, *, holder_id: str, ledger: int, name: str, kind: HolderKind
     ) -> HolderResult | Refused:
         """Register a holder and create its cash and subsidy purses (``purse``/``subsidy``
-        with ``debits_must_not_exceed_credits``). Idempotent: the same holder again answers
-        ``exists``; one whose name or kind differs ``exists_with_different_fields``."""
+        with ``debits_must_not_exceed_credits``), and the ledger's subsidy fund if it has
+        none yet (the campus's subsidy budget: subsidies only ever pay from it, they never
+        create it). Idempotent: the same holder again answers ``exists``; one whose name or
+        kind differs ``exists_with_different_fields``."""
         async with self._conn() as conn:
             r = await conn.fetchrow(SQL_HOLDER, ledger, holder_id)
         if r is not None:
             return _holder_result(_holder(r), name, kind)
         purse_id, subsidy_id = holder_account_ids(ledger, holder_id)
+        fund_id = fund_account_id(ledger)
         no_overdraft = (AccountFlag.DEBITS_MUST_NOT_EXCEED_CREDITS,)
         statuses = await self.engine.store.create_accounts([
             Account(id=purse_id, ledger=ledger, kind=AccountKind.PURSE, code=PURSE_CODE,
                     flags=no_overdraft, holder_id=holder_id, name=name),
             Account(id=subsidy_id, ledger=ledger, kind=AccountKind.SUBSIDY, code=SUBSIDY_CODE,
                     flags=no_overdraft, holder_id=holder_id, name=name),
+            Account(id=fund_id, ledger=ledger, kind=AccountKind.FUND, code=FUND_CODE,
+                    name="subsidy fund"),
         ])
-        for aid, st in zip((purse_id, subsidy_id), statuses, strict=True):
+        for aid, st in zip((purse_id, subsidy_id, fund_id), statuses, strict=True):
             if st not in (AccountStatus.CREATED, AccountStatus.EXISTS):
                 return Refused(Refusal.ACCOUNT_ID_TAKEN, f"account {aid} exists: {st}")
         async with self._conn() as conn:
