@@ -4,6 +4,9 @@ A batch is one transaction: reserve timestamps on the ledger's clock row (which 
 every writer of that ledger, across engine processes), load and lock what the batch touches
 (accounts in id order), run the pure ``ledger.apply``, write everything back set-based with
 arrays and ``unnest`` in one statement, commit. Six round trips whatever the batch size.
+A ledger's clock row is created with its first account, never by a transfer: a batch of a
+ledger without one (without accounts) cannot create anything, so it is answered from what it
+read and writes nothing (:meth:`Store.answer_unclocked` answers many such ledgers at once).
 
 Under load the batcher also *prepares* the next batch while the previous one is still being
 written (:meth:`Store.prepare`): it reads, without locks, what the batch needs and is not

@@ -29,7 +29,7 @@ from ledger.status import TransferStatus
 from ledger.transfer import Transfer
 from ledger.types import AccountFlag, AccountKind, TransferFlag
 from tests.conftest import Api, Ids
-from tests.faults.harness import SQL_DUPLICATE_IDS, scratch_database
+from tests.faults.harness import scratch_database
 
 # What these tests guard is new API (engine.batcher's ledger groups, the one-question expirer):
 # imported where used, so that against the code before the fix each test fails on what it
@@ -93,13 +93,25 @@ async def _fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         await conn.close()
 
 
+# Ids of these ledgers' transfers stored more than once, in any ledger. (Not every id of the
+# session database: bench.export_day's COPY loader, which tests use, bypasses the engine.)
+SQL_DUPLICATES_OF = """
+SELECT count(*) FROM (
+    SELECT id FROM transfers
+    WHERE id IN (SELECT id FROM transfers WHERE ledger = ANY($1::int[]))
+    GROUP BY id HAVING count(*) > 1
+) d
+"""
+
+
 async def _invariants(engine: Engine, dsn: str, ledgers: list[int]) -> None:
-    """The fault suite's checks: the ledgers verify, and no id is stored twice anywhere."""
+    """The fault suite's checks: the ledgers verify (audit chain, every balance equal to its
+    transfers, holds), and none of their transfer ids is stored twice, in any ledger."""
     report = await verify(engine.store.pool, ledgers=ledgers)
     assert report.ok, [str(p) for p in report.ordered()]
     conn = await asyncpg.connect(dsn)
     try:
-        assert await conn.fetchval(SQL_DUPLICATE_IDS) == 0, "a transfer id is stored twice"
+        assert await conn.fetchval(SQL_DUPLICATES_OF, ledgers) == 0, "an id is stored twice"
     finally:
         await conn.close()
 
