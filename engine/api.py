@@ -293,7 +293,9 @@ async def create_accounts(
 async def create_transfers(
     request: Request[Any, Any, Any],
 ) -> list[TransferResult]:
-    """Post a batch of transfers; one status per transfer, in request order."""
+    """Post a batch of transfers; one status per transfer, in request order. At most 8,190
+    transfers naming at most 64 ledgers (each ledger is a transaction of the one committer;
+    a ledger counts again after an id the request also names in another ledger): 413."""
     data = await _strict_body(request, _TRANSFERS_BODY)
     if not data:
         raise ApiError(400, ErrorCode.INVALID_BODY, "the list of transfers is empty")
