@@ -261,10 +261,10 @@ class _Batch:
         if self.last.keys() <= {g.ledger}:
             return False  # this batch names no other ledger
         if self._names is None:
-            names: dict[UUID, int] = {}
+            names: dict[UUID, int] = {}  # id -> its ledger, -1 when several (ledgers are >= 0)
             for h in self.groups:
                 for x in _names(h.transfers):
-                    names[x] = h.ledger if names.get(x, h.ledger) == h.ledger else 0
+                    names[x] = h.ledger if names.get(x, h.ledger) == h.ledger else -1
             self._names = names
         mine = g.ledger
         return any(self._names.get(x, mine) != mine for x in _names(g.transfers))
@@ -496,8 +496,9 @@ class Batcher:
                 )
                 for g, outcome in zip(bare, outcomes, strict=True):
                     g.outcome = outcome  # None: accounts appeared meanwhile; posted as usual
-        except RETRYABLE as e:  # the locked path answers them (and meets the fault again)
-            log.warning("answering ledgers without accounts failed (%s)", e)
+        except Exception as e:  # the locked path answers them (and meets the fault again)
+            if not isinstance(e, RETRYABLE):
+                log.warning("answering ledgers without accounts failed (%s); locked path", e)
 
     async def _land(self, flight: _Flight) -> _Answers | None:
         """Wait for a batch's commit; its answers (not yet delivered), or None if every caller
