@@ -20,6 +20,25 @@ BATCH_ANSWER_DEFER_MAX_S: Final = 0.25
 # would add a whole commit to its callers' latency when the load is moderate.
 BATCH_ANSWER_DEFER_MIN_TRANSFERS: Final = 512
 
+# -- ledgers per batch ---------------------------------------------------------------------------
+# Each ledger of a batch is its own database transaction, committed one after another by the
+# single committer (~1-3 ms each), so a batch naming thousands of ledgers held every other
+# caller for seconds (8,190 ledgers: ~19 s; the gateway's requests all timed out with 96).
+# The committer takes requests only while the batch stays within this many ledger groups; a
+# ledger counts again when a transfer id already named in another ledger of the batch forces
+# a second round (engine/batcher.py: one id never sits in two ledgers' groups at once).
+MAX_LEDGER_GROUPS_PER_BATCH: Final = 64
+# A request must fit in one batch: one needing more ledger groups is refused (HTTP 413).
+MAX_LEDGER_GROUPS_PER_REQUEST: Final = MAX_LEDGER_GROUPS_PER_BATCH
+# What each ledger group of a request beyond its first counts against MAX_QUEUED_TRANSFERS:
+# a group's transaction costs about as much as this many transfers of one large batch, so the
+# queue's bound stays one of time (a few seconds of work) whatever the ledgers per request.
+LEDGER_GROUP_COST: Final = 100
+# Ledgers the committer remembers as having a clock row (a transfer to a ledger without one,
+# i.e. without accounts, is answered from two reads for the whole batch, no transaction);
+# forgotten and re-learned beyond this many, so memory stays bounded.
+MAX_KNOWN_LEDGERS: Final = 100_000
+
 # -- HTTP --------------------------------------------------------------------------------------
 MAX_BODY_BYTES: Final = 4 * 1024 * 1024  # 8190 transfers of ~400 bytes each
 MAX_STATEMENT_LIMIT: Final = 1000

@@ -9,6 +9,7 @@ import hashlib
 from typing import Final
 from uuid import UUID
 
+from engine.campus.model import FUND_OWNER
 from ledger.ids import child
 from ledger.types import INT64_MAX, AccountKind
 
@@ -49,3 +50,8 @@ def part_id(key: UUID, part: str) -> UUID:
 def reversal_id(transfer_id: UUID) -> UUID:
     """Id of the transfer that undoes ``transfer_id``: one undo, however many reversals."""
     return child(transfer_id, "reversal")
+
+
+def fund_account_id(ledger: int) -> int:
+    """The ledger's subsidy fund account id (deterministic)."""
+    return derived_account_id(ledger, FUND_OWNER, AccountKind.FUND)

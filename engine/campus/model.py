@@ -19,6 +19,10 @@ from ledger.types import AccountKind, TransferCode
 PURSE_CODE: Final = 10
 SUBSIDY_CODE: Final = 20
 ROOM_CODE: Final = 30
+# The ledger's subsidy fund (engine/campus/subsidies.py pays every subsidy from it): created with
+# the ledger's holders, never by a subsidy. Migration 0005 computes the same id in SQL.
+FUND_CODE: Final = 90
+FUND_OWNER: Final = "subsidy-fund"
 
 # Transfer codes that count towards a card's daily limit (a hold while it holds).
 SPENDING_CODES: Final = (TransferCode.MEAL, TransferCode.HOT_WATER, TransferCode.ELECTRICITY)

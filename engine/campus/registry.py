@@ -16,8 +16,9 @@ from typing import Final
 import asyncpg
 import msgspec
 
-from engine.campus.accounts import holder_account_ids, room_account_id
+from engine.campus.accounts import fund_account_id, holder_account_ids, room_account_id
 from engine.campus.model import (
+    FUND_CODE,
     PURSE_CODE,
     ROOM_CODE,
     SUBSIDY_CODE,
@@ -160,21 +161,26 @@ async def create_holder(
     engine: Engine, *, holder_id: str, ledger: int, name: str, kind: HolderKind
 ) -> HolderResult | Refused:
     """Register a holder and create its cash and subsidy purses (``purse``/``subsidy``
-    with ``debits_must_not_exceed_credits``). Idempotent: the same holder again answers
-    ``exists``; one whose name or kind differs ``exists_with_different_fields``."""
+    with ``debits_must_not_exceed_credits``), and the ledger's subsidy fund if it has none yet
+    (the campus's subsidy budget: subsidies only ever pay from it, they never create it).
+    Idempotent: the same holder again answers ``exists``; one whose name or kind differs
+    ``exists_with_different_fields``."""
     async with connection(engine) as conn:
         r = await conn.fetchrow(SQL_HOLDER, ledger, holder_id)
     if r is not None:
         return _holder_result(_holder(r), name, kind)
     purse_id, subsidy_id = holder_account_ids(ledger, holder_id)
+    fund_id = fund_account_id(ledger)
     no_overdraft = (AccountFlag.DEBITS_MUST_NOT_EXCEED_CREDITS,)
     statuses = await engine.store.create_accounts([
         Account(id=purse_id, ledger=ledger, kind=AccountKind.PURSE, code=PURSE_CODE,
                 flags=no_overdraft, holder_id=holder_id, name=name),
         Account(id=subsidy_id, ledger=ledger, kind=AccountKind.SUBSIDY, code=SUBSIDY_CODE,
                 flags=no_overdraft, holder_id=holder_id, name=name),
+        Account(id=fund_id, ledger=ledger, kind=AccountKind.FUND, code=FUND_CODE,
+                name="subsidy fund"),
     ])
-    for aid, st in zip((purse_id, subsidy_id), statuses, strict=True):
+    for aid, st in zip((purse_id, subsidy_id, fund_id), statuses, strict=True):
         if st not in (AccountStatus.CREATED, AccountStatus.EXISTS):
             return Refused(Refusal.ACCOUNT_ID_TAKEN, f"account {aid} exists: {st}")
     async with connection(engine) as conn:

@@ -15,6 +15,7 @@ from rich.table import Table
 from engine.calendar import campus_tz, campus_tz_name, parse_month
 from engine.campus.subsidies import (
     FileError,
+    FundMissing,
     Grant,
     clear_down,
     grant_subsidies,
@@ -69,6 +70,9 @@ async def _subsidy(args: argparse.Namespace, dsn: str) -> int:
         if args.file:
             return await _run_grants(engine, grants, batch)
         return await _run_clear_down(engine, args.ledger, args.month, args.tz)
+    except FundMissing as e:
+        err.print(f"onecard subsidy: {e}")
+        return 2
     finally:
         await engine.stop()
 

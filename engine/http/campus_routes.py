@@ -11,6 +11,8 @@ forgives the card's wrong PINs: after 5 in a day its PIN checks answer 75 until 
 ``POST /v1/subsidies`` credits subsidy purses from each ledger's fund; its body is a list of
 ``{ledger, holder_id, amount, batch_id}`` and the transfer id of an item is derived from
 (ledger, batch_id, holder_id), so posting the same batch again credits nobody twice.
+It creates nothing but the credits: the fund is created with the ledger's holders, an unknown
+holder answers ``holder_not_found`` and a ledger without a fund ``fund_not_found``.
 """
 
 from __future__ import annotations
@@ -176,7 +178,7 @@ class SubsidyIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class SubsidyOut(msgspec.Struct, frozen=True, omit_defaults=True):
     """The answer for one subsidy item: the transfer id and its status (a transfer status,
-    or ``holder_not_found``)."""
+    ``holder_not_found`` or ``fund_not_found``)."""
 
     ledger: int
     holder_id: str
@@ -321,7 +323,8 @@ async def grant(
     request: Request[Any, Any, Any], data: JSONBody[list[SubsidyIn]]
 ) -> list[SubsidyOut]:
     """Credit subsidy purses from the ledger's fund (code 5), one status per item in request
-    order; a holder that does not exist answers ``holder_not_found``."""
+    order; a holder that does not exist answers ``holder_not_found``, a ledger without its
+    fund ``fund_not_found`` (nothing is created for them: no account, no ledger)."""
     if not data:
         raise ApiError(400, ErrorCode.INVALID_BODY, "the list of subsidies is empty")
     if len(data) > limits.MAX_TRANSFERS_PER_REQUEST:

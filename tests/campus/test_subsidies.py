@@ -14,12 +14,11 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from engine.campus import Campus, Card, HolderKind, HolderResult
-from engine.campus.accounts import holder_account_ids
+from engine.campus.accounts import fund_account_id, holder_account_ids
 from engine.campus.subsidies import (
     FileError,
     Grant,
     clear_down,
-    fund_account_id,
     grant_subsidies,
     grant_transfer_id,
     read_grants,
