@@ -54,6 +54,14 @@ import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
 from engine import limits
+from engine.access.secretbox import (
+    SecretBox,
+    default_box,
+    open_mac_key,
+    open_pin,
+    seal_mac_key,
+    seal_pin,
+)
 from engine.batcher import RETRYABLE, Overloaded, TransferResult, Unavailable
 from engine.pin import verify_pin
 from engine.service import Engine
@@ -419,8 +427,8 @@ def _card_refusal(status: CardStatus) -> Outcome | None:
 # -- SQL ---------------------------------------------------------------------------------------
 
 _CARD_COLS = (
-    "c.card_no, c.ledger, c.holder_id, c.status, c.daily_limit, c.pin, c.pin_threshold, "
-    "c.replaced_by"
+    "c.card_no, c.ledger, c.holder_id, c.status, c.daily_limit, c.pin, c.pin_enc, "
+    "c.pin_threshold, c.replaced_by"
 )
 # The hot-path reads below each serve a whole batch of requests of one ledger (see
 # Coalescer): one row per request in, found by its ordinal, never a statement per request.
@@ -440,7 +448,7 @@ WHERE c.ledger = $1 AND c.card_no = ANY($2::text[])
 # index can serve, so even stale statistics (a fresh ledger) cannot turn a limited payment into
 # a scan of every transfer of the day.
 SQL_CARD_STATES = f"""
-SELECT q.i, c.status, c.daily_limit, c.pin, c.pin_threshold,
+SELECT q.i, c.status, c.daily_limit, c.pin, c.pin_enc, c.pin_threshold,
        p.credits_posted - p.debits_posted - p.debits_pending AS cash,
        s.credits_posted - s.debits_posted - s.debits_pending AS subsidy,
        d.spent, d.hold_expiry,
@@ -511,11 +519,12 @@ VALUES ($1, $2, $3, $4, $5) ON CONFLICT (ledger, original_key) DO NOTHING
 """
 # Terminal ids are unique across ledgers; should two ledgers ever hold one, the lowest wins.
 SQL_TERMINALS = """
-SELECT DISTINCT ON (terminal_id) terminal_id, merchant_id, ledger, kind, account_id, mac_key
+SELECT DISTINCT ON (terminal_id) terminal_id, merchant_id, ledger, kind, account_id, mac_key,
+       mac_key_enc
 FROM terminals WHERE terminal_id = ANY($1::text[]) ORDER BY terminal_id, ledger
 """
 SQL_TERMINAL = """
-SELECT terminal_id, merchant_id, ledger, kind, account_id, mac_key
+SELECT terminal_id, merchant_id, ledger, kind, account_id, mac_key, mac_key_enc
 FROM terminals WHERE terminal_id = $1 ORDER BY ledger LIMIT 1
 """
 
@@ -537,7 +546,7 @@ SQL_ACTIVE_CARD = """
 SELECT card_no FROM cards WHERE ledger = $1 AND holder_id = $2 AND status = 'active'
 """
 SQL_INSERT_CARD = """
-INSERT INTO cards (ledger, card_no, holder_id, status, daily_limit, pin, pin_threshold,
+INSERT INTO cards (ledger, card_no, holder_id, status, daily_limit, pin_enc, pin_threshold,
                    created_at, updated_at)
 VALUES ($1, $2, $3, 'active', $4, $5, $6, $7, $7)
 """
@@ -576,7 +585,8 @@ ORDER BY a.kind = 'subsidy', a.id
 """
 SQL_ACCOUNT_KIND = "SELECT kind FROM accounts WHERE ledger = $1 AND id = $2"
 SQL_INSERT_TERMINAL = """
-INSERT INTO terminals (ledger, terminal_id, merchant_id, kind, account_id, mac_key, created_at)
+INSERT INTO terminals (ledger, terminal_id, merchant_id, kind, account_id, mac_key_enc,
+                       created_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7)
 """
 SQL_INSERT_ROOM = """
@@ -891,27 +901,36 @@ class _SpendMemory:
             rec.dropped = self._tick
 
 
-def _card(r: asyncpg.Record) -> Card:
+def _pin(box: SecretBox, ledger: int, card_no: str, r: asyncpg.Record) -> str | None:
+    """A card row's PIN: sealed (engine/access/secretbox.py), or clear in a row written before
+    secrets at rest and not sealed yet."""
+    sealed = r["pin_enc"]
+    return r["pin"] if sealed is None else open_pin(box, ledger, card_no, sealed)
+
+
+def _card(r: asyncpg.Record, box: SecretBox) -> Card:
     return Card(
         card_no=r["card_no"],
         ledger=r["ledger"],
         holder_id=r["holder_id"],
         status=CardStatus(r["status"]),
         daily_limit=r["daily_limit"],
-        pin=r["pin"],
+        pin=_pin(box, r["ledger"], r["card_no"], r),
         pin_threshold=r["pin_threshold"],
         replaced_by=r["replaced_by"],
     )
 
 
-def _terminal(r: asyncpg.Record) -> Terminal:
+def _terminal(r: asyncpg.Record, box: SecretBox) -> Terminal:
+    sealed = r["mac_key_enc"]
     return Terminal(
         terminal_id=r["terminal_id"],
         merchant_id=r["merchant_id"],
         ledger=r["ledger"],
         kind=TerminalKind(r["kind"]),
         account_id=r["account_id"],
-        mac_key=bytes(r["mac_key"]),
+        mac_key=bytes(r["mac_key"]) if sealed is None
+        else open_mac_key(box, r["ledger"], r["terminal_id"], sealed),
     )
 
 
@@ -1025,10 +1044,13 @@ class Campus:
         clock: Callable[[], datetime] | None = None,
         spend_ttl_s: float = SPEND_MEMORY_TTL_S,
         max_batch: int = COALESCE_MAX_BATCH,
+        secrets: SecretBox | None = None,
     ) -> None:
         if not 0 < hold_timeout_s <= MAX_TIMEOUT_S:
             raise ValueError(f"hold_timeout_s must be in 1..{MAX_TIMEOUT_S}")
         self.engine = engine
+        # seals and opens PINs and MAC keys (kept encrypted at rest), caching what it opened
+        self.secrets = secrets or default_box()
         self.tz = ZoneInfo(tz)
         self.hold_timeout_s = hold_timeout_s
         self._clock = clock or (lambda: datetime.now(UTC))
@@ -1163,10 +1185,11 @@ class Campus:
         )
         out: list[_CardState | None] = [None] * len(qs)
         for r in rows:
+            q = qs[r["i"] - 1]
             out[r["i"] - 1] = _CardState(
                 status=CardStatus(r["status"]),
                 daily_limit=r["daily_limit"],
-                pin=r["pin"],
+                pin=_pin(self.secrets, ledger, q.ref.card_no, r),
                 pin_threshold=r["pin_threshold"],
                 cash=r["cash"],
                 subsidy=r["subsidy"],
@@ -1315,12 +1338,11 @@ class Campus:
             _bounded_put(self._terminals, terminal_id, term, MAX_CACHED_TERMINALS)
         return term
 
-    @staticmethod
     async def _read_terminals(
-        conn: Connection, _: int, terminal_ids: list[str]
+        self, conn: Connection, _: int, terminal_ids: list[str]
     ) -> list[Terminal | None]:
         rows = await conn.fetch(SQL_TERMINALS, list(set(terminal_ids)))
-        found = {r["terminal_id"]: _terminal(r) for r in rows}
+        found = {r["terminal_id"]: _terminal(r, self.secrets) for r in rows}
         return [found.get(t) for t in terminal_ids]
 
     # -- card payments ---------------------------------------------------------------------------
@@ -1769,7 +1791,7 @@ class Campus:
                                f"no holder {holder_id!r} in ledger {ledger}")
             r = await conn.fetchrow(SQL_CARD_BY_NO, card_no)
             if r is not None:
-                card = _card(r)
+                card = _card(r, self.secrets)
                 if (card.ledger, card.holder_id) != (ledger, holder_id):
                     return Refused(Refusal.CARD_NUMBER_TAKEN,
                                    f"card {card_no} belongs to another holder")
@@ -1778,7 +1800,8 @@ class Campus:
             if active is not None:
                 return Refused(Refusal.HOLDER_HAS_ACTIVE_CARD,
                                f"holder {holder_id!r} already has active card {active}")
-            await conn.execute(SQL_INSERT_CARD, ledger, card_no, holder_id, daily_limit, pin,
+            sealed = None if pin is None else seal_pin(self.secrets, ledger, card_no, pin)
+            await conn.execute(SQL_INSERT_CARD, ledger, card_no, holder_id, daily_limit, sealed,
                                pin_threshold, time.time_ns())
             await _sync_freeze(conn, ledger, holder_id)
         return Card(card_no, ledger, holder_id, CardStatus.ACTIVE, daily_limit, pin,
@@ -1788,7 +1811,7 @@ class Campus:
         """The card with this number, or None."""
         async with self._conn() as conn:
             r = await conn.fetchrow(SQL_CARD_BY_NO, card_no)
-        return None if r is None else _card(r)
+        return None if r is None else _card(r, self.secrets)
 
     async def _transition(
         self,
@@ -1803,7 +1826,7 @@ class Campus:
             r = await conn.fetchrow(SQL_CARD_BY_NO, card_no)
             if r is None:
                 return Refused(Refusal.CARD_NOT_FOUND, f"no card {card_no}")
-            card = _card(r)
+            card = _card(r, self.secrets)
             await conn.fetchval(SQL_LOCK_HOLDER, card.ledger, card.holder_id)
             if card.status is target:
                 return card
@@ -1846,12 +1869,12 @@ class Campus:
             r = await conn.fetchrow(SQL_CARD_BY_NO, card_no)
             if r is None:
                 return Refused(Refusal.CARD_NOT_FOUND, f"no card {card_no}")
-            old = _card(r)
+            old = _card(r, self.secrets)
             await conn.fetchval(SQL_LOCK_HOLDER, old.ledger, old.holder_id)
             r = await conn.fetchrow(SQL_CARD_BY_NO, new_card_no)
             if old.status is CardStatus.REPLACED and old.replaced_by == new_card_no:
                 assert r is not None
-                return Replacement(old, _card(r))
+                return Replacement(old, _card(r, self.secrets))
             if old.status not in (CardStatus.ACTIVE, CardStatus.LOST):
                 return Refused(Refusal.INVALID_TRANSITION,
                                f"card {card_no} is {old.status}; only an active or lost card "
@@ -1865,8 +1888,10 @@ class Campus:
             now = time.time_ns()
             await conn.execute(SQL_SET_CARD_STATUS, old.ledger, card_no,
                                str(CardStatus.REPLACED), new_card_no, now)
+            sealed = None if old.pin is None else seal_pin(self.secrets, old.ledger, new_card_no,
+                                                           old.pin)
             await conn.execute(SQL_INSERT_CARD, old.ledger, new_card_no, old.holder_id,
-                               old.daily_limit, old.pin, old.pin_threshold, now)
+                               old.daily_limit, sealed, old.pin_threshold, now)
             await _sync_freeze(conn, old.ledger, old.holder_id)
         return Replacement(
             msgspec.structs.replace(old, status=CardStatus.REPLACED, replaced_by=new_card_no),
@@ -1880,7 +1905,7 @@ class Campus:
             r = await conn.fetchrow(SQL_CARD_BY_NO, card_no)
             if r is None:
                 return None
-            card = _card(r)
+            card = _card(r, self.secrets)
             rows = await conn.fetch(SQL_PURSES, card.ledger, card.holder_id)
         purses = [Purse(r["id"], AccountKind(r["kind"]), r["balance"], r["available"])
                   for r in rows]
@@ -1907,7 +1932,7 @@ class Campus:
             await conn.execute(SQL_ADVISORY_LOCK, _TERMINAL_LOCK, [terminal_id])
             r = await conn.fetchrow(SQL_TERMINAL, terminal_id)
             if r is not None:
-                if _terminal(r) == want:
+                if _terminal(r, self.secrets) == want:
                     return RegistryStatus.EXISTS
                 return RegistryStatus.EXISTS_WITH_DIFFERENT_FIELDS
             account_kind = await conn.fetchval(SQL_ACCOUNT_KIND, ledger, account_id)
@@ -1918,8 +1943,9 @@ class Campus:
                 return Refused(Refusal.ACCOUNT_NOT_CREDITABLE,
                                f"account {account_id} is a {account_kind} account; a terminal "
                                "credits a merchant or utility account")
+            sealed = seal_mac_key(self.secrets, ledger, terminal_id, mac_key)
             await conn.execute(SQL_INSERT_TERMINAL, ledger, terminal_id, merchant_id, str(kind),
-                               account_id, mac_key, time.time_ns())
+                               account_id, sealed, time.time_ns())
         return RegistryStatus.CREATED
 
     async def create_room(self, *, room_id: str, ledger: int) -> Room | Refused:
