@@ -107,7 +107,8 @@ def read_key_file(path: Path, *, create: bool) -> list[bytes]:
         mode = path.stat().st_mode
         text = path.read_text(encoding="ascii")
     except FileNotFoundError:
-        raise SecretKeyError(f"no secret key: {path} does not exist (and {ENV_KEY} is unset)")
+        raise SecretKeyError(
+            f"no secret key: {path} does not exist (and {ENV_KEY} is unset)") from None
     except (OSError, UnicodeDecodeError) as e:
         raise SecretKeyError(f"{path}: cannot read the secret key ({type(e).__name__})") from None
     if mode & 0o077:

@@ -1,0 +1,223 @@
+"""The operator log (contract §6): every write made by an operator or an API key, append-only
+and hash-chained.
+
+``hash = sha256(prev_hash || canonical(entry))`` with ``canonical`` the JSON array
+``[id, at, actor, role, action, target, outcome]`` (as ``ledger.audit`` does for transfers).
+Ids are consecutive and come from the chain's head row (``operator_log_heads``), which every
+append locks: a gap is a deleted entry, a row past the head an inserted one, a hash that does
+not recompute a changed one (``check_chain``, run by ``onecard verify``).
+
+Appends are group-committed (:class:`OperatorLog`): requests writing at the same time share one
+transaction, so logging every write by a key does not cost a transaction per request. A caller
+is answered once its entry is committed: an answered write is always in the log.
+
+What goes in is chosen by the callers (ids, names, statuses), never a request body, a password,
+a key, a PIN or an activation code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Final
+
+import asyncpg
+import msgspec
+from asyncpg.pool import PoolConnectionProxy
+
+from engine import limits
+from engine.db.stream import stream
+from ledger.types import INT64_MAX
+
+GENESIS: Final = "0" * 64
+CHAIN: Final = 0  # the installation's one chain lives under ledger 0
+
+_encode = msgspec.json.Encoder().encode
+Conn = asyncpg.Connection | PoolConnectionProxy
+
+
+class Entry(msgspec.Struct, frozen=True):
+    """What is recorded about one write (``at`` and ``id`` are added when it is appended)."""
+
+    actor: str  # username or key name (``cli:<user>`` for the command line)
+    role: str
+    action: str  # e.g. "POST /v1/cards/{card_no}/report-lost", "apikey revoke"
+    target: str  # what it acted on
+    outcome: str  # e.g. "200 lost", "403 forbidden", "created"
+
+
+class Logged(msgspec.Struct, frozen=True):
+    """A stored entry."""
+
+    id: int
+    at: int  # wall clock, ns
+    actor: str
+    role: str
+    action: str
+    target: str
+    outcome: str
+
+
+def clip(text: str) -> str:
+    """A field as stored: control characters replaced, at most MAX_OPERATOR_LOG_FIELD chars."""
+    cleaned = "".join(c if c.isprintable() else "?" for c in text)
+    limit = limits.MAX_OPERATOR_LOG_FIELD
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."
+
+
+def entry_hash(prev_hash: str, e: Logged) -> str:
+    """The chain hash of ``e`` after ``prev_hash``."""
+    payload = _encode([e.id, e.at, e.actor, e.role, e.action, e.target, e.outcome])
+    return hashlib.sha256(prev_hash.encode() + payload).hexdigest()
+
+
+SQL_LOCK_HEAD: Final = "SELECT last_id, head FROM operator_log_heads WHERE ledger = $1 FOR UPDATE"
+SQL_INSERT: Final = """
+INSERT INTO operator_log (ledger, id, at, actor, role, action, target, outcome, prev_hash, hash)
+SELECT $1, * FROM unnest($2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+                         $7::text[], $8::text[], $9::text[], $10::text[])
+"""
+SQL_SET_HEAD: Final = "UPDATE operator_log_heads SET last_id = $2, head = $3 WHERE ledger = $1"
+SQL_PAGE: Final = """
+SELECT id, at, actor, role, action, target, outcome FROM operator_log
+WHERE ledger = $1 AND id < $2 ORDER BY id DESC LIMIT $3
+"""
+SQL_HEAD: Final = "SELECT last_id, head FROM operator_log_heads WHERE ledger = $1"
+SQL_ALL: Final = """
+SELECT id, at, actor, role, action, target, outcome, prev_hash, hash FROM operator_log
+WHERE ledger = $1 ORDER BY id
+"""
+
+
+async def append(conn: Conn, entries: Sequence[tuple[Entry, int]]) -> list[int]:
+    """Append (entry, at) pairs to the chain in one transaction; returns their ids."""
+    async with conn.transaction():
+        head = await conn.fetchrow(SQL_LOCK_HEAD, CHAIN)
+        assert head is not None, "migration 0012 creates the head row"
+        last_id, prev = head["last_id"], head["head"]
+        rows: list[tuple[Logged, str, str]] = []
+        for e, at in entries:
+            last_id += 1
+            logged = Logged(last_id, at, clip(e.actor), clip(e.role), clip(e.action),
+                            clip(e.target), clip(e.outcome))
+            h = entry_hash(prev, logged)
+            rows.append((logged, prev, h))
+            prev = h
+        cols = list(zip(*[(g.id, g.at, g.actor, g.role, g.action, g.target, g.outcome, p, h)
+                          for g, p, h in rows], strict=True))
+        await conn.execute(SQL_INSERT, CHAIN, *cols)
+        await conn.execute(SQL_SET_HEAD, CHAIN, last_id, prev)
+    return [g.id for g, _, _ in rows]
+
+
+async def record(conn: Conn, entry: Entry, *, at: int | None = None) -> int:
+    """Append one entry now (the command line's writes); returns its id."""
+    [entry_id] = await append(conn, [(entry, at if at is not None else time.time_ns())])
+    return entry_id
+
+
+class OperatorLog:
+    """Group-committed appends for a running engine: ``await log.record(entry)`` returns once
+    the entry is committed, sharing its transaction with whatever else arrived meanwhile."""
+
+    def __init__(
+        self,
+        pool: Callable[[], asyncpg.Pool],
+        *,
+        clock: Callable[[], int] = time.time_ns,
+        max_batch: int = limits.MAX_OPERATOR_LOG_BATCH,
+    ) -> None:
+        self._pool = pool
+        self._clock = clock
+        self._max = max_batch
+        self._pending: list[tuple[Entry, int, asyncio.Future[int]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self.transactions = 0  # appends committed (tests and measurements read it)
+
+    async def record(self, entry: Entry) -> int:
+        """Append ``entry``; returns its id once committed (raises if the database fails)."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append((entry, self._clock(), fut))
+        if self._task is None:
+            self._task = asyncio.create_task(self._flush(), name="onecard-operator-log")
+        return await fut
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[: self._max], self._pending[self._max :]
+                try:
+                    async with self._pool().acquire(timeout=limits.DB_ACQUIRE_TIMEOUT_S) as c:
+                        ids = await append(c, [(e, at) for e, at, _ in batch])
+                except Exception as exc:
+                    for _, _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                self.transactions += 1
+                for (_, _, fut), entry_id in zip(batch, ids, strict=True):
+                    if not fut.done():
+                        fut.set_result(entry_id)
+        finally:
+            self._task = None
+
+
+async def page(conn: Conn, *, limit: int, before: int | None) -> tuple[list[Logged], int | None]:
+    """Entries newest first, ``limit`` at a time, older than id ``before``; with the id to ask
+    for next (None when nothing older exists)."""
+    rows = await conn.fetch(SQL_PAGE, CHAIN, before or INT64_MAX, limit + 1)
+    entries = [Logged(*r) for r in rows[:limit]]
+    return entries, entries[-1].id if len(rows) > limit else None
+
+
+# -- verification --------------------------------------------------------------------------------
+
+
+class ChainFault(msgspec.Struct, frozen=True):
+    """Something wrong with the chain: ``subject`` names the entry."""
+
+    subject: str
+    detail: str
+
+
+def _subject(entry_id: int) -> str:
+    return f"operator log entry {entry_id}"
+
+
+async def check_chain(conn: Conn) -> tuple[int, list[ChainFault]]:
+    """Recompute the chain (inside a transaction: a cursor reads it in bounded memory);
+    returns how many entries were checked and what is wrong, in chain order."""
+    faults: list[ChainFault] = []
+    head = await conn.fetchrow(SQL_HEAD, CHAIN)
+    last_id, head_hash = (head["last_id"], head["head"]) if head else (0, GENESIS)
+    prev_id, prev_hash, count = 0, GENESIS, 0
+    async for chunk in stream(conn, SQL_ALL, CHAIN):
+        for r in chunk:
+            count += 1
+            e = Logged(*r[:7])
+            if e.id > last_id:
+                faults.append(ChainFault(_subject(e.id), f"inserted outside the engine: the "
+                                         f"chain's head ends at entry {last_id}"))
+                continue
+            if e.id > prev_id + 1:
+                gone = f"{prev_id + 1}" + (f"..{e.id - 1}" if e.id - 1 > prev_id + 1 else "")
+                faults.append(ChainFault(_subject(prev_id + 1), f"deleted: entry {gone} is "
+                                         "missing from the chain"))
+            elif r["prev_hash"] != prev_hash:
+                faults.append(ChainFault(_subject(e.id), "its prev_hash does not continue the "
+                                         f"chain: entry {prev_id} was changed or replaced, or "
+                                         "this one inserted in its place"))
+            if entry_hash(r["prev_hash"], e) != r["hash"]:
+                faults.append(ChainFault(_subject(e.id), "changed after it was written: its "
+                                         "hash no longer matches"))
+            prev_id, prev_hash = e.id, r["hash"]
+    if prev_id < last_id:
+        gone = f"{prev_id + 1}" + (f"..{last_id}" if last_id > prev_id + 1 else "")
+        faults.append(ChainFault(_subject(prev_id + 1),
+                                 f"deleted: entry {gone} is missing from the end of the chain"))
+    elif prev_hash != head_hash:
+        faults.append(ChainFault("operator log", "the chain's head does not match its last "
+                                 "entry: entries were removed, inserted or altered"))
+    return count, faults
