@@ -9,6 +9,8 @@ terminals are locked against writes meanwhile (reads, hence payments, go on).
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Final
 
 import asyncpg
@@ -16,13 +18,20 @@ import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
 from engine.access.secretbox import (
+    ENV_KEY,
+    KEY_FILE,
     SecretBox,
     SecretError,
     SecretKeyError,
+    key_id,
+    new_key,
     open_mac_key,
     open_pin,
+    parse_keys,
+    read_key_file,
     seal_mac_key,
     seal_pin,
+    write_key_file,
 )
 
 Conn = asyncpg.Connection | PoolConnectionProxy
@@ -125,3 +134,32 @@ async def rotate(conn: Conn, old: SecretBox, new: SecretBox) -> Sealed:
     async with conn.transaction():
         await conn.execute(SQL_LOCK)
         return await _reseal(conn, old, new, every=True)
+
+
+class Rotation(msgspec.Struct, frozen=True):
+    """What ``rotate_installation`` did: from which key id to which, and how much it re-sealed."""
+
+    old_key_id: str
+    new_key_id: str
+    sealed: Sealed
+
+
+async def rotate_installation(conn: Conn, data_dir: str | Path) -> Rotation:
+    """``onecard rotate-secret``. With a key file: a new key is made, written first in the file
+    with the old one after it (so every engine keeps opening both, whatever it reads when),
+    then everything is re-sealed under it in one transaction. With ``ONECARD_SECRET_KEY``
+    (which this process cannot change): everything is re-sealed under the first key listed
+    there, so rotating means listing ``NEW,OLD``, running this, then dropping OLD."""
+    env = os.environ.get(ENV_KEY, "").strip()
+    if env:
+        ring = parse_keys(env, origin=ENV_KEY)
+        old, new = SecretBox(ring), SecretBox(ring[:1])
+        await check_keys(conn, old)
+        return Rotation(old.key_id, new.key_id, await rotate(conn, old, new))
+    path = Path(data_dir) / KEY_FILE
+    ring = read_key_file(path, create=False)
+    old = SecretBox(ring)
+    await check_keys(conn, old)  # before the file changes: a wrong key stops here
+    fresh = new_key()
+    write_key_file(path, [fresh, ring[0]], replace=True)
+    return Rotation(old.key_id, key_id(fresh).hex(), await rotate(conn, old, SecretBox([fresh])))

@@ -3,8 +3,8 @@
 The CLI is the top of the house: it imports the commands (an explicit table, in help order)
 and through them the domain, the HTTP and terminal edges and the bench; nothing imports it.
 Each command lives in the module of its concept: ``serve``, ``ledger`` (migrate, snapshot),
-``finance`` (export, reconcile, verify, statement), ``campus`` (subsidy), ``tools`` (simulate,
-bench).
+``finance`` (export, reconcile, verify, statement), ``campus`` (subsidy), ``access`` (operator,
+apikey, rotate-secret), ``tools`` (simulate, bench).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Final
 
 import uvloop
 
-from engine.cli import campus, finance, ledger, serve, tools
+from engine.access import secretbox
+from engine.cli import access, campus, finance, ledger, serve, tools
 from engine.cli.base import Command, database
 from engine.config import DEFAULT_DATA_DIR
 from engine.service import tune_gc
@@ -31,6 +32,9 @@ COMMANDS: Final[tuple[Command, ...]] = (
     finance.VERIFY,
     finance.STATEMENT,
     campus.SUBSIDY,
+    access.OPERATOR,
+    access.APIKEY,
+    access.ROTATE_SECRET,
     tools.SIMULATE,
     tools.BENCH,
 )
@@ -65,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     run = {c.name: c.run for c in COMMANDS}[args.command]
+    # PINs and MAC keys are sealed under the key of this data directory (or ONECARD_SECRET_KEY)
+    secretbox.configure(args.data_dir)
     try:
         with database(args) as dsn:
             tune_gc()

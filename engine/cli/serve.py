@@ -11,6 +11,7 @@ import logging
 import signal
 from typing import Final
 
+from engine.access import sealing, secretbox
 from engine.calendar import campus_tz_name
 from engine.campus import Campus
 from engine.cli.base import Command, hostport_arg
@@ -38,11 +39,22 @@ async def _serve(args: argparse.Namespace, dsn: str) -> int:
 async def serve(dsn: str, args: argparse.Namespace) -> None:
     """Run until SIGINT/SIGTERM; then stop accepting, drain the queue, answer it, exit."""
     admin, read = tokens_from_env(args.data_dir)
+    box = secretbox.box_for(args.data_dir)  # before anything starts: no key, no engine
+    secretbox.install(box)
     engine = Engine(dsn)
     await engine.start()
+    try:
+        async with engine.store.pool.acquire() as conn:
+            sealed = await sealing.prepare(conn, box)  # an older database's clear secrets
+    except BaseException:
+        await engine.stop()
+        raise
+    if sealed.pins or sealed.mac_keys:
+        log.info("sealed %d PINs and %d MAC keys under key %s", sealed.pins, sealed.mac_keys,
+                 box.key_id)
     # One Campus for both doors: its card and terminal caches must see a report-lost made over
     # HTTP before the next swipe at a terminal.
-    campus = Campus(engine, tz=campus_tz_name())
+    campus = Campus(engine, tz=campus_tz_name(), secrets=box)
     app = create_app(engine, admin_token=admin, read_token=read)
     app.state.campus = campus
     host, port = args.http
@@ -72,6 +84,7 @@ async def serve(dsn: str, args: argparse.Namespace) -> None:
             await stopping[0]
         elif gateway is not None:
             await gateway.stop()
+        await app.state.access.close()
         await engine.stop()
         await asyncio.sleep(0)
 
