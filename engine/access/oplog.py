@@ -187,8 +187,11 @@ def _subject(entry_id: int) -> str:
 
 
 async def check_chain(conn: Conn) -> tuple[int, list[ChainFault]]:
-    """Recompute the chain (inside a transaction: a cursor reads it in bounded memory);
-    returns how many entries were checked and what is wrong, in chain order."""
+    """Recompute the chain (a cursor reads it in bounded memory, in one snapshot); returns how
+    many entries were checked and what is wrong, in chain order."""
+    if not conn.is_in_transaction():
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            return await check_chain(conn)
     faults: list[ChainFault] = []
     head = await conn.fetchrow(SQL_HEAD, CHAIN)
     last_id, head_hash = (head["last_id"], head["head"]) if head else (0, GENESIS)
