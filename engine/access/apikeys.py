@@ -201,6 +201,11 @@ class KeyRing:
         self._closed = False
         self.lookups = 0  # database lookups made (tests and measurements read it)
 
+    @property
+    def listening(self) -> bool:
+        """Whether revocations reach this process by notification (else by the cache time)."""
+        return self._listener is not None
+
     def invalidate(self, *_: Any) -> None:
         """Forget every cached key (a notification arrived, or this process revoked one)."""
         self._generation += 1

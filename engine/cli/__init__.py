@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Final
 
@@ -19,8 +18,7 @@ import uvloop
 
 from engine.access import secretbox
 from engine.cli import access, campus, finance, ledger, serve, tools
-from engine.cli.base import Command, database
-from engine.config import DEFAULT_DATA_DIR
+from engine.cli.base import Command, common_options, database
 from engine.service import tune_gc
 
 COMMANDS: Final[tuple[Command, ...]] = (
@@ -41,19 +39,7 @@ COMMANDS: Final[tuple[Command, ...]] = (
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--dsn", help="PostgreSQL DSN (default: $ONECARD_DSN, else embedded)")
-    common.add_argument(
-        "--data-dir",
-        default=os.environ.get("ONECARD_DATA_DIR", DEFAULT_DATA_DIR),
-        help="where the embedded PostgreSQL and local state live (default .onecard/)",
-    )
-    common.add_argument(
-        "--stop-embedded",
-        action="store_true",
-        help="stop the embedded PostgreSQL when the command ends (serve always does)",
-    )
-    common.add_argument("-v", "--verbose", action="store_true")
+    common = common_options()
     p = argparse.ArgumentParser(prog="onecard", description="Campus one-card engine")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for c in COMMANDS:

@@ -23,7 +23,7 @@ from engine.access.roles import KEY_ROLES, OPERATOR_ROLES, Role
 from engine.access.sealing import rotate_installation
 from engine.access.secretbox import SecretKeyError
 from engine.calendar import campus_tz, from_ns
-from engine.cli.base import Command, console
+from engine.cli.base import Command, common_options, console
 from engine.db.pool import create_pool
 
 CLI_ROLE: Final = "cli"  # the role recorded for the command line (it has the database's power)
@@ -65,11 +65,13 @@ async def _record(dsn: str, action: str, target: str, outcome: str) -> None:
 
 def _operator_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    add = sub.add_parser("add", help="add an operator (password from standard input)")
+    add = sub.add_parser("add", help="add an operator (password from standard input)",
+                         parents=[common_options(suppress=True)])
     add.add_argument("--username", required=True)
     add.add_argument("--role", required=True, choices=sorted(OPERATOR_ROLES))
-    sub.add_parser("list", help="list the operators")
-    disable = sub.add_parser("disable", help="disable an operator for good")
+    sub.add_parser("list", help="list the operators", parents=[common_options(suppress=True)])
+    disable = sub.add_parser("disable", help="disable an operator for good",
+                             parents=[common_options(suppress=True)])
     disable.add_argument("--username", required=True)
 
 
@@ -126,15 +128,18 @@ async def _list_operators(dsn: str) -> int:
 
 def _apikey_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    create = sub.add_parser("create", help="create a key (printed once)")
+    create = sub.add_parser("create", help="create a key (printed once)",
+                            parents=[common_options(suppress=True)])
     create.add_argument("--role", required=True, choices=sorted(KEY_ROLES))
     create.add_argument("--clearing", type=int, metavar="ACCOUNT_ID",
                         help="a topup key's own clearing account")
     create.add_argument("--clearing-ledger", type=int, metavar="LEDGER",
                         help="the clearing account's ledger, if its id is in several")
     create.add_argument("--name", help="the key's name (default: role-<random>)")
-    sub.add_parser("list", help="list the keys (never the keys themselves)")
-    revoke = sub.add_parser("revoke", help="revoke a key for good")
+    sub.add_parser("list", help="list the keys (never the keys themselves)",
+                   parents=[common_options(suppress=True)])
+    revoke = sub.add_parser("revoke", help="revoke a key for good",
+                            parents=[common_options(suppress=True)])
     revoke.add_argument("--name", required=True)
 
 
