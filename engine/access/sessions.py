@@ -35,7 +35,7 @@ FROM (SELECT s2.token_hash, o.role, o.disabled_at
       FROM sessions s2
       LEFT JOIN operators o ON s2.kind = 'operator' AND o.ledger = s2.ledger
                            AND o.username = s2.subject
-      WHERE s2.ledger = $1 AND s2.token_hash = $2 AND s2.last_seen_at > $3 - $4) x
+      WHERE s2.ledger = $1 AND s2.token_hash = $2 AND s2.last_seen_at > $3::bigint - $4::bigint) x
 WHERE s.ledger = $1 AND s.token_hash = x.token_hash
 RETURNING s.kind, s.subject_ledger, s.subject, x.role, x.disabled_at
 """
