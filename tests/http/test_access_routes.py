@@ -141,7 +141,7 @@ async def test_every_api_write_path_is_logged_without_secrets(door: Door) -> Non
             assert r.status_code == 200, (path, r.text)
             answers.append(r.text)
     code = next(a for a in answers if '"code"' in a).split('"code":"')[1][:8]
-    log = list(reversed((await _log(door, len(calls)))))
+    log = list(reversed(await _log(door, len(calls))))
     assert [(e["action"], e["outcome"].split()[0]) for e in log] == [
         (f"{m} {_template(p)}", "200") for _, m, p, _ in calls]
     by_action = {e["action"]: e for e in log}
