@@ -81,6 +81,11 @@ async def test_rotation_keeps_every_terminal_and_pin_working(
         assert new_only.key_id != old_key
         async with engine.store.pool.acquire() as conn:
             assert await sealing.key_ids(conn) == {new_only.key_id: 5}
+            entry = await conn.fetchrow("SELECT * FROM operator_log WHERE action = "
+                                        "'rotate-secret' ORDER BY id DESC LIMIT 1")
+        assert entry is not None and entry["role"] == "cli"
+        assert entry["target"] == f"key {old_key} -> {new_only.key_id}"
+        assert entry["outcome"] == "pins=1 mac_keys=4"
 
         # the running gateway: its terminals' keys are in memory, the PIN is re-read sealed
         # under the new key, which it loads from the key file
