@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import enum
 import hashlib
+import hmac
 import logging
 import re
 import time
@@ -932,6 +933,13 @@ def _terminal(r: asyncpg.Record, box: SecretBox) -> Terminal:
         mac_key=bytes(r["mac_key"]) if sealed is None
         else open_mac_key(box, r["ledger"], r["terminal_id"], sealed),
     )
+
+
+def _same_terminal(a: Terminal, b: Terminal) -> bool:
+    """Whether two registrations are the same (the keys compared in constant time)."""
+    fields = (a.terminal_id, a.merchant_id, a.ledger, a.kind, a.account_id)
+    same_key = hmac.compare_digest(a.mac_key, b.mac_key)
+    return same_key and fields == (b.terminal_id, b.merchant_id, b.ledger, b.kind, b.account_id)
 
 
 def _holder(r: asyncpg.Record) -> Holder:
@@ -1932,7 +1940,7 @@ class Campus:
             await conn.execute(SQL_ADVISORY_LOCK, _TERMINAL_LOCK, [terminal_id])
             r = await conn.fetchrow(SQL_TERMINAL, terminal_id)
             if r is not None:
-                if _terminal(r, self.secrets) == want:
+                if _same_terminal(_terminal(r, self.secrets), want):
                     return RegistryStatus.EXISTS
                 return RegistryStatus.EXISTS_WITH_DIFFERENT_FIELDS
             account_kind = await conn.fetchval(SQL_ACCOUNT_KIND, ledger, account_id)
