@@ -57,6 +57,7 @@ from asyncpg.pool import PoolConnectionProxy
 from engine import limits
 from engine.access.secretbox import (
     SecretBox,
+    SecretError,
     default_box,
     open_mac_key,
     open_pin,
@@ -909,6 +910,21 @@ def _pin(box: SecretBox, ledger: int, card_no: str, r: asyncpg.Record) -> str | 
     return r["pin"] if sealed is None else open_pin(box, ledger, card_no, sealed)
 
 
+# A PIN no block can match (verify_pin refuses a non-ASCII PIN): a payment that needs the PIN
+# of a card whose sealed PIN does not open is refused (55), and only that one.
+_UNUSABLE_PIN: Final = "\ufffd"
+
+
+def _payment_pin(box: SecretBox, ledger: int, card_no: str, r: asyncpg.Record) -> str | None:
+    """``_pin`` for the hot path: a value that does not open fails its own payment, never the
+    shared statement's whole batch."""
+    try:
+        return _pin(box, ledger, card_no, r)
+    except SecretError as e:
+        log.error("campus: the PIN of card %s does not open: %s", card_no, e)
+        return _UNUSABLE_PIN
+
+
 def _card(r: asyncpg.Record, box: SecretBox) -> Card:
     return Card(
         card_no=r["card_no"],
@@ -1197,7 +1213,7 @@ class Campus:
             out[r["i"] - 1] = _CardState(
                 status=CardStatus(r["status"]),
                 daily_limit=r["daily_limit"],
-                pin=_pin(self.secrets, ledger, q.ref.card_no, r),
+                pin=_payment_pin(self.secrets, ledger, q.ref.card_no, r),
                 pin_threshold=r["pin_threshold"],
                 cash=r["cash"],
                 subsidy=r["subsidy"],
@@ -1350,7 +1366,13 @@ class Campus:
         self, conn: Connection, _: int, terminal_ids: list[str]
     ) -> list[Terminal | None]:
         rows = await conn.fetch(SQL_TERMINALS, list(set(terminal_ids)))
-        found = {r["terminal_id"]: _terminal(r, self.secrets) for r in rows}
+        found = {}
+        for r in rows:
+            try:
+                found[r["terminal_id"]] = _terminal(r, self.secrets)
+            except SecretError as e:  # unknown to the gateway (63), not a failed batch
+                log.error("campus: the MAC key of terminal %s does not open: %s",
+                          r["terminal_id"], e)
         return [found.get(t) for t in terminal_ids]
 
     # -- card payments ---------------------------------------------------------------------------

@@ -186,8 +186,8 @@ class SecretBox:
         if len(blob) <= _HEADER or blob[:1] != _VERSION:
             raise SecretError("not a sealed value")
         kid = blob[1 : 1 + _KID_BYTES]
-        if kid not in self._ring:
-            self.maybe_reload()
+        if kid not in self._ring:  # rotated meanwhile? (the source is cheap to ask again)
+            self.maybe_reload(force=True)
         aead = self._ring.get(kid)
         if aead is None:
             raise SecretError(f"sealed under an unknown key (id {kid.hex()})")
@@ -251,7 +251,27 @@ def box_for(data_dir: str | Path | None, *, create: bool = True) -> SecretBox:
         raise SecretKeyError(f"no secret key: set {ENV_KEY} or give a data directory")
     path = Path(data_dir) / KEY_FILE
     keys = read_key_file(path, create=create)
-    return SecretBox(keys, reload=lambda: read_key_file(path, create=False))
+    return SecretBox(keys, reload=_KeyFile(path).read)
+
+
+class _KeyFile:
+    """A key file re-read only when it changed (a stat per call otherwise)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._seen: tuple[int, int] | None = None
+        self._keys: list[bytes] = []
+
+    def read(self) -> list[bytes]:
+        try:
+            st = self._path.stat()
+        except OSError:
+            raise SecretKeyError(f"{self._path}: cannot read the secret key") from None
+        seen = (st.st_mtime_ns, st.st_ino)
+        if seen != self._seen or not self._keys:
+            self._keys = read_key_file(self._path, create=False)
+            self._seen = seen
+        return self._keys
 
 
 _configured: Path | None = None

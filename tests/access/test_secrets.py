@@ -9,6 +9,7 @@ import os
 import secrets
 import stat
 import subprocess
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -27,8 +28,17 @@ from engine.access.secretbox import (
     seal_pin,
     write_key_file,
 )
-from engine.campus import Campus, Card, HolderKind, HolderResult, RegistryStatus, TerminalKind
+from engine.campus import (
+    Campus,
+    Card,
+    HolderKind,
+    HolderResult,
+    Outcome,
+    RegistryStatus,
+    TerminalKind,
+)
 from engine.db.embedded import _wheel_install
+from engine.pin import pin_block
 from engine.service import Engine
 from ledger.account import Account
 from ledger.types import AccountKind
@@ -225,5 +235,35 @@ async def test_rotation_reseals_everything_in_one_transaction(scratch: str, tmp_
         assert term is not None and term.mac_key == mac_key
         got = await fresh.get_card(card)
         assert got is not None and got.pin == PIN
+    finally:
+        await engine.stop()
+
+
+async def test_a_pin_that_does_not_open_fails_only_its_own_payment(scratch: str) -> None:
+    engine = Engine(scratch)
+    await engine.start()
+    try:
+        box = SecretBox([new_key()])
+        campus = Campus(engine, secrets=box)
+        mac_key = secrets.token_bytes(32)
+        card, tid = await _world(engine, campus, mac_key)
+        other = "6300" + "".join(secrets.choice("0123456789") for _ in range(12))
+        r = await campus.create_holder(holder_id="D2", ledger=5, name="m",
+                                       kind=HolderKind.STUDENT)
+        assert isinstance(r, HolderResult)
+        assert isinstance(await campus.create_card(card_no=other, holder_id="D2", ledger=5,
+                                                   pin=PIN, pin_threshold=0), Card)
+        async with engine.store.pool.acquire() as conn:  # a value copied from another row
+            await conn.execute("UPDATE cards SET pin_enc = $2, pin_threshold = 0 "
+                               "WHERE card_no = $1", card, seal_pin(box, 5, other, PIN))
+        term = await campus.terminal(tid)
+        assert term is not None
+        results = await asyncio.gather(*(
+            campus.purchase(term, card_no=c, amount=1, key=uuid.uuid4(),
+                            pin_block=pin_block(mac_key, c, PIN))
+            for c in (card, other)))
+        # the copied PIN is refused; the other card in the same shared read is judged on its
+        # own (insufficient funds: its PIN was right)
+        assert [x.outcome for x in results] == [Outcome.INCORRECT_PIN, Outcome.INSUFFICIENT_FUNDS]
     finally:
         await engine.stop()

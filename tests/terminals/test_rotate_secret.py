@@ -111,10 +111,11 @@ async def test_rotation_keeps_every_terminal_and_pin_working(
                     assert ans.response_code == "00", (term.terminal_id, card)
                 ans = await c.request(c.purchase(p.card, 10, pin="0000", stan="900004"))
                 assert ans.response_code == "55"
-        # and the old key alone opens nothing any more
+        # and the old key alone opens nothing any more: its terminals are unknown (63)
         old_only = Campus(engine, secrets=SecretBox(ring[1:]))
+        assert await old_only.terminal(world.meter.terminal_id) is None
         with pytest.raises(SecretError, match="unknown key"):
-            await old_only.terminal(world.meter.terminal_id)
+            await old_only.get_card(p.card)
     finally:
         await world.close()
         await gateway.stop()
