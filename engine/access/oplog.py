@@ -21,7 +21,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 import msgspec
@@ -62,8 +62,10 @@ class Logged(msgspec.Struct, frozen=True):
 
 def clip(text: str) -> str:
     """A field as stored: control characters replaced, at most MAX_OPERATOR_LOG_FIELD chars."""
-    cleaned = "".join(c if c.isprintable() else "?" for c in text)
     limit = limits.MAX_OPERATOR_LOG_FIELD
+    if len(text) <= limit and text.isprintable():
+        return text  # the usual case, without a pass per character
+    cleaned = "".join(c if c.isprintable() else "?" for c in text)
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."
 
 
@@ -73,13 +75,20 @@ def entry_hash(prev_hash: str, e: Logged) -> str:
     return hashlib.sha256(prev_hash.encode() + payload).hexdigest()
 
 
-SQL_LOCK_HEAD: Final = "SELECT last_id, head FROM operator_log_heads WHERE ledger = $1 FOR UPDATE"
-SQL_INSERT: Final = """
+# One statement, one round trip: the head moves from ($2, $3) to ($4, $5) and the entries are
+# inserted only if the head still was ($2, $3); otherwise (another process appended) nothing
+# is written and the caller re-reads the head and tries again. Appenders racing for the head
+# row queue on its row lock, and the loser re-checks the moved head (READ COMMITTED).
+SQL_APPEND: Final = """
+WITH moved AS (
+    UPDATE operator_log_heads SET last_id = $4, head = $5
+    WHERE ledger = $1 AND last_id = $2 AND head = $3 RETURNING 1)
 INSERT INTO operator_log (ledger, id, at, actor, role, action, target, outcome, prev_hash, hash)
-SELECT $1, * FROM unnest($2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[],
-                         $7::text[], $8::text[], $9::text[], $10::text[])
+SELECT $1, x.* FROM unnest($6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::text[],
+                           $11::text[], $12::text[], $13::text[], $14::text[]) AS x
+WHERE EXISTS (SELECT 1 FROM moved)
 """
-SQL_SET_HEAD: Final = "UPDATE operator_log_heads SET last_id = $2, head = $3 WHERE ledger = $1"
+MAX_APPEND_TRIES: Final = 100  # appenders racing for the head: each try re-reads it
 SQL_PAGE: Final = """
 SELECT id, at, actor, role, action, target, outcome FROM operator_log
 WHERE ledger = $1 AND id < $2 ORDER BY id DESC LIMIT $3
@@ -91,31 +100,45 @@ WHERE ledger = $1 ORDER BY id
 """
 
 
-async def append(conn: Conn, entries: Sequence[tuple[Entry, int]]) -> list[int]:
-    """Append (entry, at) pairs to the chain in one transaction; returns their ids."""
-    async with conn.transaction():
-        head = await conn.fetchrow(SQL_LOCK_HEAD, CHAIN)
-        assert head is not None, "migration 0012 creates the head row"
-        last_id, prev = head["last_id"], head["head"]
-        rows: list[tuple[Logged, str, str]] = []
-        for e, at in entries:
-            last_id += 1
-            logged = Logged(last_id, at, clip(e.actor), clip(e.role), clip(e.action),
-                            clip(e.target), clip(e.outcome))
-            h = entry_hash(prev, logged)
-            rows.append((logged, prev, h))
-            prev = h
-        cols = list(zip(*[(g.id, g.at, g.actor, g.role, g.action, g.target, g.outcome, p, h)
-                          for g, p, h in rows], strict=True))
-        await conn.execute(SQL_INSERT, CHAIN, *cols)
-        await conn.execute(SQL_SET_HEAD, CHAIN, last_id, prev)
-    return [g.id for g, _, _ in rows]
+Head = tuple[int, str]  # (last id, last hash) of the chain
+
+
+def _chained(head: Head, entries: Sequence[tuple[Entry, int]]) -> tuple[list[list[Any]], Head]:
+    """The columns of ``entries`` appended after ``head``, and the head after them."""
+    last_id, prev = head
+    rows = []
+    for e, at in entries:
+        last_id += 1
+        g = Logged(last_id, at, clip(e.actor), clip(e.role), clip(e.action), clip(e.target),
+                   clip(e.outcome))
+        h = entry_hash(prev, g)
+        rows.append((g.id, g.at, g.actor, g.role, g.action, g.target, g.outcome, prev, h))
+        prev = h
+    return [list(c) for c in zip(*rows, strict=True)], (last_id, prev)
+
+
+async def append(
+    conn: Conn, entries: Sequence[tuple[Entry, int]], *, head: Head | None = None
+) -> tuple[list[int], Head]:
+    """Append (entry, at) pairs to the chain atomically; returns their ids and the new head.
+    ``head``: the head as last seen (saves reading it; a stale one costs a retry)."""
+    for _ in range(MAX_APPEND_TRIES):
+        if head is None:
+            r = await conn.fetchrow(SQL_HEAD, CHAIN)
+            assert r is not None, "migration 0012 creates the head row"
+            head = (r["last_id"], r["head"])
+        cols, after = _chained(head, entries)
+        status = await conn.execute(SQL_APPEND, CHAIN, *head, *after, *cols)
+        if int(status.split()[-1]) == len(entries):
+            return cols[0], after
+        head = None  # another appender moved the head: read it again
+    raise RuntimeError("operator log: could not append (the head kept moving)")
 
 
 async def record(conn: Conn, entry: Entry, *, at: int | None = None) -> int:
     """Append one entry now (the command line's writes); returns its id."""
-    [entry_id] = await append(conn, [(entry, at if at is not None else time.time_ns())])
-    return entry_id
+    ids, _ = await append(conn, [(entry, at if at is not None else time.time_ns())])
+    return ids[0]
 
 
 class OperatorLog:
@@ -134,6 +157,7 @@ class OperatorLog:
         self._max = max_batch
         self._pending: list[tuple[Entry, int, asyncio.Future[int]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._head: Head | None = None  # as this process last left it
         self.transactions = 0  # appends committed (tests and measurements read it)
 
     async def record(self, entry: Entry) -> int:
@@ -150,8 +174,10 @@ class OperatorLog:
                 batch, self._pending = self._pending[: self._max], self._pending[self._max :]
                 try:
                     async with self._pool().acquire(timeout=limits.DB_ACQUIRE_TIMEOUT_S) as c:
-                        ids = await append(c, [(e, at) for e, at, _ in batch])
+                        ids, self._head = await append(c, [(e, at) for e, at, _ in batch],
+                                                       head=self._head)
                 except Exception as exc:
+                    self._head = None
                     for _, _, fut in batch:
                         if not fut.done():
                             fut.set_exception(exc)

@@ -73,6 +73,17 @@ async def test_concurrent_appends_share_transactions_and_chain(pool: asyncpg.Poo
     assert report.ok and report.operator_log >= 60
 
 
+async def test_appenders_of_several_processes_share_one_chain(pool: asyncpg.Pool) -> None:
+    # each OperatorLog remembers the head it left; another one moving it costs a retry
+    logs = [OperatorLog(lambda: pool) for _ in range(3)]
+    for log in logs:
+        await log.record(entry(0))  # every one has a head in memory now, soon stale
+    ids = await asyncio.gather(*(log.record(entry(n)) for n in range(30) for log in logs))
+    assert len(set(ids)) == 90 and max(ids) - min(ids) == 89
+    async with pool.acquire() as conn:
+        assert (await oplog.check_chain(conn))[1] == []
+
+
 async def test_the_log_refuses_updates_and_deletes(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as conn:
         await oplog.record(conn, entry(1))
