@@ -71,8 +71,11 @@ def clip(text: str) -> str:
 
 def entry_hash(prev_hash: str, e: Logged) -> str:
     """The chain hash of ``e`` after ``prev_hash``."""
-    payload = _encode([e.id, e.at, e.actor, e.role, e.action, e.target, e.outcome])
-    return hashlib.sha256(prev_hash.encode() + payload).hexdigest()
+    return _hash(prev_hash, [e.id, e.at, e.actor, e.role, e.action, e.target, e.outcome])
+
+
+def _hash(prev_hash: str, fields: list[Any]) -> str:
+    return hashlib.sha256(prev_hash.encode() + _encode(fields)).hexdigest()
 
 
 # One statement, one round trip: the head moves from ($2, $3) to ($4, $5) and the entries are
@@ -109,10 +112,10 @@ def _chained(head: Head, entries: Sequence[tuple[Entry, int]]) -> tuple[list[lis
     rows = []
     for e, at in entries:
         last_id += 1
-        g = Logged(last_id, at, clip(e.actor), clip(e.role), clip(e.action), clip(e.target),
-                   clip(e.outcome))
-        h = entry_hash(prev, g)
-        rows.append((g.id, g.at, g.actor, g.role, g.action, g.target, g.outcome, prev, h))
+        fields = [last_id, at, clip(e.actor), clip(e.role), clip(e.action), clip(e.target),
+                  clip(e.outcome)]
+        h = _hash(prev, fields)  # as entry_hash(prev, Logged(*fields))
+        rows.append((*fields, prev, h))
         prev = h
     return [list(c) for c in zip(*rows, strict=True)], (last_id, prev)
 

@@ -8,6 +8,7 @@ map its pages the same way. Nothing else decides who may do what.
 from __future__ import annotations
 
 import enum
+import functools
 from typing import Final
 
 
@@ -60,6 +61,7 @@ ADMIN_TOKEN_RIGHTS: Final = RIGHTS[Role.ADMIN]
 READ_TOKEN_RIGHTS: Final = frozenset({Right.READ, Right.FINANCE_REPORTS, Right.OPERATOR_LOG})
 
 
+@functools.cache
 def rights_of(role: Role) -> frozenset[Right]:
     """The rights of ``role`` (PUBLIC included)."""
     return RIGHTS[role] | {Right.PUBLIC}

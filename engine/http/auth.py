@@ -124,6 +124,7 @@ class Access:
         self.rules: dict[tuple[str, str], frozenset[Right]] = {}
         self._admin = Principal("admin-token", str(Role.ADMIN), ADMIN_TOKEN_RIGHTS, False)
         self._read = Principal("read-token", "read", READ_TOKEN_RIGHTS, False)
+        self._principals: dict[ApiKey, Principal] = {}  # made once per key, not per request
 
     async def principal(self, token: str) -> Principal | None:
         """The caller a bearer token names, or None."""
@@ -138,7 +139,14 @@ class Access:
         if not looks_like_key(token):
             return None
         key = await self.keys.lookup(token)
-        return None if key is None else key_principal(key)
+        if key is None:
+            return None
+        who = self._principals.get(key)
+        if who is None:
+            if len(self._principals) >= limits.MAX_CACHED_CREDENTIALS:
+                self._principals.clear()
+            who = self._principals[key] = key_principal(key)
+        return who
 
     async def close(self) -> None:
         """Stop the key ring's listener."""
@@ -216,42 +224,69 @@ _ID_FIELDS: Final = ("id", "card_no", "new_card_no", "holder_id", "terminal_id",
 _SHOWN_IDS: Final = 5
 
 
+class _Ids(msgspec.Struct):
+    """The id fields of a body (everything else in it is skipped, never read into the log)."""
+
+    id: str | int | None = None
+    card_no: str | None = None
+    new_card_no: str | None = None
+    holder_id: str | None = None
+    terminal_id: str | None = None
+    room_id: str | None = None
+    batch_id: str | None = None
+
+
+class _Status(msgspec.Struct):
+    """The business status fields of an answer."""
+
+    status: str | None = None
+    error: str | None = None
+    new: _Status | None = None  # a replacement: the new card's status
+
+
+_ID_LIST: Final = msgspec.json.Decoder(list[_Ids])
+_ID_ONE: Final = msgspec.json.Decoder(_Ids)
+_STATUS_LIST: Final = msgspec.json.Decoder(list[_Status])
+_STATUS_ONE: Final = msgspec.json.Decoder(_Status)
+
+
+def _ids(x: _Ids) -> list[str]:
+    return [f"{f}={v}" for f in _ID_FIELDS if (v := getattr(x, f)) is not None]
+
+
 def target_of(params: dict[str, Any], body: bytes) -> str:
     """What a write acts on: its path parameters and the ids in its body."""
     parts = [f"{k}={v}" for k, v in params.items()]
-    try:
-        data = msgspec.json.decode(body) if body else None
-    except msgspec.DecodeError:
-        data = None
-        parts.append("malformed body")
-    if isinstance(data, dict):
-        parts += [f"{f}={data[f]}" for f in _ID_FIELDS if isinstance(data.get(f), str | int)]
-    elif isinstance(data, list):
-        ids = [next((str(x[f]) for f in _ID_FIELDS if isinstance(x.get(f), str | int)), "?")
-               for x in data[:_SHOWN_IDS] if isinstance(x, dict)]
-        more = f" +{len(data) - len(ids)}" if len(data) > len(ids) else ""
-        parts.append(f"{len(data)} items: {', '.join(ids)}{more}")
+    if body:
+        try:
+            if body.lstrip()[:1] == b"[":
+                items = _ID_LIST.decode(body)
+                shown = [next(iter(_ids(x)), "?=?").partition("=")[2]
+                         for x in items[:_SHOWN_IDS]]
+                more = f" +{len(items) - len(shown)}" if len(items) > len(shown) else ""
+                parts.append(f"{len(items)} items: {', '.join(shown)}{more}")
+            else:
+                parts += _ids(_ID_ONE.decode(body))
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            parts.append("malformed body")
     return "; ".join(parts) or "-"
 
 
 def outcome_of(status: int, body: bytes) -> str:
     """The status of an answer, with its business status(es) when it names them."""
-    try:
-        data = msgspec.json.decode(body) if body else None
-    except msgspec.DecodeError:
-        data = None
     detail = ""
-    if isinstance(data, dict):
-        new = data.get("new")
-        inner: dict[str, Any] = new if isinstance(new, dict) else data
-        value = inner.get("error") or inner.get("status")
-        detail = value if isinstance(value, str) else ""
-    elif isinstance(data, list):
-        counts: dict[str, int] = {}
-        for x in data:
-            s = x.get("status") if isinstance(x, dict) else None
-            counts[str(s)] = counts.get(str(s), 0) + 1
-        detail = " ".join(f"{k}={n}" for k, n in sorted(counts.items()))
+    try:
+        if body.lstrip()[:1] == b"[":
+            counts: dict[str, int] = {}
+            for x in _STATUS_LIST.decode(body):
+                counts[str(x.status)] = counts.get(str(x.status), 0) + 1
+            detail = " ".join(f"{k}={n}" for k, n in sorted(counts.items()))
+        elif body:
+            one = _STATUS_ONE.decode(body)
+            detail = (one.new.status if one.new is not None else None) or one.error or (
+                one.status or "")
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        pass
     return f"{status} {detail}".strip()
 
 
@@ -290,7 +325,8 @@ async def _log_then_send(
 ) -> None:
     start = held[0]
     status: int = start["status"]
-    body = b"".join(m.get("body", b"") for m in held[1:])
+    body = held[1].get("body", b"") if len(held) == 2 else b"".join(
+        m.get("body", b"") for m in held[1:])
     access: Access = scope["app"].state.access
     entry = Entry(who.actor, who.role, f"{scope['method']} {scope['path_template']}",
                   str(scope.get(_TARGET, "-")), outcome_of(status, body))
