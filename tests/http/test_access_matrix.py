@@ -159,3 +159,37 @@ async def test_hypothesis_no_500_and_no_write_without_the_right(door: Door) -> N
                        and t["ledger"] == door.ledger for t in body), body
 
     await asyncio.to_thread(one)
+
+
+async def test_hypothesis_topup_batches(door: Door) -> None:
+    """Random batches on POST /v1/transfers with the topup key: posted only when every
+    transfer is a top-up from its own clearing account, else 403 with nothing posted."""
+    loop = asyncio.get_running_loop()
+
+    def fingerprint() -> tuple[Any, ...]:
+        return asyncio.run_coroutine_threadsafe(door.fingerprint(), loop).result(30)
+
+    transfer = st.builds(
+        lambda amount, code, debit, ledger: {**door.topup(amount, code=code, debit=debit),
+                                             "ledger": ledger},
+        st.integers(1, 1000), st.sampled_from([4, 4, 4, 1, 2, 3, 5, 6, 7, 8, 9]),
+        st.sampled_from([door.clearing, door.clearing, door.other_clearing, door.fund,
+                         door.purse]),
+        st.sampled_from([door.ledger, door.ledger, door.ledger + 1]))
+
+    @settings(max_examples=150, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(batch=st.lists(transfer, min_size=1, max_size=4))
+    def one(batch: list[dict[str, Any]]) -> None:
+        own = all(t["code"] == 4 and t["debit_account_id"] == door.clearing
+                  and t["ledger"] == door.ledger for t in batch)
+        before = None if own else fingerprint()
+        with httpx.Client(base_url=door.url, timeout=30) as c:
+            r = c.post("/v1/transfers", json=batch, headers=door.headers["topup"])
+        if own:
+            assert r.status_code == 200, r.text
+        else:
+            assert r.status_code == 403, (batch, r.text)
+            assert fingerprint() == before
+
+    await asyncio.to_thread(one)
