@@ -184,7 +184,9 @@ async def authorize(request: Request[Any, Any, Any]) -> None:
     scope = cast(dict[str, Any], request.scope)
     access: Access = request.app.state.access
     method: str = scope["method"]
-    needed = access.rules.get((method, scope["path_template"]), PUBLIC)
+    needed = access.rules.get((method, scope["path_template"]))
+    if needed is None:  # bind() gives every route a rule: fail closed if one slipped through
+        raise PermissionDeniedException("forbidden: this route has no access rule")
     if needed is PUBLIC:
         return
     who = await access.principal(_token(request))
