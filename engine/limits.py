@@ -122,6 +122,9 @@ MAX_CACHED_SECRETS: Final = 262_144
 SECRET_KEY_RELOAD_S: Final = 1.0
 # Operator log: entries appended in one transaction at most (group commit of concurrent writes)
 MAX_OPERATOR_LOG_BATCH: Final = 512
+# The log writer keeps its connection this long after its last append for the next one (taking
+# a pooled connection per append cost more than the append at a few hundred writes/s).
+OPERATOR_LOG_LINGER_S: Final = 0.05
 MAX_OPERATOR_LOG_LIMIT: Final = 1000
 DEFAULT_OPERATOR_LOG_LIMIT: Final = 100
 # Longest text kept in an operator log field (a target naming many ids is cut, never a secret).

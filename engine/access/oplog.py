@@ -18,6 +18,7 @@ a key, a PIN or an activation code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +36,11 @@ GENESIS: Final = "0" * 64
 CHAIN: Final = 0  # the installation's one chain lives under ledger 0
 
 _encode = msgspec.json.Encoder().encode
+
+
+def _encode_text(value: Any) -> str:
+    return _encode(value).decode()
+
 Conn = asyncpg.Connection | PoolConnectionProxy
 
 
@@ -87,8 +93,9 @@ WITH moved AS (
     UPDATE operator_log_heads SET last_id = $4, head = $5
     WHERE ledger = $1 AND last_id = $2 AND head = $3 RETURNING 1)
 INSERT INTO operator_log (ledger, id, at, actor, role, action, target, outcome, prev_hash, hash)
-SELECT $1, x.* FROM unnest($6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::text[],
-                           $11::text[], $12::text[], $13::text[], $14::text[]) AS x
+SELECT $1, x.* FROM json_to_recordset($6::json) AS x(
+    id bigint, at bigint, actor text, role text, action text, target text, outcome text,
+    prev_hash text, hash text)
 WHERE EXISTS (SELECT 1 FROM moved)
 """
 MAX_APPEND_TRIES: Final = 100  # appenders racing for the head: each try re-reads it
@@ -106,18 +113,34 @@ WHERE ledger = $1 ORDER BY id
 Head = tuple[int, str]  # (last id, last hash) of the chain
 
 
-def _chained(head: Head, entries: Sequence[tuple[Entry, int]]) -> tuple[list[list[Any]], Head]:
-    """The columns of ``entries`` appended after ``head``, and the head after them."""
+class _Row(msgspec.Struct):
+    """One row as sent (the rows travel as one JSON parameter: one value to encode, not nine
+    arrays of many)."""
+
+    id: int
+    at: int
+    actor: str
+    role: str
+    action: str
+    target: str
+    outcome: str
+    prev_hash: str
+    hash: str
+
+
+def _chained(head: Head, entries: Sequence[tuple[Entry, int]]) -> tuple[list[_Row], Head]:
+    """The rows of ``entries`` appended after ``head``, and the head after them."""
     last_id, prev = head
     rows = []
     for e, at in entries:
         last_id += 1
-        fields = [last_id, at, clip(e.actor), clip(e.role), clip(e.action), clip(e.target),
-                  clip(e.outcome)]
-        h = _hash(prev, fields)  # as entry_hash(prev, Logged(*fields))
-        rows.append((*fields, prev, h))
+        actor, role, action = clip(e.actor), clip(e.role), clip(e.action)
+        target, outcome = clip(e.target), clip(e.outcome)
+        # as entry_hash(prev, Logged(...)), without making one
+        h = _hash(prev, [last_id, at, actor, role, action, target, outcome])
+        rows.append(_Row(last_id, at, actor, role, action, target, outcome, prev, h))
         prev = h
-    return [list(c) for c in zip(*rows, strict=True)], (last_id, prev)
+    return rows, (last_id, prev)
 
 
 async def append(
@@ -130,10 +153,10 @@ async def append(
             r = await conn.fetchrow(SQL_HEAD, CHAIN)
             assert r is not None, "migration 0012 creates the head row"
             head = (r["last_id"], r["head"])
-        cols, after = _chained(head, entries)
-        status = await conn.execute(SQL_APPEND, CHAIN, *head, *after, *cols)
+        rows, after = _chained(head, entries)
+        status = await conn.execute(SQL_APPEND, CHAIN, *head, *after, _encode_text(rows))
         if int(status.split()[-1]) == len(entries):
-            return cols[0], after
+            return [r.id for r in rows], after
         head = None  # another appender moved the head: read it again
     raise RuntimeError("operator log: could not append (the head kept moving)")
 
@@ -160,6 +183,7 @@ class OperatorLog:
         self._max = max_batch
         self._pending: list[tuple[Entry, int, asyncio.Future[int]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
         self._head: Head | None = None  # as this process last left it
         self.transactions = 0  # appends committed (tests and measurements read it)
 
@@ -168,29 +192,55 @@ class OperatorLog:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending.append((entry, self._clock(), fut))
         if self._task is None:
+            self._wake = asyncio.Event()  # of the running loop
             self._task = asyncio.create_task(self._flush(), name="onecard-operator-log")
+        else:
+            self._wake.set()
         return await fut
+
+    async def _more(self) -> bool:
+        """Whether entries wait, lingering a little for some when none do (as the campus's
+        coalescers do: a connection taken per append would cost more than the append)."""
+        if not self._pending:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(limits.OPERATOR_LOG_LINGER_S):
+                    await self._wake.wait()
+        return bool(self._pending)
 
     async def _flush(self) -> None:
         try:
             while self._pending:
-                batch, self._pending = self._pending[: self._max], self._pending[self._max :]
                 try:
                     async with self._pool().acquire(timeout=limits.DB_ACQUIRE_TIMEOUT_S) as c:
-                        ids, self._head = await append(c, [(e, at) for e, at, _ in batch],
-                                                       head=self._head)
-                except Exception as exc:
+                        while await self._more():
+                            await self._append(c)
+                except Exception as exc:  # no connection: everyone waiting hears why
                     self._head = None
-                    for _, _, fut in batch:
+                    waiting, self._pending = self._pending, []
+                    for _, _, fut in waiting:
                         if not fut.done():
                             fut.set_exception(exc)
-                    continue
-                self.transactions += 1
-                for (_, _, fut), entry_id in zip(batch, ids, strict=True):
-                    if not fut.done():
-                        fut.set_result(entry_id)
         finally:
             self._task = None
+
+    async def _append(self, conn: Conn) -> None:
+        batch, self._pending = self._pending[: self._max], self._pending[self._max :]
+        try:
+            ids, self._head = await append(conn, [(e, at) for e, at, _ in batch],
+                                           head=self._head)
+        except Exception as exc:
+            self._head = None
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            if isinstance(exc, asyncpg.PostgresError) and not conn.is_closed():
+                return  # the statement failed, the connection did not
+            raise
+        self.transactions += 1
+        for (_, _, fut), entry_id in zip(batch, ids, strict=True):
+            if not fut.done():
+                fut.set_result(entry_id)
 
 
 async def page(conn: Conn, *, limit: int, before: int | None) -> tuple[list[Logged], int | None]:

@@ -166,3 +166,17 @@ async def test_verify_names_an_inserted_entry_and_the_cli_fails(
     assert cli.returncode == 1, cli.stdout + cli.stderr
     assert cli.stdout.startswith(f"FAILED: operator log entry {last + 1}: inserted")
     assert await problems(pool) == []
+
+
+async def test_any_text_is_stored_as_hashed(pool: asyncpg.Pool) -> None:
+    odd = Entry('ac"tor\\', "r\u00f4le", "POST /v1/x\n", "\u4e2d\u6587 \u0000 " + "t" * 300,
+                "200 \ud7ff")
+    async with pool.acquire() as conn:
+        n = await oplog.record(conn, odd)
+        row = await conn.fetchrow("SELECT * FROM operator_log WHERE id = $1", n)
+        assert row is not None
+        assert (row["actor"], row["role"], row["action"]) == ('ac"tor\\', "r\u00f4le",
+                                                             "POST /v1/x?")
+        assert row["target"].startswith("\u4e2d\u6587 ? t") and row["target"].endswith("...")
+        assert len(row["target"]) == 200
+        assert (await oplog.check_chain(conn))[1] == []
