@@ -25,7 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.databases import scratch_database  # noqa: E402
-
 from engine.service import create_pool  # noqa: E402
 from engine.store import Store  # noqa: E402
 from ledger.account import Account  # noqa: E402

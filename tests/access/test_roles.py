@@ -22,6 +22,8 @@ WRITES_OF: dict[str, set[tuple[str, str]]] = {
     "campus": {("POST", "/v1/holders"), ("POST", "/v1/cards"),
                ("POST", "/v1/cards/{card_no}/report-lost"), ("POST", "/v1/cards/{card_no}/found"),
                ("POST", "/v1/cards/{card_no}/replace"), ("POST", "/v1/cards/{card_no}/close"),
+               # extension: forgive a card's wrong PINs (a card action of the card office)
+               ("POST", "/v1/cards/{card_no}/pin-tries/reset"),
                ("POST", "/v1/rooms"), ("POST", "/v1/subsidies"),
                ("POST", "/v1/holders/{holder_id}/activation"),
                ("POST", "/v1/rooms/{room_id}/residents"),
