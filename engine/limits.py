@@ -187,6 +187,11 @@ RESTORE_TIMEOUT_S: Final = 6 * 3600.0
 # Remembered terminal answers are kept this long (ONECARD_ANSWER_RETENTION_DAYS): a
 # retransmission or a reversal comes within minutes; 35 days cover a monthly reconciliation.
 ANSWER_RETENTION_DAYS: Final = 35
+# Web sessions not seen for this long are deleted (they expired after WEB_SESSION_IDLE_S).
+SESSION_RETENTION_DAYS: Final = 1
+# Failed logins and wrong PINs older than this are deleted: a lockout lasts 15 minutes and a
+# PIN count one campus day, so a week keeps what an investigation of an attack needs.
+ATTEMPT_RETENTION_DAYS: Final = 7
 # Old rows are deleted this many per statement, with a pause in between, so the pruner never
 # holds many row locks or long transactions beside the hot path.
 RETENTION_BATCH_ROWS: Final = 1000
