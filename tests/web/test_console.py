@@ -255,3 +255,21 @@ async def _fill(conn: asyncpg.Connection, *, ledger: int, count: int) -> None:
         FROM generate_series(1, $2) g""", ledger, count)
 
 
+
+
+@pytest.mark.parametrize(("role", "status"), [
+    (Role.ADMIN, 200), (Role.AUDITOR, 200), (Role.CARD_OFFICE, 403), (Role.FINANCE, 403),
+])
+async def test_the_operator_log_page(
+    web: WebServer, pool: asyncpg.Pool, operators_login: None, role: Role, status: int
+) -> None:
+    async with console_as(web, pool, role) as (client, _):
+        r = await client.get("/console/log")
+        assert r.status_code == status
+        if status == 200:
+            assert 'id="operator-log"' in r.text
+            if 'rel="next"' in r.text:
+                href = re.search(r'rel="next" href="([^"]+)"', r.text)
+                assert href and (await client.get(href.group(1))).status_code == 200
+        en = await client.get("/console/log", params={"lang": "en"})
+        assert 'lang="en"' in en.text
