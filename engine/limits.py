@@ -174,6 +174,17 @@ WEB_LANG_COOKIE_MAX_AGE_S: Final = 365 * 24 * 3600
 # stylesheet is fetched at once after an upgrade.
 WEB_STATIC_MAX_AGE_S: Final = 7 * 24 * 3600
 
+# -- the operator console (/console: engine/web/console_*.py) ----------------------------------
+# A console login refused because the whole engine is busy with logins (the global attempt
+# bound) says "try again in" this long: the bucket refills within a second or two.
+WEB_LOGIN_BUSY_RETRY_S: Final = 60
+# Holder search answers at most this many rows per kind of match (id, name, card): a counter
+# clerk refines a search; a list of thousands helps nobody and costs a page of that size.
+CONSOLE_SEARCH_ROWS: Final = 50
+# Latest transfers shown on a holder's page, and operator log entries per page.
+CONSOLE_HOLDER_TRANSFERS: Final = 20
+CONSOLE_LOG_PAGE: Final = 50
+
 # -- operations: backups and bounded growth ---------------------------------------------------
 # A WAL segment is archived when full (16 MB) or this long after its first write, whichever is
 # first: the most a quiet campus loses if the disk holding pgdata dies but the archive lives.

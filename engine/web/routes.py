@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from litestar import Router
 from litestar.handlers import HTTPRouteHandler
 
+from engine.web.console import console_handlers
 from engine.web.errors import html_errors
 from engine.web.gate import PORTAL, after, gate
 from engine.web.login import login_handlers, placeholder_home
@@ -33,6 +34,6 @@ def route_handlers() -> list[Router | HTTPRouteHandler]:
     """Everything the web pages add to the app."""
     return [
         portal_router(SELF, [placeholder_home(SELF)]),
-        portal_router(CONSOLE, [placeholder_home(CONSOLE)]),
+        portal_router(CONSOLE, console_handlers()),
         stylesheet,
     ]

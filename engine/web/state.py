@@ -15,6 +15,7 @@ from typing import Any
 from litestar import Litestar
 
 from engine.web.auth import Verifier, refuse_all
+from engine.web.console_login import operator_verifier
 from engine.web.sessions import SessionKind
 
 _KEY = "web"
@@ -28,7 +29,9 @@ class WebState:
     # ONECARD_COOKIE_SECURE=1 (behind HTTPS): every cookie gets the Secure attribute
     cookie_secure: bool = False
     verifiers: dict[SessionKind, Verifier] = field(
-        default_factory=lambda: {kind: refuse_all for kind in SessionKind}
+        # the console's operators log in with their passwords (engine/access/operators.py)
+        default_factory=lambda: {SessionKind.SELF: refuse_all,
+                                 SessionKind.CONSOLE: operator_verifier}
     )
     csrf_key: bytes | None = None  # loaded from web_keys by the first request that needs it
 
