@@ -37,7 +37,7 @@ from engine.campus import (
     TerminalKind,
 )
 from engine.campus.subsidies import MAX_BATCH_ID_LEN, Grant, grant_problem, grant_subsidies
-from engine.http.app import ApiError, ErrorCode
+from engine.http.errors import ApiError, ErrorCode
 from engine.service import Engine
 from ledger.account import AccountName, HolderId
 from ledger.types import INT32_MAX, INT64_MAX, TEXT_WITHOUT_NUL, AccountKind, whole_match
