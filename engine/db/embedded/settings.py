@@ -89,7 +89,7 @@ def _postgres_settings(socket_dir: Path, archive_dir: Path) -> dict[str, str]:
 
 
 HBA_CONF: Final = """\
-# Written by onecard (engine/embedded.py): unix-socket only, no TCP.
+# Written by onecard (engine/db/embedded/): unix-socket only, no TCP.
 # The socket is mode 0700 in a 0700 directory, so only the cluster's OS user (and root)
 # can reach it.
 # TYPE  DATABASE     USER  METHOD
@@ -98,7 +98,7 @@ local   replication  all   trust
 """
 
 INCLUDE_LINE: Final = (
-    "\n# onecard: settings managed by engine/embedded.py (use ALTER SYSTEM to override)\n"
+    "\n# onecard: settings managed by engine/db/embedded/ (use ALTER SYSTEM to override)\n"
     "include_if_exists = 'onecard.conf'\n"
 )
 
@@ -117,7 +117,7 @@ def write_settings(
     body = "".join(f"{k} = {v}\n" for k, v in settings.items())
     write_file(
         pgdata / "onecard.conf",
-        "# Managed by onecard (engine/embedded.py); rewritten at every start.\n" + body,
+        "# Managed by onecard (engine/db/embedded/); rewritten at every start.\n" + body,
         mode=0o600,
         owner=owner,
     )
