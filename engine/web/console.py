@@ -6,9 +6,14 @@ from __future__ import annotations
 
 from litestar.handlers import HTTPRouteHandler
 
-from engine.web import console_finance, console_holders, console_log
+from engine.web import console_finance, console_holders, console_log, console_subsidies
 
 
 def console_handlers() -> list[HTTPRouteHandler]:
     """Every page of /console besides its login and logout (paths relative to /console)."""
-    return [*console_holders.HANDLERS, *console_log.HANDLERS, *console_finance.HANDLERS]
+    return [
+        *console_holders.HANDLERS,
+        *console_log.HANDLERS,
+        *console_finance.HANDLERS,
+        *console_subsidies.HANDLERS,
+    ]
