@@ -1,12 +1,19 @@
 """The operator console's pages (contract §8), each module one concern: the card counter
-(``console_holders``), the operator log (``console_log``); more join ``console_handlers``
-as they are built."""
+(``console_holders``), the operator log (``console_log``), the day's finance
+(``console_finance``), the subsidy month (``console_subsidies``) and the operators
+(``console_operators``)."""
 
 from __future__ import annotations
 
 from litestar.handlers import HTTPRouteHandler
 
-from engine.web import console_finance, console_holders, console_log, console_subsidies
+from engine.web import (
+    console_finance,
+    console_holders,
+    console_log,
+    console_operators,
+    console_subsidies,
+)
 
 
 def console_handlers() -> list[HTTPRouteHandler]:
@@ -16,4 +23,5 @@ def console_handlers() -> list[HTTPRouteHandler]:
         *console_log.HANDLERS,
         *console_finance.HANDLERS,
         *console_subsidies.HANDLERS,
+        *console_operators.HANDLERS,
     ]
