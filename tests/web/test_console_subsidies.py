@@ -143,3 +143,23 @@ async def test_subsidies_are_refused_to_other_roles(
             "/console/subsidies/preview", data={"csrf": csrf_of(home.text)},
             files={"file": ("s.csv", f"ledger,holder_id,amount_fen\n{ledger},{hid},1\n".encode())})
         assert r.status_code == 403
+
+
+async def test_a_campus_sized_file_goes_through_preview_and_confirm(
+    web: WebServer, pool: asyncpg.Pool, operators_login: None  # noqa: F811
+) -> None:
+    """40,000 rows (a campus's month, ~1.3 MB): the preview lists a bounded number of refused
+    rows, counts all, and the confirm form carries the file back within the body limit."""
+    ledger, hid = await new_holder(web)
+    rows = "".join(f"{ledger},gone-{i:06d}-{hid},1000\n" for i in range(40_000))
+    data = f"ledger,holder_id,amount_fen\n{ledger},{hid},1000\n{rows}".encode()
+    assert len(data) > 1_000_000
+    async with console_as(web, pool, Role.CARD_OFFICE) as (client, _):
+        pre = await _upload(client, data)
+        assert pre.status_code == 200
+        assert _count(pre.text, "holder_not_found") == 40_000 and _count(pre.text, "credit") == 1
+        assert pre.text.count('data-reason="holder_not_found"') == 200  # the listed ones
+        done = await _confirm(client, pre)
+        assert done.status_code == 200, done.text[:500]
+        assert _count(done.text, "created") == 1 and _count(done.text, "holder_not_found") == 40_000
+    assert await _subsidy_credits(pool, ledger, hid) == 1000
