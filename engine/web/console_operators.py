@@ -30,6 +30,9 @@ INVALID_USERNAME: Final = "invalid_username"
 INVALID_ROLE: Final = "invalid_role"
 WEAK_PASSWORD: Final = "weak_password"
 PASSWORDS_DIFFER: Final = "passwords_differ"
+# An admin disabling themselves could leave the console without any admin (the command line's
+# `onecard operator add` on the server is then the only way back): another admin must do it.
+DISABLE_SELF: Final = "disable_self"
 MESSAGES: Final = {
     "created": N_("The operator was added."),
     "exists": N_("That username is taken; nothing changed."),
@@ -40,13 +43,14 @@ MESSAGES: Final = {
     "disabled": N_("The operator was disabled."),
     "already_disabled": N_("The operator was already disabled."),
     "not_found": N_("There is no such operator."),
+    DISABLE_SELF: N_("You cannot disable yourself; another admin can."),
 }
 ROLES: Final = sorted(str(r) for r in OPERATOR_ROLES)
 SHOWN_WORDS: Final = (N_("admin"), N_("card_office"), N_("finance"), N_("auditor"))
 
 
 async def _page(
-    request: Request[Any, Any, Any], *, status: int = 200, result: str | None = None
+    request: Request[Any, Any, Any], op: Operator, *, status: int = 200, result: str | None = None
 ) -> Response[bytes]:
     async with request.app.state.engine.store.pool.acquire(
         timeout=limits.DB_ACQUIRE_TIMEOUT_S
@@ -63,14 +67,15 @@ async def _page(
         result=result,
         message=MESSAGES.get(result or ""),
         min_password=limits.MIN_OPERATOR_PASSWORD,
+        me=op.username,
     )
 
 
 @get("/operators", name="console-operators")
 async def operators_page(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Every operator, and the add form."""
-    await require(request, Right.OPERATORS)
-    return await _page(request)
+    op = await require(request, Right.OPERATORS)
+    return await _page(request, op)
 
 
 async def _add(request: Request[Any, Any, Any], op: Operator) -> str:
@@ -102,7 +107,7 @@ async def operator_add(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Add an operator (as ``onecard operator add``)."""
     op = await require(request, Right.OPERATORS)
     result = await _add(request, op)
-    return await _page(request, status=200 if result == "created" else 400, result=result)
+    return await _page(request, op, status=200 if result == "created" else 400, result=result)
 
 
 @post("/operators/disable", status_code=200, name="console-operator-disable")
@@ -111,13 +116,15 @@ async def operator_disable(request: Request[Any, Any, Any]) -> Response[bytes]:
     op = await require(request, Right.OPERATORS)
     username = (form_field(await request.form(), "username") or "").strip()
     if not operators.NAME.fullmatch(username):
-        return await _page(request, status=400, result=INVALID_USERNAME)
+        return await _page(request, op, status=400, result=INVALID_USERNAME)
+    if username == op.username:
+        return await _page(request, op, status=400, result=DISABLE_SELF)
     async with request.app.state.engine.store.pool.acquire(
         timeout=limits.DB_ACQUIRE_TIMEOUT_S
     ) as conn:
         done = await operators.disable_operator(conn, username)
     await record(request, op, "operator disable", f"username={username}", str(done))
-    return await _page(request, result=str(done))
+    return await _page(request, op, result=str(done))
 
 
 HANDLERS: Final[list[HTTPRouteHandler]] = [operators_page, operator_add, operator_disable]

@@ -13,7 +13,7 @@ import pytest
 from engine.access import oplog
 from engine.access.roles import Role
 from engine.web.portal import CONSOLE
-from tests.web.conftest import WebServer, csrf_of, log_in
+from tests.web.conftest import WebServer, csrf_of, html_lang, log_in
 from tests.web.test_console import (  # noqa: F401  (fixtures)
     _N,
     console_as,
@@ -87,3 +87,32 @@ async def test_only_admins_manage_operators(
     async with pool.acquire() as conn:
         from engine.access.operators import get_operator
         assert await get_operator(conn, victim) is None
+
+
+async def test_an_admin_cannot_disable_themselves(
+    web: WebServer, pool: asyncpg.Pool, operators_login: None  # noqa: F811
+) -> None:
+    async with console_as(web, pool, Role.ADMIN) as (client, admin):
+        page = await client.get("/console/operators")
+        assert f'id="disable-{admin}"' not in page.text
+        r = await client.post("/console/operators/disable",
+                              data={"username": admin, "csrf": csrf_of(page.text)})
+        assert r.status_code == 400 and 'data-status="disable_self"' in r.text
+        assert _row(r.text, admin) == ("admin", "active")
+        assert (await client.get("/console/operators")).status_code == 200
+
+
+@pytest.mark.parametrize("lang", ["zh-CN", "en"])
+@pytest.mark.parametrize("path", [
+    "/console/finance", "/console/finance?date=2024-01-01", "/console/subsidies",
+    "/console/operators",
+])
+async def test_every_new_page_in_both_languages(
+    web: WebServer, pool: asyncpg.Pool, operators_login: None, path: str, lang: str  # noqa: F811
+) -> None:
+    async with console_as(web, pool, Role.ADMIN) as (client, _):
+        sep = "&" if "?" in path else "?"
+        r = await client.get(f"{path}{sep}lang={lang}")
+        assert r.status_code == 200 and html_lang(r.text) == lang
+        if lang == "zh-CN":  # the page's own words are Chinese
+            assert re.search(r"<h1>[^<]*[\u4e00-\u9fff]", r.text), r.text[:800]
