@@ -17,7 +17,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 from uuid import UUID
 
-import asyncpg
 import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.enums import ScopeType
@@ -28,8 +27,9 @@ from litestar.params import FromPath
 from litestar.types import ASGIApp, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from engine import limits, metrics
-from engine.batcher import Overloaded, TooManyLedgers, TransferResult, Unavailable
+from engine import faults, limits, metrics
+from engine.batcher import Overloaded, TooManyLedgers, Unavailable
+from engine.grouping import TransferResult
 from engine.service import Engine
 from engine.store import TransferRecord
 from engine.web import routes as web
@@ -42,20 +42,9 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-# The database went away under a request: connection refused or lost, the server shutting down,
-# restarting or out of connections, a connection whose protocol state died with its backend
-# (asyncpg's InternalClientError, seen under pg_terminate_backend). The client may retry (the
-# transfer id makes a write idempotent), so these answer 503, never 500.
-DATABASE_AWAY: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    Unavailable,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-)
+# The database went away under a request (engine/faults.py) or the batcher could not reach it:
+# the client may retry (the transfer id makes a write idempotent), so these answer 503, never 500.
+DATABASE_AWAY: Final[tuple[type[BaseException], ...]] = (*faults.DATABASE_AWAY, Unavailable)
 
 
 class ErrorCode(enum.StrEnum):

@@ -22,8 +22,9 @@ import msgspec
 import pytest
 import uvicorn
 
-from engine.batcher import Batcher, Overloaded, TransferResult
+from engine.batcher import Batcher, Overloaded
 from engine.finance.verify import verify
+from engine.grouping import TransferResult
 from engine.http.app import create_app
 from engine.service import Engine
 from ledger.account import Account

@@ -14,8 +14,8 @@ from typing import Any, Final
 import msgspec
 import pytest
 
-from engine.batcher import TransferResult
 from engine.campus.spending import SpendMemory
+from engine.grouping import TransferResult
 from engine.store import _astuple, _columns, _pg_array
 from ledger import audit
 from ledger.account import AccountState
