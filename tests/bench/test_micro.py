@@ -16,7 +16,8 @@ import pytest
 
 from engine.campus.spending import SpendMemory
 from engine.grouping import TransferResult
-from engine.store import _astuple, _columns, _pg_array
+from engine.rows import pg_array as _pg_array
+from engine.store import _astuple, _columns
 from ledger import audit
 from ledger.account import AccountState
 from ledger.apply import apply_transfers
