@@ -12,30 +12,18 @@ import logging
 from collections.abc import Callable
 from typing import Any, Final
 
-import asyncpg
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from engine import limits
+from engine import faults, limits
 from engine.batcher import Unavailable
 
 log = logging.getLogger(__name__)
 
-# The database went away under a request: connection refused or lost, the server shutting down,
-# restarting or out of connections, a connection whose protocol state died with its backend
-# (asyncpg's InternalClientError, seen under pg_terminate_backend). The client may retry (the
-# transfer id makes a write idempotent), so these answer 503, never 500.
-DATABASE_AWAY: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    Unavailable,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-)
+# The database went away under a request (engine/faults.py) or the batcher could not reach it:
+# the client may retry (the transfer id makes a write idempotent), so these answer 503, never 500.
+DATABASE_AWAY: Final[tuple[type[BaseException], ...]] = (*faults.DATABASE_AWAY, Unavailable)
 
 
 class ErrorCode(enum.StrEnum):

@@ -13,7 +13,8 @@ from litestar import Request, get, post
 from litestar.params import FromPath
 
 from engine import limits, metrics
-from engine.batcher import Overloaded, TooManyLedgers, TransferResult, Unavailable
+from engine.batcher import Overloaded, TooManyLedgers, Unavailable
+from engine.grouping import TransferResult
 from engine.http.errors import ApiError, ErrorCode
 from engine.http.params import (
     engine_of,
