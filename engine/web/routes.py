@@ -11,6 +11,8 @@ from engine.web.errors import html_errors
 from engine.web.gate import PORTAL, after, gate
 from engine.web.login import login_handlers, placeholder_home
 from engine.web.portal import CONSOLE, SELF, Portal
+from engine.web.self_forms import form_handlers
+from engine.web.self_pages import page_handlers
 from engine.web.static import stylesheet
 
 __all__ = ["html_errors", "portal_router", "route_handlers"]
@@ -32,7 +34,7 @@ def portal_router(portal: Portal, handlers: Sequence[HTTPRouteHandler]) -> Route
 def route_handlers() -> list[Router | HTTPRouteHandler]:
     """Everything the web pages add to the app."""
     return [
-        portal_router(SELF, [placeholder_home(SELF)]),
+        portal_router(SELF, [*page_handlers(), *form_handlers()]),
         portal_router(CONSOLE, [placeholder_home(CONSOLE)]),
         stylesheet,
     ]

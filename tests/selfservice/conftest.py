@@ -1,0 +1,299 @@
+"""/self as ``onecard serve`` runs it: the whole app (API and pages) and the terminal gateway
+over one engine and one Campus, in a thread of their own (Selenium blocks its caller), on real
+sockets. Holders, cards, rooms and money are made through the API (``World``); terminal
+payments go over real TCP to the gateway; pages are read like a browser reads them (httpx
+with cookies, or headless Chromium).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from engine.campus import Campus
+from engine.http.app import create_app
+from engine.service import Engine
+from engine.web.portal import SELF
+from engine.web.sessions import SessionKind
+from engine.web.state import web_state
+from terminals.client import TerminalClient
+from terminals.gateway import Gateway
+from tests.conftest import live_server
+from tests.web.conftest import MovableClock, PasswordBook, csrf_of, driver  # noqa: F401
+
+ADMIN = {"Authorization": "Bearer admin-token"}
+PASSWORD = "correct horse 1"
+
+
+@dataclass
+class SelfWeb:
+    """The live app and gateway."""
+
+    base_url: str
+    iso_port: int
+    clock: MovableClock
+    book: PasswordBook
+    app: Any
+    dsn: str
+
+
+@pytest.fixture(scope="session")
+def selfweb(dsn: str) -> Iterator[SelfWeb]:
+    """The app and the gateway on free ports, served from their own thread and loop."""
+    clock, book = MovableClock(), PasswordBook()
+    ready: dict[str, Any] = {}
+    started, stop = threading.Event(), threading.Event()
+
+    async def serve() -> None:
+        engine = Engine(dsn)
+        await engine.start(run_migrations=False)
+        conn = await asyncpg.connect(dsn)  # TODO(h7-roles): residents come with migration 0013
+        await conn.execute(_RESIDENTS_SHIM)
+        await conn.close()
+        campus = Campus(engine)
+        app = create_app(engine, admin_token="admin-token", read_token="read-token")
+        app.state.campus = campus  # one Campus for both doors, as onecard serve wires it
+        state = web_state(app)
+        state.clock = clock
+        state.verifiers = {SessionKind.SELF: book, SessionKind.CONSOLE: book}
+        gateway = Gateway(engine, campus=campus)
+        await gateway.start("127.0.0.1", 0)
+        try:
+            async with live_server(app) as base_url:
+                ready.update(base_url=base_url, app=app, iso_port=gateway.port)
+                started.set()
+                await asyncio.to_thread(stop.wait)
+        finally:
+            await gateway.stop()
+            await engine.stop()
+
+    def run() -> None:
+        try:
+            asyncio.run(serve())
+        except BaseException as e:
+            ready["error"] = e
+            started.set()
+
+    thread = threading.Thread(target=run, name="self-web-server", daemon=True)
+    thread.start()
+    started.wait(60)
+    if "error" in ready:
+        raise ready["error"]
+    yield SelfWeb(ready["base_url"], ready["iso_port"], clock, book, ready["app"], dsn)
+    stop.set()
+    thread.join(30)
+
+
+_RESIDENTS_SHIM = """
+CREATE TABLE IF NOT EXISTS room_residents (
+    ledger integer NOT NULL, holder_id text NOT NULL, room_id text NOT NULL,
+    created_at bigint NOT NULL, PRIMARY KEY (ledger, holder_id))
+"""
+
+
+@dataclass
+class Student:
+    """A holder with a card (and maybe a room), made through the API."""
+
+    holder_id: str
+    ledger: int
+    card_no: str
+    purse: int
+    subsidy: int
+    pin: str | None
+    password: str = PASSWORD
+    room_id: str | None = None
+    room_account: int | None = None
+
+
+_LEDGERS = iter(range(700_000, 800_000))
+_ACCOUNTS = iter(range(9_000_000_000, 9_100_000_000))
+
+
+@dataclass
+class World:
+    """A fresh ledger with a bank, a subsidy fund, a canteen POS terminal and a power utility."""
+
+    web: SelfWeb
+    http: httpx.AsyncClient
+    ledger: int = field(default_factory=lambda: next(_LEDGERS))
+    key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    clients: list[TerminalClient] = field(default_factory=list)
+
+    async def setup(self) -> World:
+        self.bank, self.fund, self.canteen, self.power = (next(_ACCOUNTS) for _ in range(4))
+        accounts = [
+            {"id": self.bank, "ledger": self.ledger, "kind": "clearing", "code": 1},
+            {"id": self.fund, "ledger": self.ledger, "kind": "fund", "code": 1},
+            {"id": self.canteen, "ledger": self.ledger, "kind": "merchant", "code": 1},
+            {"id": self.power, "ledger": self.ledger, "kind": "utility", "code": 3},
+        ]
+        r = await self.http.post("/v1/accounts", json=accounts, headers=ADMIN)
+        assert [a["status"] for a in r.json()] == ["created"] * 4, r.text
+        self.tid = "W" + secrets.token_hex(4)[:7].upper()
+        self.mid = "M" + self.tid + "000000"
+        r = await self.http.post("/v1/terminals", headers=ADMIN, json={
+            "terminal_id": self.tid, "merchant_id": self.mid, "ledger": self.ledger,
+            "kind": "pos", "account_id": self.canteen, "mac_key": self.key.hex()})
+        assert r.json()["status"] == "created", r.text
+        return self
+
+    async def student(
+        self, *, cash: int = 0, subsidy: int = 0, room: bool = False, room_fen: int = 0,
+        **card: Any,
+    ) -> Student:
+        """A holder with an active card (``card``: daily_limit, pin, pin_threshold)."""
+        holder = "S" + secrets.token_hex(5)
+        r = await self.http.post("/v1/holders", headers=ADMIN, json={
+            "id": holder, "ledger": self.ledger, "name": f"Student {holder}", "kind": "student"})
+        h = r.json()
+        card_no = "62" + "".join(secrets.choice("0123456789") for _ in range(14))
+        r = await self.http.post("/v1/cards", headers=ADMIN,
+                                 json={"card_no": card_no, "holder_id": holder, **card})
+        assert r.status_code == 200, r.text
+        s = Student(holder, self.ledger, card_no, h["purse_account_id"],
+                    h["subsidy_account_id"], card.get("pin"))
+        self.web.book.passwords[holder] = s.password
+        if cash:
+            await self.post(self.bank, s.purse, cash, 4)
+        if subsidy:
+            await self.post(self.fund, s.subsidy, subsidy, 5)
+        if room:
+            s.room_id, s.room_account = await self.room(room_fen)
+            await self.live_in(s, s.room_id)
+        return s
+
+    async def room(self, fen: int = 0) -> tuple[str, int]:
+        room_id = "R" + secrets.token_hex(4)
+        r = await self.http.post("/v1/rooms", headers=ADMIN,
+                                 json={"room_id": room_id, "ledger": self.ledger})
+        assert r.status_code == 200, r.text
+        account: int = r.json()["account_id"]
+        if fen:
+            await self.post(self.bank, account, fen, 4)
+        return room_id, account
+
+    async def live_in(self, s: Student, room_id: str) -> None:
+        # TODO(h7-roles): POST /v1/rooms/{room_id}/residents
+        conn = await asyncpg.connect(self.web.dsn)
+        try:
+            await conn.execute(
+                "INSERT INTO room_residents VALUES ($1, $2, $3, 0)", s.ledger, s.holder_id, room_id)
+        finally:
+            await conn.close()
+
+    async def post(self, debit: int, credit: int, amount: int, code: int, **kw: Any) -> str:
+        tid = str(uuid.uuid4())
+        r = await self.http.post("/v1/transfers", headers=ADMIN, json=[{
+            "id": tid, "ledger": self.ledger, "debit_account_id": debit,
+            "credit_account_id": credit, "amount": amount, "code": code, **kw}])
+        assert r.json()[0]["status"] == "created", r.text
+        return tid
+
+    async def available(self, account: int) -> int:
+        r = await self.http.get(f"/v1/accounts/{account}/balance", headers=ADMIN)
+        value: int = r.json()["available"]
+        return value
+
+    async def terminal(self) -> TerminalClient:
+        c = TerminalClient("127.0.0.1", self.web.iso_port, terminal_id=self.tid,
+                           merchant_id=self.mid, mac_key=self.key, timeout_s=10)
+        await c.connect()
+        self.clients.append(c)
+        return c
+
+    async def purchase(self, s: Student, amount: int, *, pin: str | None = None) -> str:
+        """A canteen purchase over ISO 8583; its response code (field 39)."""
+        pos = self.clients[0] if self.clients else await self.terminal()
+        ans = await pos.request(pos.purchase(s.card_no, amount, pin=pin))
+        assert ans.response_code is not None
+        return str(ans.response_code)
+
+    async def close(self) -> None:
+        for c in self.clients:
+            await c.close()
+
+
+@pytest.fixture
+async def client(selfweb: SelfWeb) -> AsyncIterator[httpx.AsyncClient]:
+    """A browser-like client: keeps cookies, does not follow redirects."""
+    async with httpx.AsyncClient(base_url=selfweb.base_url, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture
+async def world(selfweb: SelfWeb) -> AsyncIterator[World]:
+    """A fresh ledger (its own API client)."""
+    async with httpx.AsyncClient(base_url=selfweb.base_url, timeout=30) as http:
+        w = await World(selfweb, http).setup()
+        yield w
+        await w.close()
+
+
+async def log_in(client: httpx.AsyncClient, s: Student, password: str | None = None) -> None:
+    """Log in through the form, like a browser; asserts the redirect home."""
+    form = await client.get(SELF.login)
+    r = await client.post(SELF.login, data={
+        "holder_id": s.holder_id, "password": password or s.password,
+        "csrf": csrf_of(form.text)})
+    assert r.status_code == 303 and r.headers["location"] == "/self", r.text
+
+
+_VOID = frozenset({"input", "br", "img", "meta", "link", "hr"})
+
+
+class Page(HTMLParser):
+    """Elements by id (attributes and text) and the forms' csrf tokens of a page."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.html = html
+        self.ids: dict[str, dict[str, Any]] = {}
+        self.rows: dict[str, list[dict[str, str | None]]] = {}
+        self.csrf: list[str] = []
+        self._open: list[tuple[str, str]] = []  # (tag, id) of elements whose text is wanted
+        self._table: str | None = None
+        self.feed(html)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "input" and a.get("name") == "csrf":
+            self.csrf.append(a.get("value") or "")
+        if tag == "table" and a.get("id"):
+            self._table = str(a["id"])
+            self.rows[self._table] = []
+        if tag == "tr" and self._table and "data-fen" in a:
+            self.rows[self._table].append(a)
+        if a.get("id"):
+            self.ids[str(a["id"])] = {"tag": tag, "text": "", **a}
+            if tag not in _VOID:
+                self._open.append((tag, str(a["id"])))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "table":
+            self._table = None
+        if self._open and self._open[-1][0] == tag:
+            self._open.pop()
+
+    def handle_data(self, data: str) -> None:
+        for _, element in self._open:
+            self.ids[element]["text"] += data
+
+    def fen(self, element: str) -> int:
+        """An amount element's data-fen."""
+        return int(self.ids[element]["data-fen"])
+
+    def text(self, element: str) -> str:
+        """An element's text, whitespace collapsed."""
+        return re.sub(r"\s+", " ", str(self.ids[element]["text"])).strip()
