@@ -170,3 +170,6 @@ SELF_HOLDER_ID_MAX_CHARS: Final = 64
 # Holder id -> (ledger, purses) never changes; this many are remembered per process (a
 # campus has tens of thousands of holders; beyond the bound the oldest are forgotten).
 SELF_MAX_CACHED_HOLDERS: Final = 262_144
+# Contract §6: a holder's password has at least this many characters (the activation page
+# says so; the password store checks it).
+WEB_MIN_HOLDER_PASSWORD_CHARS: Final = 8

@@ -14,7 +14,7 @@ from typing import Any
 
 from litestar import Litestar
 
-from engine.web.auth import Verifier, refuse_all
+from engine.web.auth import Activator, Verifier, refuse_activation, refuse_all
 from engine.web.sessions import SessionKind
 
 _KEY = "web"
@@ -31,6 +31,8 @@ class WebState:
         default_factory=lambda: {kind: refuse_all for kind in SessionKind}
     )
     csrf_key: bytes | None = None  # loaded from web_keys by the first request that needs it
+    # turns a holder's activation code into their first password (/self/activate)
+    activator: Activator = refuse_activation
 
 
 def web_state(app: Litestar) -> WebState:
