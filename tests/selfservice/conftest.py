@@ -24,6 +24,7 @@ import pytest
 from engine.campus import Campus
 from engine.http.app import create_app
 from engine.service import Engine
+from engine.web.auth import Activation, ActivationOutcome
 from engine.web.portal import SELF
 from engine.web.sessions import SessionKind
 from engine.web.state import web_state
@@ -37,6 +38,25 @@ PASSWORD = "correct horse 1"
 
 
 @dataclass
+class CodeBook:
+    """The tests' activation codes: holder -> code; a used code sets the password book's."""
+
+    book: PasswordBook
+    codes: dict[str, str] = field(default_factory=dict)
+
+    async def __call__(
+        self, engine: Engine, holder_id: str, code: str, password: str, *, now: float
+    ) -> Activation:
+        if len(password) < 8:
+            return Activation(ActivationOutcome.SHORT)
+        if self.codes.get(holder_id) != code:
+            return Activation(ActivationOutcome.WRONG)
+        del self.codes[holder_id]
+        self.book.passwords[holder_id] = password
+        return Activation(ActivationOutcome.OK)
+
+
+@dataclass
 class SelfWeb:
     """The live app and gateway."""
 
@@ -44,6 +64,7 @@ class SelfWeb:
     iso_port: int
     clock: MovableClock
     book: PasswordBook
+    codes: CodeBook
     app: Any
     dsn: str
 
@@ -52,6 +73,7 @@ class SelfWeb:
 def selfweb(dsn: str) -> Iterator[SelfWeb]:
     """The app and the gateway on free ports, served from their own thread and loop."""
     clock, book = MovableClock(), PasswordBook()
+    codes = CodeBook(book)
     ready: dict[str, Any] = {}
     started, stop = threading.Event(), threading.Event()
 
@@ -67,6 +89,7 @@ def selfweb(dsn: str) -> Iterator[SelfWeb]:
         state = web_state(app)
         state.clock = clock
         state.verifiers = {SessionKind.SELF: book, SessionKind.CONSOLE: book}
+        state.activator = codes
         gateway = Gateway(engine, campus=campus)
         await gateway.start("127.0.0.1", 0)
         try:
@@ -90,7 +113,7 @@ def selfweb(dsn: str) -> Iterator[SelfWeb]:
     started.wait(60)
     if "error" in ready:
         raise ready["error"]
-    yield SelfWeb(ready["base_url"], ready["iso_port"], clock, book, ready["app"], dsn)
+    yield SelfWeb(ready["base_url"], ready["iso_port"], clock, book, codes, ready["app"], dsn)
     stop.set()
     thread.join(30)
 
@@ -151,9 +174,10 @@ class World:
 
     async def student(
         self, *, cash: int = 0, subsidy: int = 0, room: bool = False, room_fen: int = 0,
-        **card: Any,
+        activated: bool = True, **card: Any,
     ) -> Student:
-        """A holder with an active card (``card``: daily_limit, pin, pin_threshold)."""
+        """A holder with an active card (``card``: daily_limit, pin, pin_threshold) and, when
+        ``activated``, a password."""
         holder = "S" + secrets.token_hex(5)
         r = await self.http.post("/v1/holders", headers=ADMIN, json={
             "id": holder, "ledger": self.ledger, "name": f"Student {holder}", "kind": "student"})
@@ -164,7 +188,8 @@ class World:
         assert r.status_code == 200, r.text
         s = Student(holder, self.ledger, card_no, h["purse_account_id"],
                     h["subsidy_account_id"], card.get("pin"))
-        self.web.book.passwords[holder] = s.password
+        if activated:
+            self.web.book.passwords[holder] = s.password
         if cash:
             await self.post(self.bank, s.purse, cash, 4)
         if subsidy:
@@ -173,6 +198,12 @@ class World:
             s.room_id, s.room_account = await self.room(room_fen)
             await self.live_in(s, s.room_id)
         return s
+
+    async def activation_code(self, s: Student) -> str:
+        """A new activation code for the holder (the card office's)."""
+        code = "".join(secrets.choice("0123456789") for _ in range(8))
+        self.web.codes.codes[s.holder_id] = code
+        return code
 
     async def room(self, fen: int = 0) -> tuple[str, int]:
         room_id = "R" + secrets.token_hex(4)
@@ -230,6 +261,14 @@ async def client(selfweb: SelfWeb) -> AsyncIterator[httpx.AsyncClient]:
     """A browser-like client: keeps cookies, does not follow redirects."""
     async with httpx.AsyncClient(base_url=selfweb.base_url, timeout=30) as c:
         yield c
+
+
+@pytest.fixture
+def browser(driver: Any, selfweb: SelfWeb) -> Iterator[Any]:
+    """The shared headless Chromium with no cookies of earlier tests."""
+    driver.get(selfweb.base_url + "/static/onecard.css")  # a page of the site, for its cookies
+    driver.delete_all_cookies()
+    yield driver
 
 
 @pytest.fixture
