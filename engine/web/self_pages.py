@@ -14,7 +14,7 @@ import logging
 import os
 import uuid
 from datetime import date, datetime
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from litestar import Request, Response, get
 from litestar.exceptions import HTTPException
@@ -25,7 +25,7 @@ from engine.calendar import campus_tz_name, from_ns, parse_month
 from engine.campus import Campus
 from engine.selfservice import SelfService
 from engine.selfservice.holders import HolderRef, Overview
-from engine.selfservice.statement import NEWEST
+from engine.selfservice.statement import NEWEST, Line
 from engine.web import render
 from engine.web.errors import Refusal, WebError
 from engine.web.gate import current_session, now
@@ -183,9 +183,39 @@ async def statement(request: Request[Any, Any, Any]) -> Response[bytes]:
     if page.next_before is not None:
         kept = f"&account_id={accounts[0]}" if len(accounts) == 1 else ""
         next_url = f"/self/statement?before={page.next_before}{kept}"
-    return _page(request, "self_statement.html", page=page, next_url=next_url,
-                 first_page=before is None, codes=TRANSFER_CODES, states=TRANSFER_STATES,
-                 when=lambda ns: local_time(service, ns))
+    return _page(request, "self_statement.html", rows=_rows(request, service, page.lines),
+                 next_url=next_url, first_page=before is None)
+
+
+class Row(NamedTuple):
+    """A statement line as the page shows it (words already in the page's language: a page
+    of twenty rows renders in a fraction of the time twenty macro and gettext calls take)."""
+
+    transfer_id: str
+    code: int
+    fen: int
+    when: str
+    name: str
+    tag: str  # a hold's state, or "released"; empty for the rest
+    held: int
+
+
+def _rows(
+    request: Request[Any, Any, Any], service: SelfService, lines: list[Line]
+) -> list[Row]:
+    words = {code: render.gettext(request, msg) for code, msg in TRANSFER_CODES.items()}
+    other = render.gettext(request, ROOM_ITEMS["other"])
+    rows = []
+    for line in lines:
+        tag = ""
+        if line.is_hold:
+            tag = render.gettext(request, TRANSFER_STATES[line.state.value])
+        elif line.released:
+            tag = render.gettext(request, TRANSFER_STATES["voided"])
+        rows.append(Row(str(line.transfer_id), line.code, line.fen,
+                        local_time(service, line.timestamp), words.get(line.code, other), tag,
+                        line.held))
+    return rows
 
 
 @get("/transfers/{transfer_id:str}", name="self-transfer")

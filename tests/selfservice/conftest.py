@@ -264,7 +264,7 @@ async def client(selfweb: SelfWeb) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture
-def browser(driver: Any, selfweb: SelfWeb) -> Iterator[Any]:
+def browser(driver: Any, selfweb: SelfWeb) -> Iterator[Any]:  # noqa: F811 (the fixture)
     """The shared headless Chromium with no cookies of earlier tests."""
     driver.get(selfweb.base_url + "/static/onecard.css")  # a page of the site, for its cookies
     driver.delete_all_cookies()
