@@ -4,10 +4,13 @@ holder's own daily limit, electricity; each checked against what the terminals t
 from __future__ import annotations
 
 import re
+from datetime import date
 
+import asyncpg
 import httpx
 import pytest
 
+from engine.finance.statements import monthly_statement
 from engine.web.portal import SELF
 from tests.selfservice.conftest import Page, Student, World, log_in
 
@@ -202,6 +205,18 @@ async def test_the_month_room_statement(world: World, client: httpx.AsyncClient)
                                                    "consumption", "closing"]
     assert [int(str(row["data-fen"])) for row in rows] == [0, 300, 2_000, -150, 2_150]
     assert page.fen("room-bought") == 2_000 and page.fen("room-used") == -150
+    # the figures of `onecard statement --room` for the same month
+    pool = await asyncpg.create_pool(world.web.dsn, min_size=1, max_size=1)
+    try:
+        month = date.fromisoformat(str(page.ids["room-statement"]["data-month"]) + "-01")
+        done = await monthly_statement(pool, month, room=s.room_id, ledger=s.ledger)
+    finally:
+        await pool.close()
+    [room] = done.rooms
+    assert [int(str(row["data-fen"])) for row in rows] == [
+        room.opening, *(i.amount for i in room.items), room.closing]
+    assert [row.get("data-transfer-id") for row in rows[1:-1]] == [
+        i.transfer_id for i in room.items]
     bad = await client.get("/self/room-statement?month=2025-13")
     assert bad.status_code == 400 and Page(bad.text).ids["error"]["data-error"] == "month"
     old = Page((await client.get("/self/room-statement?month=2020-01")).text)
