@@ -12,10 +12,12 @@ from datetime import date
 
 import asyncpg
 
+import engine.selfservice.cards as cards
+import engine.selfservice.electricity as electricity
+import engine.selfservice.statement as statement
 from engine import limits
 from engine.campus import Campus
 from engine.finance.statements import Subject
-from engine.selfservice import cards, electricity, statement
 from engine.selfservice.cards import CardChange, OwnCard, PinChange
 from engine.selfservice.electricity import Electricity, HolderRoom, Purchase
 from engine.selfservice.holders import HolderReads, HolderRef, Overview
