@@ -68,7 +68,7 @@ TRANSFER_STATES: Final = {
 # The room statement's lines (engine/finance/statements.py's items).
 ROOM_ITEMS: Final = {
     "opening": N_("Opening balance"),
-    "purchase": N_("Electricity bought"),
+    "purchase": N_("Electricity purchase"),
     "consumption": N_("Electricity used"),
     "reversal": N_("Reversal"),
     "other": N_("Other"),

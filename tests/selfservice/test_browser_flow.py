@@ -83,6 +83,7 @@ async def test_a_students_evening(browser: Any, selfweb: SelfWeb, world: World) 
     d.get(base + "/self/login")
     assert lang(d) == "zh-CN"
     follow(d, "to-activate")
+    screenshot(d, "self-activate-zh")
     fill(d, holder_id=s.holder_id, code=code, password=s.password, password2=s.password)
     follow(d, "activate")
     assert d.current_url == base + "/self/login"
@@ -118,9 +119,11 @@ async def test_a_students_evening(browser: Any, selfweb: SelfWeb, world: World) 
     fill(d, **{"lost-password": s.password})
     follow(d, "report-lost")
     assert by_id(d, "result").get_attribute("data-status") == "done"
+    screenshot(d, "self-reported-lost-zh")
     assert await world.purchase(s, 100, pin="1234") == "41"
     follow(d, "back-home")
     assert by_id(d, "card-status").get_attribute("data-status") == "lost"
+    screenshot(d, "self-home-lost-zh")
     fill(d, **{"found-password": s.password})
     follow(d, "found")
     assert by_id(d, "result").get_attribute("data-status") == "done"
@@ -131,10 +134,12 @@ async def test_a_students_evening(browser: Any, selfweb: SelfWeb, world: World) 
     assert by_id(d, "room-id").text == s.room_id
     room_before = fen(d, "room-available")
     assert room_before == 800
+    screenshot(d, "self-electricity-zh")
     fill(d, amount_yuan="20")
     follow(d, "buy")
     assert by_id(d, "result").get_attribute("data-status") == "created"
     assert fen(d, "room-available") == 2_800
+    screenshot(d, "self-electricity-bought-zh")
     d.refresh()  # the browser posts the same form (the same key) again: nothing more is bought
     assert by_id(d, "result").get_attribute("data-status") == "exists"
     assert s.room_account is not None and await world.available(s.room_account) == 2_800
@@ -146,9 +151,11 @@ async def test_a_students_evening(browser: Any, selfweb: SelfWeb, world: World) 
     items = [r.get_attribute("data-item") for r in rows(d, "room-statement")]
     assert items == ["opening", "other", "purchase", "closing"]
     assert fen(d, "room-closing") == 2_800
+    screenshot(d, "self-room-statement-zh")
 
     # PIN: the new one pays above the threshold, the old one is 55
     follow(d, "nav-settings")
+    screenshot(d, "self-settings-zh")
     fill(d, old_pin="1234", new_pin="8642")
     follow(d, "change-pin")
     assert by_id(d, "result").get_attribute("data-status") == "changed"
