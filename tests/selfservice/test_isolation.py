@@ -220,3 +220,20 @@ def _encoded(value: object) -> object:
     if isinstance(value, list):
         return [_encoded(v) for v in value]
     return str(value).encode("utf-8", "replace")
+
+
+async def test_activation_without_its_token_is_403_and_uses_no_code(
+    world: World, client: httpx.AsyncClient
+) -> None:
+    s = await world.student(activated=False)
+    code = await world.activation_code(s)
+    fields = {"holder_id": s.holder_id, "code": code, "password": s.password,
+              "password2": s.password}
+    r = await client.post("/self/activate", data=fields)
+    assert r.status_code == 403
+    form = Page((await client.get("/self/activate")).text)
+    r = await client.post("/self/activate", data={**fields, "csrf": form.csrf[0][::-1]})
+    assert r.status_code == 403
+    r = await client.post("/self/activate", data={**fields, "csrf": form.csrf[0]})
+    assert r.status_code == 303 and r.headers["location"] == "/self/login"  # the code still works
+    await log_in(client, s)
