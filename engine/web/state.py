@@ -15,7 +15,7 @@ from typing import Any
 from litestar import Litestar
 
 from engine.web.auth import Activator, Verifier, refuse_activation, refuse_all
-from engine.web.sessions import SessionKind
+from engine.web.sessions import SessionKind, SessionReads
 
 _KEY = "web"
 
@@ -33,6 +33,7 @@ class WebState:
     csrf_key: bytes | None = None  # loaded from web_keys by the first request that needs it
     # turns a holder's activation code into their first password (/self/activate)
     activator: Activator = refuse_activation
+    session_reads: SessionReads | None = None  # made by the first page load (its app's pool)
 
 
 def web_state(app: Litestar) -> WebState:
