@@ -38,6 +38,7 @@ class SelfService:
         self.campus = campus
         self.reads = HolderReads(lambda: campus.engine.store.pool,
                                  low_balance_fen=low_balance_fen, low_room_fen=low_room_fen)
+        self._statements = statement.StatementReads(lambda: campus.engine.store.pool)
         self._electricity = Electricity(campus)
 
     @property
@@ -55,8 +56,9 @@ class SelfService:
     async def statement(
         self, ref: HolderRef, *, before: int | None, accounts: tuple[int, ...] | None = None
     ) -> Page:
-        """A page of the holder's statement (both purses, or one of them), newest first."""
-        return await statement.statement_page(self._pool, ref, before=before, accounts=accounts)
+        """A page of the holder's statement (both purses, or one of them), newest first (one
+        coalesced read)."""
+        return await self._statements.page(ref, before=before, accounts=accounts)
 
     async def transfer(self, ref: HolderRef, transfer_id: uuid.UUID) -> Line | None:
         """One of the holder's transfers, or None (unknown or someone else's)."""

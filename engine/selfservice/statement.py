@@ -13,6 +13,7 @@ page never repeats or skips a line, whatever is posted meanwhile.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 from uuid import UUID
 
@@ -20,6 +21,7 @@ import asyncpg
 import msgspec
 
 from engine import limits
+from engine.campus import Coalescer, Connection
 from engine.selfservice.holders import HolderRef
 from ledger.types import TransferFlags, TransferState
 
@@ -29,24 +31,30 @@ _COLS: Final = (
     "t.id, t.debit_account_id, t.credit_account_id, t.amount, t.code, t.flags, t.timestamp"
 )
 
-# Four index range scans (transfers_debit / transfers_credit of each purse), each stopping at
-# $5 rows; UNION drops the second copy of a transfer between the two purses.
-SQL_PAGE: Final = f"""
-SELECT x.*, hd.state FROM (
-    (SELECT {_COLS} FROM transfers t WHERE t.ledger = $1 AND t.debit_account_id = $2
-     AND t.timestamp < $4 ORDER BY t.timestamp DESC LIMIT $5)
-    UNION
-    (SELECT {_COLS} FROM transfers t WHERE t.ledger = $1 AND t.credit_account_id = $2
-     AND t.timestamp < $4 ORDER BY t.timestamp DESC LIMIT $5)
-    UNION
-    (SELECT {_COLS} FROM transfers t WHERE t.ledger = $1 AND t.debit_account_id = $3
-     AND t.timestamp < $4 ORDER BY t.timestamp DESC LIMIT $5)
-    UNION
-    (SELECT {_COLS} FROM transfers t WHERE t.ledger = $1 AND t.credit_account_id = $3
-     AND t.timestamp < $4 ORDER BY t.timestamp DESC LIMIT $5)
+# The pages of a batch of page loads ($2..$4: each one's two purses and its `before`; one
+# purse is named twice when only it is shown), each its own LATERAL: four index range scans
+# (transfers_debit / transfers_credit of each purse), each stopping at $5 rows; UNION drops
+# the second copy of a transfer between the two purses.
+SQL_PAGES: Final = f"""
+SELECT q.i, x.*, hd.state
+FROM unnest($2::bigint[], $3::bigint[], $4::bigint[]) WITH ORDINALITY AS q(a, b, before, i)
+CROSS JOIN LATERAL (
+    SELECT u.* FROM (
+        (SELECT {_COLS} FROM transfers t WHERE t.ledger = $1 AND t.debit_account_id = q.a
+         AND t.timestamp < q.before ORDER BY t.timestamp DESC LIMIT $5)
+        UNION
+        (SELECT {_COLS} FROM transfers t WHERE t.ledger = $1 AND t.credit_account_id = q.a
+         AND t.timestamp < q.before ORDER BY t.timestamp DESC LIMIT $5)
+        UNION
+        (SELECT {_COLS} FROM transfers t WHERE t.ledger = $1 AND t.debit_account_id = q.b
+         AND t.timestamp < q.before ORDER BY t.timestamp DESC LIMIT $5)
+        UNION
+        (SELECT {_COLS} FROM transfers t WHERE t.ledger = $1 AND t.credit_account_id = q.b
+         AND t.timestamp < q.before ORDER BY t.timestamp DESC LIMIT $5)
+    ) u ORDER BY u.timestamp DESC LIMIT $5
 ) x
 LEFT JOIN holds hd ON hd.ledger = $1 AND hd.id = x.id
-ORDER BY x.timestamp DESC LIMIT $5
+ORDER BY q.i, x.timestamp DESC
 """
 # One transfer, only if it touched one of the holder's purses.
 SQL_ONE: Final = f"""
@@ -102,19 +110,51 @@ def _line(r: asyncpg.Record, ref: HolderRef) -> Line:
     )
 
 
-async def statement_page(
-    pool: asyncpg.Pool, ref: HolderRef, *, before: int | None,
-    accounts: tuple[int, ...] | None = None, size: int = limits.SELF_STATEMENT_PAGE,
-) -> Page:
-    """The ``size`` newest lines older than ``before`` (engine ns; None: the newest), of both
-    purses or of ``accounts`` (one or both of the holder's purses: the caller checked)."""
-    start = NEWEST if before is None else before
-    first, second = (accounts or ref.purses)[0], (accounts or ref.purses)[-1]
-    assert {first, second} <= set(ref.purses), "only the holder's own purses"
-    async with pool.acquire(timeout=limits.DB_ACQUIRE_TIMEOUT_S) as conn:
-        rows = await conn.fetch(SQL_PAGE, ref.ledger, first, second, start, size + 1)
-    lines = [_line(r, ref) for r in rows[:size]]
-    return Page(lines, lines[-1].timestamp if len(rows) > size else None)
+class _PageQuery(msgspec.Struct, frozen=True):
+    ref: HolderRef
+    first: int
+    second: int
+    before: int
+
+
+class StatementReads:
+    """Statement pages of concurrent page loads, one statement per batch (a
+    :class:`Coalescer`, as the home page's reads)."""
+
+    def __init__(
+        self, pool: Callable[[], asyncpg.Pool], *, size: int = limits.SELF_STATEMENT_PAGE,
+        max_batch: int = limits.SELF_COALESCE_MAX_BATCH,
+    ) -> None:
+        self.size = size
+        self._reads: Coalescer[_PageQuery, list[asyncpg.Record]] = Coalescer(
+            pool, self._read, max_batch=max_batch, name="onecard-self-statements")
+
+    @property
+    def statements(self) -> int:
+        """Statements run so far (each serves a batch of page loads)."""
+        return self._reads.statements
+
+    async def page(
+        self, ref: HolderRef, *, before: int | None, accounts: tuple[int, ...] | None = None
+    ) -> Page:
+        """The newest lines older than ``before`` (engine ns; None: the newest), of both
+        purses or of ``accounts`` (one or both of the holder's purses: the caller checked)."""
+        first, second = (accounts or ref.purses)[0], (accounts or ref.purses)[-1]
+        assert {first, second} <= set(ref.purses), "only the holder's own purses"
+        start = NEWEST if before is None else before
+        rows = await self._reads.submit(ref.ledger, _PageQuery(ref, first, second, start))
+        lines = [_line(r, ref) for r in rows[: self.size]]
+        return Page(lines, lines[-1].timestamp if len(rows) > self.size else None)
+
+    async def _read(
+        self, conn: Connection, ledger: int, qs: list[_PageQuery]
+    ) -> list[list[asyncpg.Record]]:
+        rows = await conn.fetch(SQL_PAGES, ledger, [q.first for q in qs],
+                                [q.second for q in qs], [q.before for q in qs], self.size + 1)
+        out: list[list[asyncpg.Record]] = [[] for _ in qs]
+        for r in rows:
+            out[r["i"] - 1].append(r)
+        return out
 
 
 async def statement_line(pool: asyncpg.Pool, ref: HolderRef, transfer_id: UUID) -> Line | None:

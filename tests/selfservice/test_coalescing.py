@@ -5,6 +5,7 @@ and the answers are each page's own. Counted in statements, never timed."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -13,9 +14,14 @@ import pytest
 from engine import limits
 from engine.campus import Campus, HolderKind, HolderResult
 from engine.selfservice.holders import HolderReads
+from engine.selfservice.statement import StatementReads
 from engine.service import Engine
 from engine.web import sessions
 from engine.web.sessions import SessionKind, SessionReads
+from ledger.account import Account
+from ledger.status import AccountStatus, TransferStatus
+from ledger.transfer import Transfer
+from ledger.types import AccountKind, TransferCode
 from tests.conftest import Ids
 
 BURST = 64
@@ -79,3 +85,26 @@ async def test_a_burst_of_home_pages_is_one_overview_statement(
     overviews = await asyncio.gather(*(reads.overview(r) for r in refs if r is not None))
     assert len(overviews) == BURST and all(o.total == 0 and o.card is None for o in overviews)
     assert reads.statements - before <= 2
+
+
+async def test_a_burst_of_statement_pages_is_one_statement(
+    engine: Engine, holders: list[str], ids: Ids
+) -> None:
+    reads = HolderReads(lambda: engine.store.pool)
+    refs = [r for r in await asyncio.gather(*(reads.find_holder(h) for h in holders)) if r]
+    ledger = refs[0].ledger
+    bank = ids.account()
+    [st] = await engine.store.create_accounts(
+        [Account(id=bank, ledger=ledger, kind=AccountKind.CLEARING, code=1)])
+    assert st is AccountStatus.CREATED
+    results = await engine.batcher.submit([
+        Transfer(id=uuid.uuid4(), ledger=ledger, debit_account_id=bank,
+                 credit_account_id=ref.purse_id, amount=100 + n, code=TransferCode.TOP_UP)
+        for n, ref in enumerate(refs) for _ in range(n % 25)])
+    assert {r.status for r in results} == {TransferStatus.CREATED}
+    pages = StatementReads(lambda: engine.store.pool)
+    got = await asyncio.gather(*(pages.page(ref, before=None) for ref in refs))
+    assert pages.statements <= 2
+    for n, page in enumerate(got):
+        assert [line.fen for line in page.lines] == [100 + n] * min(n % 25, 20)
+        assert (page.next_before is not None) == (n % 25 > 20)
