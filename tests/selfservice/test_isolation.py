@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -153,17 +154,22 @@ _TEXT = st.one_of(
 
 
 @pytest.fixture(scope="module")
-def victim(selfweb: SelfWeb) -> tuple[Student, int]:
-    """A holder with money, a PIN and a room; and the canteen's account."""
+def victim(selfweb: SelfWeb) -> Iterator[tuple[Student, httpx.Client]]:
+    """A holder with money, a PIN and a room, logged in once (a login hashes a password)."""
 
-    async def make() -> tuple[Student, int]:
+    async def make() -> Student:
         async with httpx.AsyncClient(base_url=selfweb.base_url, timeout=30) as http:
             w = await World(selfweb, http).setup()
-            s = await w.student(cash=50_000, subsidy=1_000, room=True, room_fen=700, pin="2468",
-                                pin_threshold=0)
-            return s, w.canteen
+            return await w.student(cash=50_000, subsidy=1_000, room=True, room_fen=700,
+                                   pin="2468", pin_threshold=0)
 
-    return asyncio.run(make())
+    s = asyncio.run(make())
+    with httpx.Client(base_url=selfweb.base_url, timeout=30) as c:
+        form = c.get("/self/login")
+        r = c.post("/self/login", data={"holder_id": s.holder_id, "password": s.password,
+                                        "csrf": Page(form.text).csrf[0]})
+        assert r.status_code == 303
+        yield s, c
 
 
 def _balances(c: httpx.Client, s: Student) -> tuple[Any, ...]:
@@ -184,36 +190,32 @@ def _balances(c: httpx.Client, s: Student) -> tuple[Any, ...]:
     own_room=st.booleans(),
 )
 def test_any_form_body_is_answered_and_moves_no_money(
-    selfweb: SelfWeb, victim: tuple[Student, int], action: str, fields: dict[str, Any],
-    own_room: bool,
+    victim: tuple[Student, httpx.Client], action: str, fields: dict[str, Any], own_room: bool,
 ) -> None:
-    s, _ = victim
-    with httpx.Client(base_url=selfweb.base_url, timeout=30) as c:
-        form = c.get("/self/login")
-        r = c.post("/self/login", data={"holder_id": s.holder_id, "password": s.password,
-                                        "csrf": Page(form.text).csrf[0]})
-        assert r.status_code == 303
-        page = c.get("/self/electricity").text
-        before = _balances(c, s)
-        data: dict[str, Any] = {k: _encoded(v) for k, v in fields.items()}
-        if own_room:
-            data.setdefault("room_id", str(s.room_id))
-            data.setdefault("key", hidden(page, "key"))
-        data["csrf"] = Page(page).csrf[0]
-        data.pop("password", None) if action in ("/self/report-lost", "/self/found") else None
-        r = c.post(action, data=data)
-        assert r.status_code in (200, 400, 404), (action, data, r.status_code, r.text[-500:])
-        assert r.headers["content-type"] == "text/html; charset=utf-8"
-        after = _balances(c, s)
-        # an amount that is a real amount (digits, at most two decimals) may buy electricity
-        amount = fields.get("amount_yuan")
-        could_buy = (action == "/self/electricity" and isinstance(amount, str)
-                     and re.fullmatch(r"\s*[0-9]*(\.[0-9]{0,2})?\s*", amount) is not None)
-        if not could_buy:
-            assert after == before, (action, data)
-        else:
-            assert after[0] == before[0] and after[1] + after[2] == before[1] + before[2]
-        c.post("/self/limit", data={"daily_limit_yuan": "", "csrf": data["csrf"]})
+    s, c = victim
+    page = c.get("/self/electricity")
+    assert page.status_code == 200, "the session is over"
+    before = _balances(c, s)
+    data: dict[str, Any] = {k: _encoded(v) for k, v in fields.items()}
+    if own_room:
+        data.setdefault("room_id", str(s.room_id))
+        data.setdefault("key", hidden(page.text, "key"))
+    data["csrf"] = Page(page.text).csrf[0]
+    if action in ("/self/report-lost", "/self/found"):
+        data.pop("password", None)  # no guesses: a wrong password counts towards the lockout
+    r = c.post(action, data=data)
+    assert r.status_code in (200, 400, 404), (action, data, r.status_code, r.text[-500:])
+    assert r.headers["content-type"] == "text/html; charset=utf-8"
+    after = _balances(c, s)
+    # an amount that is a real amount (digits, at most two decimals) may buy electricity
+    amount = fields.get("amount_yuan")
+    could_buy = (action == "/self/electricity" and isinstance(amount, str)
+                 and re.fullmatch(r"\s*[0-9]*(\.[0-9]{0,2})?\s*", amount) is not None)
+    if not could_buy:
+        assert after == before, (action, data)
+    else:
+        assert after[0] == before[0] and after[1] + after[2] == before[1] + before[2]
+    c.post("/self/limit", data={"daily_limit_yuan": "", "csrf": data["csrf"]})
 
 
 def _encoded(value: object) -> object:
