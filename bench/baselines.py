@@ -12,8 +12,12 @@ from typing import Final
 
 import msgspec
 
-from bench.common import Campus, CpuProbe, Mix, Stats, database_of, scratch_database
+from bench.databases import database_of, scratch_database
+from bench.fixture import Campus
 from bench.loop import Bar, Request, closed_loop
+from bench.machine import CpuProbe
+from bench.measure import Stats
+from bench.mix import Mix
 from engine.db.pool import create_pool
 from engine.store import Store
 from ledger.types import AccountFlags

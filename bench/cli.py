@@ -16,10 +16,10 @@ from pathlib import Path
 
 import uvloop
 
-from bench.common import DEFAULT_DSN, now_stamp
+from bench.databases import DEFAULT_DSN
 from bench.loop import Bar
 from bench.options import Options, add_arguments, options
-from bench.report import RESULTS_DIR, save, show
+from bench.report import RESULTS_DIR, now_stamp, save, show
 from engine.service import tune_gc
 
 WORKLOAD_MODULES = {

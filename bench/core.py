@@ -4,26 +4,17 @@ on one ledger with a hot canteen merchant; then the naive poster and ``pgbench -
 from __future__ import annotations
 
 import time
-from typing import Final
+from typing import Final, NamedTuple
 
 from bench.baselines import naive_poster, pgbench, unbatched_engine
-from bench.common import (
-    Campus,
-    CpuMeter,
-    CpuProbe,
-    Mix,
-    Stats,
-    campus_ids,
-    database_of,
-    load_campus,
-    machine,
-    now_stamp,
-    peak_rss_mb,
-    scratch_database,
-)
+from bench.databases import database_of, scratch_database
+from bench.fixture import Campus, campus_ids, load_campus
 from bench.loop import Bar, Request, closed_loop
+from bench.machine import CpuMeter, CpuProbe, Machine, machine, peak_rss_mb
+from bench.measure import Stats
+from bench.mix import Mix
 from bench.options import Options
-from bench.report import Result, target
+from bench.report import Result, now_stamp, target
 from engine import metrics
 from engine.batcher import Overloaded
 from engine.service import Engine
@@ -90,82 +81,141 @@ async def core_phase(
     return s
 
 
+class _Campuses(NamedTuple):
+    """The core's campus and the baselines', each in a ledger and an id range of its own."""
+
+    core: Campus
+    naive: Campus
+    unbatched: Campus
+
+    @classmethod
+    def of(cls, o: Options) -> _Campuses:
+        """The three campuses of a run."""
+        return cls(
+            campus_ids(CORE_LEDGER, o.purses, base=0, random_ids=o.random_ids),
+            campus_ids(NAIVE_LEDGER, o.purses, base=NAIVE_ACCOUNT_BASE, random_ids=o.random_ids),
+            campus_ids(
+                UNBATCHED_LEDGER, o.purses, base=UNBATCHED_ACCOUNT_BASE, random_ids=o.random_ids
+            ),
+        )
+
+
+class _Yardsticks:
+    """The baselines measured beside the core, and the core's ratio to each."""
+
+    def __init__(self, core: Stats) -> None:
+        self.core = core
+        self.baselines: dict[str, object] = {}
+        self.ratios: dict[str, float] = {}
+
+    def add(self, key: str, entry: object, tps: float) -> None:
+        """Record baseline ``key`` (``entry`` as the result shows it; ``tps`` its rate)."""
+        self.baselines[key] = entry
+        if tps:
+            self.ratios[f"core_vs_{key}"] = round(self.core.transfers_per_s / tps, 2)
+
+
 async def run(o: Options, bar: Bar) -> Result:
     """The core workload with its sweep and baselines."""
     m = await machine(o.dsn)
     cpu = CpuMeter()
-    notes: list[str] = []
-    sweep: list[Stats] = []
-    baselines: dict[str, object] = {}
-    ratios: dict[str, float] = {}
+    campuses = _Campuses.of(o)
     async with scratch_database(o.dsn, "core", keep=o.keep) as dsn:
-        engine = Engine(dsn)
-        await engine.start(run_migrations=False)
-        try:
-            core_c = campus_ids(CORE_LEDGER, o.purses, base=0, random_ids=o.random_ids)
-            naive_c = campus_ids(
-                NAIVE_LEDGER, o.purses, base=NAIVE_ACCOUNT_BASE, random_ids=o.random_ids
-            )
-            unbatched_c = campus_ids(
-                UNBATCHED_LEDGER, o.purses, base=UNBATCHED_ACCOUNT_BASE, random_ids=o.random_ids
-            )
-            t = time.perf_counter()
-            await load_campus(engine.store, core_c, seed=o.seed)
-            if o.baselines:
-                await load_campus(engine.store, naive_c, seed=o.seed + 1)
-                await load_campus(engine.store, unbatched_c, seed=o.seed + 2)
-            bar.note(f"loaded {o.purses:,} purses per ledger in {time.perf_counter() - t:.1f}s")
-            cpu.start()
-            main = await core_phase(
-                engine, core_c, name=f"core c={o.concurrency} r={o.request_size}",
-                concurrency=o.concurrency, request_size=o.request_size,
-                duration=o.duration, warmup=o.warmup, seed=o.seed, stream0=0, bar=bar,
-            )
-            points = [(c, 1) for c in o.sweep]  # one-transfer requests, like a terminal
-            points += [(o.sweep_size_concurrency, r) for r in o.sweep_sizes]
-            for i, (c, r) in enumerate(points):
-                sweep.append(
-                    await core_phase(
-                        engine, core_c, name=f"sweep c={c} r={r}", concurrency=c,
-                        request_size=r, duration=o.sweep_duration,
-                        warmup=min(o.warmup, 0.5), seed=o.seed, stream0=(i + 1) * 100_000,
-                        bar=bar,
-                    )
-                )
-        finally:
-            await engine.stop()
+        main, sweep = await _engine_phases(dsn, campuses, o, bar, cpu)
+        yardsticks = _Yardsticks(main)
         phases = [main]
         if o.baselines:
-            naive = await naive_poster(
-                dsn, naive_c, clients=o.baseline_clients, duration=o.duration,
-                warmup=o.warmup, seed=o.seed, bar=bar,
-            )
-            unbatched = await unbatched_engine(
-                dsn, unbatched_c, clients=o.baseline_clients, duration=o.duration,
-                warmup=o.warmup, seed=o.seed, bar=bar,
-            )
-            for key, b in (("naive", naive), ("unbatched", unbatched)):
-                phases.append(b)
-                baselines[key] = {
-                    "transfers_per_s": b.transfers_per_s,
-                    "p50_ms": b.p50_ms,
-                    "p99_ms": b.p99_ms,
-                    "clients": b.concurrency,
-                }
-                if b.transfers_per_s:
-                    ratios[f"core_vs_{key}"] = round(main.transfers_per_s / b.transfers_per_s, 2)
+            phases += await _posters(dsn, campuses, o, bar, yardsticks)
     if o.baselines:
-        task = bar.task(f"pgbench -N c={o.baseline_clients}", 1)
-        pg = await pgbench(
-            o.dsn, clients=o.baseline_clients, duration=o.duration, scale=o.pgbench_scale,
-            keep=o.keep,
-        )
-        bar.update(task, completed=1, rate=f"{pg.tps:,.0f} tps")
-        baselines["pgbench"] = pg
-        if pg.tps:
-            ratios["core_vs_pgbench"] = round(main.transfers_per_s / pg.tps, 2)
+        await _pgbench(o, bar, yardsticks)
     cpu.stop(m)
-    vs_pg, vs_naive = ratios.get("core_vs_pgbench"), ratios.get("core_vs_naive")
+    return _result(o, m, phases, sweep, yardsticks)
+
+
+async def _engine_phases(
+    dsn: str, campuses: _Campuses, o: Options, bar: Bar, cpu: CpuMeter
+) -> tuple[Stats, list[Stats]]:
+    """Load the campuses, then the main phase and the sweep on the in-process engine (the
+    machine's CPU counted from the main phase on)."""
+    engine = Engine(dsn)
+    await engine.start(run_migrations=False)
+    try:
+        t = time.perf_counter()
+        await load_campus(engine.store, campuses.core, seed=o.seed)
+        if o.baselines:
+            await load_campus(engine.store, campuses.naive, seed=o.seed + 1)
+            await load_campus(engine.store, campuses.unbatched, seed=o.seed + 2)
+        bar.note(f"loaded {o.purses:,} purses per ledger in {time.perf_counter() - t:.1f}s")
+        cpu.start()
+        main = await core_phase(
+            engine, campuses.core, name=f"core c={o.concurrency} r={o.request_size}",
+            concurrency=o.concurrency, request_size=o.request_size,
+            duration=o.duration, warmup=o.warmup, seed=o.seed, stream0=0, bar=bar,
+        )
+        sweep = await _sweep(engine, campuses.core, o, bar)
+    finally:
+        await engine.stop()
+    return main, sweep
+
+
+async def _sweep(engine: Engine, campus: Campus, o: Options, bar: Bar) -> list[Stats]:
+    """Short phases over concurrencies (one-transfer requests, like a terminal) and over
+    request sizes."""
+    points = [(c, 1) for c in o.sweep]
+    points += [(o.sweep_size_concurrency, r) for r in o.sweep_sizes]
+    sweep: list[Stats] = []
+    for i, (c, r) in enumerate(points):
+        sweep.append(
+            await core_phase(
+                engine, campus, name=f"sweep c={c} r={r}", concurrency=c,
+                request_size=r, duration=o.sweep_duration,
+                warmup=min(o.warmup, 0.5), seed=o.seed, stream0=(i + 1) * 100_000,
+                bar=bar,
+            )
+        )
+    return sweep
+
+
+async def _posters(
+    dsn: str, campuses: _Campuses, o: Options, bar: Bar, yardsticks: _Yardsticks
+) -> list[Stats]:
+    """The naive poster and the unbatched engine, on their own campuses."""
+    naive = await naive_poster(
+        dsn, campuses.naive, clients=o.baseline_clients, duration=o.duration,
+        warmup=o.warmup, seed=o.seed, bar=bar,
+    )
+    unbatched = await unbatched_engine(
+        dsn, campuses.unbatched, clients=o.baseline_clients, duration=o.duration,
+        warmup=o.warmup, seed=o.seed, bar=bar,
+    )
+    for key, b in (("naive", naive), ("unbatched", unbatched)):
+        entry = {
+            "transfers_per_s": b.transfers_per_s,
+            "p50_ms": b.p50_ms,
+            "p99_ms": b.p99_ms,
+            "clients": b.concurrency,
+        }
+        yardsticks.add(key, entry, b.transfers_per_s)
+    return [naive, unbatched]
+
+
+async def _pgbench(o: Options, bar: Bar, yardsticks: _Yardsticks) -> None:
+    """``pgbench -N`` in a scratch database of its own."""
+    task = bar.task(f"pgbench -N c={o.baseline_clients}", 1)
+    pg = await pgbench(
+        o.dsn, clients=o.baseline_clients, duration=o.duration, scale=o.pgbench_scale,
+        keep=o.keep,
+    )
+    bar.update(task, completed=1, rate=f"{pg.tps:,.0f} tps")
+    yardsticks.add("pgbench", pg, pg.tps)
+
+
+def _result(
+    o: Options, m: Machine, phases: list[Stats], sweep: list[Stats], yardsticks: _Yardsticks
+) -> Result:
+    main = phases[0]
+    vs_pg = yardsticks.ratios.get("core_vs_pgbench")
+    vs_naive = yardsticks.ratios.get("core_vs_naive")
     return Result(
         workload="core",
         started_at=now_stamp(),
@@ -178,8 +228,8 @@ async def run(o: Options, bar: Bar) -> Result:
         peak_rss_mb={"bench+engine": peak_rss_mb()},
         phases=phases,
         sweep=sweep,
-        baselines=baselines,
-        ratios=ratios,
+        baselines=yardsticks.baselines,
+        ratios=yardsticks.ratios,
         targets=[
             target("core transfers/s", f">= {TARGET_TPS:,}", main.transfers_per_s,
                    main.transfers_per_s >= TARGET_TPS),
@@ -188,7 +238,7 @@ async def run(o: Options, bar: Bar) -> Result:
             target("core / naive", f">= {TARGET_VS_NAIVE}x", vs_naive,
                    None if vs_naive is None else vs_naive >= TARGET_VS_NAIVE),
         ],
-        notes=notes,
+        notes=[],
     )
 
 

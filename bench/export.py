@@ -5,19 +5,12 @@ from __future__ import annotations
 
 from typing import Final
 
-from bench.common import (
-    CpuMeter,
-    Latencies,
-    Stats,
-    machine,
-    now_stamp,
-    peak_rss_mb,
-    scratch_database,
-    stats,
-)
+from bench.databases import scratch_database
 from bench.loop import Bar
+from bench.machine import CpuMeter, machine, peak_rss_mb
+from bench.measure import Latencies, Stats, stats
 from bench.options import Options
-from bench.report import Result, target
+from bench.report import Result, now_stamp, target
 
 TARGET_EXPORT_S: Final = 30.0
 TARGET_TRANSFERS: Final = 1_000_000

@@ -39,7 +39,7 @@ from ledger.types import AccountKind, TransferCode, TransferFlags
 LOAD_BATCH: Final = limits.MAX_BATCH_TRANSFERS
 EXPORT_TARGET_S: Final = 30.0
 
-_UNPOSTED: Final = int(
+_TWO_PHASE: Final = int(
     TransferFlags.PENDING | TransferFlags.POST_PENDING | TransferFlags.VOID_PENDING
 )
 _TRANSFER_COLUMNS: Final = (
@@ -140,7 +140,7 @@ async def load_ledger(
             for r in batch:
                 if r[2] not in known or r[3] not in known:
                     raise ValueError(f"cannot load transfer {r[0]}: unknown account")
-                if r[1] != ledger or r[10] <= last or r[4] <= 0 or r[7] & _UNPOSTED:
+                if r[1] != ledger or r[10] <= last or r[4] <= 0 or r[7] & _TWO_PHASE:
                     raise ValueError(f"cannot load transfer {r[0]}: fields or order invalid")
                 if r[2] == r[3]:
                     raise ValueError(f"cannot load transfer {r[0]}: accounts must differ")

@@ -21,7 +21,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from bench.common import CpuProbe, Latencies, Stats, stats
+from bench.machine import CpuProbe
+from bench.measure import Latencies, Stats, stats
 
 # One request: returns how many transfers it carried and their statuses (or [] if none).
 Request = Callable[[], Awaitable[tuple[int, Iterable[str]]]]
@@ -104,6 +105,40 @@ async def _ticker(bar: Bar, task: TaskID, t0: float, duration: float, tally: _Ta
         bar.update(task, completed=min(now - t0, duration), rate=f"{rate:,.0f} transfers/s")
 
 
+class _Probes:
+    """What is read when the measured window opens and again when it closes: CPU seconds by
+    process group and the batch-size histogram (sum, count)."""
+
+    def __init__(self, cpu: CpuProbe | None, batch_probe: BatchProbe | None) -> None:
+        self.cpu = cpu
+        self.batch_probe = batch_probe
+        self.cpu0: tuple[float, dict[str, float], dict[int, float]] | None = None
+        self.batch0: tuple[float, float] = (0.0, 0.0)
+        self.taken = False
+
+    async def take_at(self, start: float) -> None:
+        """Read the probes at ``start`` (a ``time.perf_counter`` instant)."""
+        await asyncio.sleep(max(0.0, start - time.perf_counter()))
+        if self.cpu is not None:
+            self.cpu0 = self.cpu.snapshot()
+        if self.batch_probe is not None:
+            self.batch0 = await self.batch_probe()
+        self.taken = True
+
+    def cpu_s(self) -> dict[str, float] | None:
+        """CPU seconds by group since the window opened (None without a CPU probe)."""
+        return self.cpu.delta(self.cpu0) if self.cpu is not None and self.cpu0 is not None else None
+
+    async def mean_batch(self) -> float | None:
+        """Transfers per batch since the window opened (None when nothing was committed)."""
+        if self.batch_probe is None or not self.taken:
+            return None
+        s1, c1 = await self.batch_probe()
+        if c1 > self.batch0[1]:
+            return (s1 - self.batch0[0]) / (c1 - self.batch0[1])
+        return None
+
+
 async def closed_loop(
     name: str,
     workers: list[Request],
@@ -121,18 +156,7 @@ async def closed_loop(
     t0 = time.perf_counter()
     start = t0 + warmup
     end = start + duration
-    probe0: tuple[float, float] = (0.0, 0.0)
-    probe_taken = asyncio.Event()
-    cpu0 = None
-
-    async def take_probe() -> None:
-        nonlocal probe0, cpu0
-        await asyncio.sleep(max(0.0, start - time.perf_counter()))
-        if cpu is not None:
-            cpu0 = cpu.snapshot()
-        if batch_probe is not None:
-            probe0 = await batch_probe()
-        probe_taken.set()
+    probes = _Probes(cpu, batch_probe)
 
     async def work(req: Request) -> None:
         while True:
@@ -150,7 +174,7 @@ async def closed_loop(
 
     task = bar.task(name, warmup + duration)
     ticker = asyncio.create_task(_ticker(bar, task, t0, warmup + duration, tally))
-    prober = asyncio.create_task(take_probe())
+    prober = asyncio.create_task(probes.take_at(start))
     try:
         await asyncio.gather(*(work(w) for w in workers))
     finally:
@@ -159,12 +183,8 @@ async def closed_loop(
             await ticker
     await prober
     elapsed = time.perf_counter() - start
-    cpu_s = cpu.delta(cpu0) if cpu is not None and cpu0 is not None else None
-    mean_batch = None
-    if batch_probe is not None and probe_taken.is_set():
-        s1, c1 = await batch_probe()
-        if c1 > probe0[1]:
-            mean_batch = (s1 - probe0[0]) / (c1 - probe0[1])
+    cpu_s = probes.cpu_s()
+    mean_batch = await probes.mean_batch()
     bar.update(task, completed=warmup + duration, rate=f"{tally.transfers / elapsed:,.0f}/s")
     return stats(
         name,
@@ -178,6 +198,23 @@ async def closed_loop(
         errors=tally.errors,
         cpu_s=cpu_s,
     )
+
+
+async def _schedule(q: asyncio.Queue[float], t0: float, end: float, interval: float) -> None:
+    """Put the instant of every request due from ``t0`` on, one per ``interval``, into ``q``
+    until ``end`` (or until the backlog shows the workers hopelessly behind)."""
+    k = 0
+    while True:
+        at = t0 + k * interval
+        if at >= end:
+            return
+        delay = at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if q.qsize() > MAX_OPEN_BACKLOG:
+            return  # hopelessly behind: what was measured already says so
+        q.put_nowait(at)
+        k += 1
 
 
 async def open_loop(
@@ -201,21 +238,6 @@ async def open_loop(
     t0 = time.perf_counter()
     start = t0 + warmup
     end = start + duration
-    interval = 1.0 / rate
-
-    async def producer() -> None:
-        k = 0
-        while True:
-            at = t0 + k * interval
-            if at >= end:
-                return
-            delay = at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if q.qsize() > MAX_OPEN_BACKLOG:
-                return  # hopelessly behind: what was measured already says so
-            q.put_nowait(at)
-            k += 1
 
     async def work(req: Request) -> None:
         while True:
@@ -232,17 +254,10 @@ async def open_loop(
     task = bar.task(name, warmup + duration)
     ticker = asyncio.create_task(_ticker(bar, task, t0, warmup + duration, tally))
     workers_t = [asyncio.create_task(work(w)) for w in workers]
-    cpu0 = None
-
-    async def take_cpu() -> None:
-        nonlocal cpu0
-        await asyncio.sleep(max(0.0, start - time.perf_counter()))
-        if cpu is not None:
-            cpu0 = cpu.snapshot()
-
-    cpu_task = asyncio.create_task(take_cpu())
+    probes = _Probes(cpu, None)
+    cpu_task = asyncio.create_task(probes.take_at(start))
     try:
-        await producer()
+        await _schedule(q, t0, end, 1.0 / rate)
         # let what was scheduled inside the window finish (bounded by the same duration)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(duration, 1.0)):
@@ -254,7 +269,7 @@ async def open_loop(
         await asyncio.gather(ticker, *workers_t, return_exceptions=True)
     elapsed = duration  # what was offered in the window, answered late or not
     await cpu_task
-    cpu_s = cpu.delta(cpu0) if cpu is not None and cpu0 is not None else None
+    cpu_s = probes.cpu_s()
     unsent = q.qsize()
     bar.update(task, completed=warmup + duration, rate=f"{tally.requests / duration:,.0f} req/s")
     return stats(

@@ -8,10 +8,11 @@ from typing import Final
 
 import msgspec
 
-from bench.common import CpuMeter, Stats, children_peak_rss_mb, machine, now_stamp, peak_rss_mb
 from bench.loop import Bar, Request, closed_loop, open_loop
+from bench.machine import CpuMeter, children_peak_rss_mb, machine, peak_rss_mb
+from bench.measure import Stats
 from bench.options import DEFAULT_QUERY_RATE, Options
-from bench.report import Result, target
+from bench.report import Result, now_stamp, target
 from bench.server import READ_TOKEN, Http, Server, rss_mb
 from bench.web import campus_server, close_all, server_cpu
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
@@ -9,10 +10,16 @@ from typing import Any, Final
 import msgspec
 from rich.table import Table
 
-from bench.common import Machine, Stats
 from bench.loop import console
+from bench.machine import Machine
+from bench.measure import Stats
 
 RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
+
+
+def now_stamp() -> str:
+    """A sortable UTC timestamp for result file names."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
 class Target(msgspec.Struct, kw_only=True):

@@ -15,23 +15,14 @@ from typing import Final
 
 import asyncpg
 
-from bench.common import (
-    PURSE_FUNDS_FEN,
-    Campus,
-    CpuMeter,
-    Stats,
-    campus_ids,
-    client_id,
-    load_campus,
-    machine,
-    now_stamp,
-    peak_rss_mb,
-    scratch_database,
-)
 from bench.core import core_phase
+from bench.databases import scratch_database
+from bench.fixture import PURSE_FUNDS_FEN, Campus, campus_ids, client_id, load_campus
 from bench.loop import Bar
+from bench.machine import CpuMeter, machine, peak_rss_mb
+from bench.measure import Stats
 from bench.options import Options
-from bench.report import Result, target
+from bench.report import Result, now_stamp, target
 from engine.service import Engine
 from engine.store import now_ns
 from ledger import audit

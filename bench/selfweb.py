@@ -22,22 +22,14 @@ from typing import Final
 
 import asyncpg
 
-from bench.common import (
-    CpuMeter,
-    CpuProbe,
-    Stats,
-    children_peak_rss_mb,
-    database_of,
-    machine,
-    now_stamp,
-    peak_rss_mb,
-    scratch_database,
-)
+from bench.databases import database_of, scratch_database
 from bench.loop import Bar, Request, closed_loop, open_loop
+from bench.machine import CpuMeter, CpuProbe, children_peak_rss_mb, machine, peak_rss_mb
+from bench.measure import Stats
 from bench.options import DEFAULT_SELF_RATE, Options
-from bench.report import Result, target
+from bench.report import Result, now_stamp, target
 from bench.server import Http, HttpError, Server, rss_mb, serve
-from engine.campus import holder_account_ids, room_account_id
+from engine.campus.accounts import holder_account_ids, room_account_id
 from engine.service import Engine
 from engine.web import sessions
 from engine.web.portal import SELF

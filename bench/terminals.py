@@ -13,19 +13,13 @@ from typing import TYPE_CHECKING, Final
 
 import msgspec
 
-from bench.common import (
-    Campus,
-    CpuMeter,
-    Mix,
-    Stats,
-    children_peak_rss_mb,
-    machine,
-    now_stamp,
-    peak_rss_mb,
-)
+from bench.fixture import Campus
 from bench.loop import Bar, Request, closed_loop
+from bench.machine import CpuMeter, children_peak_rss_mb, machine, peak_rss_mb
+from bench.measure import Stats
+from bench.mix import Mix
 from bench.options import Options
-from bench.report import Result, target
+from bench.report import Result, now_stamp, target
 from bench.server import Http, HttpError, Server, rss_mb
 from bench.web import campus_server, close_all, probe, server_cpu, transfer_worker
 from ledger.transfer import Transfer
@@ -151,6 +145,46 @@ def iso_worker(server: Server, card: str, term: tuple[str, str, bytes], seed: in
     return one
 
 
+async def _http_phase(o: Options, bar: Bar, dsn: str, campus: Campus, server: Server) -> Stats:
+    """Every terminal POSTs one meal at a time over its own keep-alive connection."""
+    conns: list[Http] = []
+    try:
+        workers = [
+            transfer_worker(server, Mix(campus, seed=o.seed, stream=i + 1), 1, conns)
+            for i in range(o.terminals)
+        ]
+        return await closed_loop(
+            f"terminals over HTTP c={o.terminals}", workers, duration=o.duration,
+            warmup=o.warmup, bar=bar, batch_probe=probe(server), cpu=server_cpu(dsn, server),
+        )
+    finally:
+        await close_all(conns)
+
+
+async def _iso_phase(
+    o: Options, bar: Bar, dsn: str, campus: Campus, server: Server, notes: list[str]
+) -> Stats | None:
+    """Every terminal sends 0200 purchases on its card; None (and a note) when the campus
+    could not be set up over the API."""
+    try:
+        cards, terms = await _setup_cards(server, campus, terminals=o.terminals, seed=o.seed)
+    except HttpError as e:
+        notes.append(f"ISO 8583 phase skipped: campus setup failed ({e})")
+        return None
+    clients: list[TerminalClient] = []
+    try:
+        return await closed_loop(
+            f"terminals over ISO 8583 c={o.terminals}",
+            [iso_worker(server, cards[i % len(cards)], terms[i], o.seed + i, clients)
+             for i in range(o.terminals)],
+            duration=o.duration, warmup=o.warmup, bar=bar, batch_probe=probe(server),
+            cpu=server_cpu(dsn, server),
+        )
+    finally:
+        for cl in clients:
+            await cl.close()
+
+
 async def run(o: Options, bar: Bar) -> Result:
     """HTTP phase, then (when the gateway exists) the ISO 8583 phase."""
     m = await machine(o.dsn)
@@ -160,42 +194,16 @@ async def run(o: Options, bar: Bar) -> Result:
     iso_stats: Stats | None = None
     has_iso = _gateway_available()
     if not has_iso:
-        notes.append("terminals.gateway or engine.campus_api missing: ISO 8583 phase skipped")
+        notes.append("terminals.gateway or engine.http.campus_routes missing: "
+                     "ISO 8583 phase skipped")
     async with campus_server(o, "terminals", iso=has_iso) as (dsn, campus, server):
-        conns: list[Http] = []
-        try:
-            cpu.start()
-            workers = [
-                transfer_worker(server, Mix(campus, seed=o.seed, stream=i + 1), 1, conns)
-                for i in range(o.terminals)
-            ]
-            http_stats = await closed_loop(
-                f"terminals over HTTP c={o.terminals}", workers, duration=o.duration,
-                warmup=o.warmup, bar=bar, batch_probe=probe(server), cpu=server_cpu(dsn, server),
-            )
-            phases.append(http_stats)
-        finally:
-            await close_all(conns)
+        cpu.start()
+        http_stats = await _http_phase(o, bar, dsn, campus, server)
+        phases.append(http_stats)
         if has_iso:
-            try:
-                cards, terms = await _setup_cards(server, campus, terminals=o.terminals,
-                                                  seed=o.seed)
-            except HttpError as e:
-                notes.append(f"ISO 8583 phase skipped: campus setup failed ({e})")
-            else:
-                clients: list[TerminalClient] = []
-                try:
-                    iso_stats = await closed_loop(
-                        f"terminals over ISO 8583 c={o.terminals}",
-                        [iso_worker(server, cards[i % len(cards)], terms[i], o.seed + i, clients)
-                         for i in range(o.terminals)],
-                        duration=o.duration, warmup=o.warmup, bar=bar, batch_probe=probe(server),
-                        cpu=server_cpu(dsn, server),
-                    )
-                    phases.append(iso_stats)
-                finally:
-                    for cl in clients:
-                        await cl.close()
+            iso_stats = await _iso_phase(o, bar, dsn, campus, server, notes)
+            if iso_stats is not None:
+                phases.append(iso_stats)
         server_rss = rss_mb(server.pid)
     cpu.stop(m)
     return Result(

@@ -6,29 +6,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Final
+from typing import Final, NamedTuple
 
 import msgspec
 
-from bench.common import (
-    Campus,
-    CpuMeter,
-    CpuProbe,
-    Machine,
-    Mix,
-    Stats,
-    campus_ids,
-    children_peak_rss_mb,
-    database_of,
-    load_campus,
-    machine,
-    now_stamp,
-    peak_rss_mb,
-    scratch_database,
-)
+from bench.databases import database_of, scratch_database
+from bench.fixture import Campus, campus_ids, load_campus
 from bench.loop import Bar, BatchProbe, Request, closed_loop, open_loop
+from bench.machine import CpuMeter, CpuProbe, Machine, children_peak_rss_mb, machine, peak_rss_mb
+from bench.measure import Stats
+from bench.mix import Mix
 from bench.options import DEFAULT_SINGLE_RATE, Options
-from bench.report import Result, target
+from bench.report import Result, now_stamp, target
 from bench.server import Http, HttpError, Server, rss_mb, serve, server_batch_probe
 from engine.db.pool import create_pool
 from engine.store import Store
@@ -108,59 +97,80 @@ def probe(server: Server) -> BatchProbe:
     return p
 
 
+class _Phases(NamedTuple):
+    """What the http workload measured."""
+
+    batched: Stats
+    single: Stats
+    paced: Stats
+    sweep: list[Stats]
+
+
 async def run(o: Options, bar: Bar) -> Result:
     """Batched, single closed-loop and single paced phases, plus a concurrency sweep."""
     m: Machine = await machine(o.dsn)
     cpu = CpuMeter()
     rate = o.rate or DEFAULT_SINGLE_RATE
-    phases: list[Stats] = []
-    sweep: list[Stats] = []
     async with campus_server(o, "http") as (dsn, campus, server):
         cpu.start()
-        conns: list[Http] = []
-        stream = 0
-
-        def workers(n: int, size: int) -> list[Request]:
-            nonlocal stream
-            out = []
-            for _ in range(n):
-                stream += 1
-                out.append(transfer_worker(server, Mix(campus, seed=o.seed, stream=stream),
-                                           size, conns))
-            return out
-
-        try:
-            batched = await closed_loop(
-                f"http batched {o.http_batch}/request c={BATCHED_CLIENTS}",
-                workers(BATCHED_CLIENTS, o.http_batch),
-                duration=o.duration, warmup=o.warmup, bar=bar, batch_probe=probe(server),
-                cpu=server_cpu(dsn, server),
-            )
-            single = await closed_loop(
-                f"http single c={o.concurrency}",
-                workers(o.concurrency, 1),
-                duration=o.duration, warmup=o.warmup, bar=bar, batch_probe=probe(server),
-                cpu=server_cpu(dsn, server),
-            )
-            paced = await open_loop(
-                f"http single paced {rate:g}/s",
-                workers(PACED_WORKERS, 1),
-                rate=rate, duration=o.duration, warmup=o.warmup, bar=bar,
-                cpu=server_cpu(dsn, server),
-            )
-            phases += [batched, single, paced]
-            for c in o.sweep:
-                sweep.append(
-                    await closed_loop(
-                        f"sweep single c={c}", workers(c, 1), duration=o.sweep_duration,
-                        warmup=min(o.warmup, 0.5), bar=bar, batch_probe=probe(server),
-                        cpu=server_cpu(dsn, server),
-                    )
-                )
-        finally:
-            await close_all(conns)
+        measured = await _phases(o, bar, rate, dsn, campus, server)
         server_rss = rss_mb(server.pid)
     cpu.stop(m)
+    return _result(o, m, rate, measured, server_rss)
+
+
+async def _phases(
+    o: Options, bar: Bar, rate: float, dsn: str, campus: Campus, server: Server
+) -> _Phases:
+    """Every phase against one server, each client on its own stream of the mix."""
+    conns: list[Http] = []
+    stream = 0
+
+    def workers(n: int, size: int) -> list[Request]:
+        nonlocal stream
+        out = []
+        for _ in range(n):
+            stream += 1
+            out.append(transfer_worker(server, Mix(campus, seed=o.seed, stream=stream),
+                                       size, conns))
+        return out
+
+    try:
+        batched = await closed_loop(
+            f"http batched {o.http_batch}/request c={BATCHED_CLIENTS}",
+            workers(BATCHED_CLIENTS, o.http_batch),
+            duration=o.duration, warmup=o.warmup, bar=bar, batch_probe=probe(server),
+            cpu=server_cpu(dsn, server),
+        )
+        single = await closed_loop(
+            f"http single c={o.concurrency}",
+            workers(o.concurrency, 1),
+            duration=o.duration, warmup=o.warmup, bar=bar, batch_probe=probe(server),
+            cpu=server_cpu(dsn, server),
+        )
+        paced = await open_loop(
+            f"http single paced {rate:g}/s",
+            workers(PACED_WORKERS, 1),
+            rate=rate, duration=o.duration, warmup=o.warmup, bar=bar,
+            cpu=server_cpu(dsn, server),
+        )
+        sweep = [
+            await closed_loop(
+                f"sweep single c={c}", workers(c, 1), duration=o.sweep_duration,
+                warmup=min(o.warmup, 0.5), bar=bar, batch_probe=probe(server),
+                cpu=server_cpu(dsn, server),
+            )
+            for c in o.sweep
+        ]
+    finally:
+        await close_all(conns)
+    return _Phases(batched, single, paced, sweep)
+
+
+def _result(
+    o: Options, m: Machine, rate: float, measured: _Phases, server_rss: float
+) -> Result:
+    batched, single, paced = measured.batched, measured.single, measured.paced
     paced_ok = paced.requests_per_s >= 0.98 * TARGET_SINGLE_RPS and not paced.errors
     return Result(
         workload="http",
@@ -181,8 +191,8 @@ async def run(o: Options, bar: Bar) -> Result:
             "server": server_rss or children_peak_rss_mb(),
             "load generator": peak_rss_mb(),
         },
-        phases=phases,
-        sweep=sweep,
+        phases=[batched, single, paced],
+        sweep=measured.sweep,
         targets=[
             target("http batched transfers/s", f">= {TARGET_BATCHED_TPS:,}",
                    batched.transfers_per_s, batched.transfers_per_s >= TARGET_BATCHED_TPS),

@@ -91,3 +91,15 @@ def parse_month(value: str) -> date:
         return date(int(value[:4]), int(value[5:]), 1)
     except ValueError:
         raise ValueError(f"expected a month YYYY-MM, got {value!r}") from None
+
+
+def parse_instant(value: str) -> datetime:
+    """An RFC 3339 instant (``2026-11-25T12:03:00+08:00``, ``...Z``, fractions allowed);
+    ValueError otherwise, also for one without an offset, which names no moment at all."""
+    try:
+        dt = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError(f"expected an RFC 3339 time, got {value!r}") from None
+    if dt.tzinfo is None:
+        raise ValueError(f"{value!r} has no UTC offset (add Z or +08:00)")
+    return dt

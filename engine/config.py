@@ -8,10 +8,11 @@ from pathlib import Path
 
 import msgspec
 
+from engine.calendar import DEFAULT_TZ
+
 DEFAULT_DATA_DIR = ".onecard"
 DEFAULT_HTTP = "127.0.0.1:8080"
 DEFAULT_ISO = "127.0.0.1:8583"
-DEFAULT_TZ = "Asia/Shanghai"
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):

@@ -20,6 +20,25 @@ BATCH_ANSWER_DEFER_MAX_S: Final = 0.25
 # would add a whole commit to its callers' latency when the load is moderate.
 BATCH_ANSWER_DEFER_MIN_TRANSFERS: Final = 512
 
+# -- ledgers per batch ---------------------------------------------------------------------------
+# Each ledger of a batch is its own database transaction, committed one after another by the
+# single committer (~1-3 ms each), so a batch naming thousands of ledgers held every other
+# caller for seconds (8,190 ledgers: ~19 s; the gateway's requests all timed out with 96).
+# The committer takes requests only while the batch stays within this many ledger groups; a
+# ledger counts again when a transfer id already named in another ledger of the batch forces
+# a second round (engine/batcher.py: one id never sits in two ledgers' groups at once).
+MAX_LEDGER_GROUPS_PER_BATCH: Final = 64
+# A request must fit in one batch: one needing more ledger groups is refused (HTTP 413).
+MAX_LEDGER_GROUPS_PER_REQUEST: Final = MAX_LEDGER_GROUPS_PER_BATCH
+# What each ledger group of a request beyond its first counts against MAX_QUEUED_TRANSFERS:
+# a group's transaction costs about as much as this many transfers of one large batch, so the
+# queue's bound stays one of time (a few seconds of work) whatever the ledgers per request.
+LEDGER_GROUP_COST: Final = 100
+# Ledgers the committer remembers as having a clock row (a transfer to a ledger without one,
+# i.e. without accounts, is answered from two reads for the whole batch, no transaction);
+# forgotten and re-learned beyond this many, so memory stays bounded.
+MAX_KNOWN_LEDGERS: Final = 100_000
+
 # -- HTTP --------------------------------------------------------------------------------------
 MAX_BODY_BYTES: Final = 4 * 1024 * 1024  # 8190 transfers of ~400 bytes each
 MAX_STATEMENT_LIMIT: Final = 1000
@@ -103,7 +122,8 @@ GATEWAY_REQUEST_TIMEOUT_S: Final = 10.0  # an answer not ready by then is 96 (th
 GATEWAY_STOP_GRACE_S: Final = 10.0  # graceful stop waits this long for in-flight requests
 GATEWAY_MEMORY_BATCH: Final = 1024  # remembered answers looked up / stored per statement
 GATEWAY_DB_POOL_MAX: Final = 3  # the gateway's own connections (answer memory)
-# A money-moving request still at work when its deadline passes is given up: its 96 is stored
+# A money-moving request still at work when its deadline passes, or whose work fails (the
+# database failed under it, maybe after its posting committed), is given up: its 96 is stored
 # with its own reversal, then what it posted is taken back (contract §5 v4: a 96 moved no
 # money). Those steps need the database; while it is away each is retried, from the first
 # pause doubling up to the second, for as long as the gateway runs.
@@ -115,8 +135,8 @@ GATEWAY_GIVE_UP_RETRY_MAX_S: Final = 5.0
 GATEWAY_GIVE_UP_WAIT_S: Final = 2.0
 # A gateway that starts takes back again what the requests given up in this window may have
 # posted (a process that died between storing a 96 and taking the postings back); a give-up
-# happens only when ledger writes stall past the deadline, so the window holds few, and at
-# most this many are looked at.
+# happens only when ledger writes stall past the deadline or the database fails under the
+# work, so the window holds few, and at most this many are looked at.
 GATEWAY_SWEEP_WINDOW_S: Final = 86_400.0
 GATEWAY_SWEEP_MAX: Final = 100_000
 
@@ -153,6 +173,59 @@ WEB_LANG_COOKIE_MAX_AGE_S: Final = 365 * 24 * 3600
 # Browsers may keep /static/onecard.css this long; pages link it with ?v=<its hash>, so a new
 # stylesheet is fetched at once after an upgrade.
 WEB_STATIC_MAX_AGE_S: Final = 7 * 24 * 3600
+
+# -- operations: backups and bounded growth ---------------------------------------------------
+# A WAL segment is archived when full (16 MB) or this long after its first write, whichever is
+# first: the most a quiet campus loses if the disk holding pgdata dies but the archive lives.
+# Each forced segment is a full 16 MB file, so a trickle of writes all night costs at most
+# 288 segments (4.5 GB) a day of archive; shorter would multiply that.
+EMBEDDED_ARCHIVE_TIMEOUT_S: Final = 300
+# pg_basebackup and pg_verifybackup together, and a restore's recovery: generous, since both
+# grow with the database (measured: see the README), but never forever.
+BACKUP_TIMEOUT_S: Final = 6 * 3600.0
+RESTORE_TIMEOUT_S: Final = 6 * 3600.0
+# Remembered terminal answers are kept this long (ONECARD_ANSWER_RETENTION_DAYS): a
+# retransmission or a reversal comes within minutes; 35 days cover a monthly reconciliation.
+ANSWER_RETENTION_DAYS: Final = 35
+# Old rows are deleted this many per statement, with a pause in between, so the pruner never
+# holds many row locks or long transactions beside the hot path.
+RETENTION_BATCH_ROWS: Final = 1000
+RETENTION_BATCH_PAUSE_S: Final = 0.05
+RETENTION_INTERVAL_S: Final = 3600.0  # how often the pruner looks for rows past their window
+# -- the terminal simulator (onecard simulate, terminals/simulator/) ----------------------------
+# A tool beside the engine, bounded here all the same: one place holds every number that caps
+# work. The traffic mix (the share of meals, reversals, outages...) is the simulation's shape,
+# not a bound: it stays with the driver.
+SIMULATOR_MIN_TERMINALS: Final = 4  # one of each kind: till, water valve, kiosk, meter
+SIMULATOR_MAX_WORKERS: Final = 64  # processes driving the terminals
+SIMULATOR_SETUP_CONCURRENCY: Final = 16  # registry calls in flight while building the campus
+SIMULATOR_SIGN_ON_CONCURRENCY: Final = 64  # terminals connecting and signing on at once
+SIMULATOR_FUNDING_CHUNK: Final = 4096  # top-up transfers per batcher request
+SIMULATOR_CLIENT_TIMEOUT_S: Final = 10.0  # a terminal waits this long for an answer
+# A request answered 96, or not at all, is retransmitted this often, the pause doubling from
+# the first backoff up to the second: a run ends even when the gateway never answers.
+SIMULATOR_MAX_ATTEMPTS: Final = 12
+SIMULATOR_RETRY_BACKOFF_S: Final = 0.05
+SIMULATOR_RETRY_BACKOFF_MAX_S: Final = 1.0
+SIMULATOR_MAX_PROBLEMS: Final = 50  # problems kept for the report
+# -- the campus (engine/campus/) ------------------------------------------------------------------
+DEFAULT_HOLD_TIMEOUT_S: Final = 1800  # a shower is paid or released within half an hour
+MAX_CACHED_TERMINALS: Final = 65_536  # terminals never change once registered
+MAX_CACHED_CARDS: Final = 262_144  # card -> holder never changes either
+UNDO_ATTEMPTS: Final = 3  # a reversal racing a completion re-reads and tries again
+# Today's spending of a holder is re-read from the ledger at least this often, so spending
+# through another engine process (whose commits this one does not hear) counts within this long.
+SPEND_MEMORY_TTL_S: Final = 5.0
+MAX_REMEMBERED_HOLDERS: Final = 262_144  # holders whose spending today is remembered
+SUBSIDY_CHUNK: Final = 1000  # subsidy grants / clear-downs per batcher submission
+
+# -- read coalescing (engine/db/coalesce.py) ------------------------------------------------------
+# Requests one shared read statement serves at most (rows of its unnest arrays): bounds the
+# statement's size and how long the requests behind it wait for the next one.
+COALESCE_MAX_BATCH: Final = 2048
+# A coalescer whose queue ran dry keeps its connection this long for the next request before
+# it gives it back (giving it back costs a reset round trip; under load work comes every ms).
+COALESCE_LINGER_S: Final = 0.05
 
 # -- self-service pages (/self: engine/selfservice, engine/web/self_*) ------------------------
 # Low-balance warnings on the home page (issue 13): the purses together under 20.00 yuan (a

@@ -63,3 +63,14 @@ DB_POOL_SIZE: Final = Gauge(
 DB_POOL_IDLE: Final = Gauge(
     "onecard_db_pool_idle_connections", "Idle database connections.", registry=REGISTRY
 )
+PRUNED_ROWS: Final = Counter(
+    "onecard_pruned_rows_total",
+    "Rows deleted by the retention pruner once past their window, by table.",
+    ["table"],
+    registry=REGISTRY,
+)
+PRUNE_LAST_PASS: Final = Gauge(
+    "onecard_prune_last_pass_timestamp_seconds",
+    "When the retention pruner last finished a pass over every rule (Unix time).",
+    registry=REGISTRY,
+)

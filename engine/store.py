@@ -4,6 +4,9 @@ A batch is one transaction: reserve timestamps on the ledger's clock row (which 
 every writer of that ledger, across engine processes), load and lock what the batch touches
 (accounts in id order), run the pure ``ledger.apply``, write everything back set-based with
 arrays and ``unnest`` in one statement, commit. Six round trips whatever the batch size.
+A ledger's clock row is created with its first account, never by a transfer: a batch of a
+ledger without one (without accounts) cannot create anything, so it is answered from what it
+read and writes nothing (:meth:`Store.answer_unclocked` answers many such ledgers at once).
 
 Under load the batcher also *prepares* the next batch while the previous one is still being
 written (:meth:`Store.prepare`): it reads, without locks, what the batch needs and is not
@@ -41,11 +44,12 @@ from ledger.types import AccountKind, TransferFlags, TransferState
 
 # -- named statements --------------------------------------------------------------------------
 
-# Reserve `$3` timestamps on the ledger's clock and lock its row for the transaction.
+# Reserve `$3` timestamps on the ledger's clock and lock its row for the transaction. No row,
+# no answer: a ledger's clock is created with its first account (SQL_ENSURE_LEDGERS), never by
+# a transfer, so a transfer naming a ledger without accounts leaves nothing behind.
 SQL_RESERVE = """
-INSERT INTO ledgers AS l (ledger, last_timestamp) VALUES ($1, $2::bigint + $3 - 1)
-ON CONFLICT (ledger) DO UPDATE
-    SET last_timestamp = greatest($2::bigint, l.last_timestamp + 1) + $3 - 1
+UPDATE ledgers AS l SET last_timestamp = greatest($2::bigint, l.last_timestamp + 1) + $3 - 1
+WHERE l.ledger = $1
 RETURNING last_timestamp - $3 + 1 AS first, chain_head
 """
 
@@ -255,9 +259,14 @@ INSERT INTO snapshot_runs (ledger, timestamp, accounts) SELECT $1, $2, count(*) 
 RETURNING accounts
 """
 SQL_LEDGERS = "SELECT ledger FROM ledgers ORDER BY ledger"
-SQL_HAS_DUE_HOLDS = """
-SELECT EXISTS (SELECT 1 FROM holds
-               WHERE ledger = $1 AND state = 'pending' AND expires_at > 0 AND expires_at <= $2)
+# Which of these ledgers have a clock row (that is, accounts).
+SQL_CLOCKED = "SELECT ledger FROM ledgers WHERE ledger = ANY($1::int[])"
+# The expirer's one question per pass, for every ledger at once: an index range scan over the
+# pending holds already due (holds_expiry, migration 0005), however many ledgers exist.
+SQL_DUE_LEDGERS = """
+SELECT DISTINCT ledger FROM holds
+WHERE state = 'pending' AND expires_at > 0 AND expires_at <= $1
+ORDER BY ledger
 """
 
 
@@ -475,8 +484,9 @@ class Store:
         request_ends: Sequence[int] = (),
         expire_due: bool = False,
         on_write: Callable[[], None] | None = None,
-    ) -> tuple[BatchOutcome, Tip]:
-        """:meth:`post_batch`, also returning the ledger's :class:`Tip` after the batch."""
+    ) -> tuple[BatchOutcome, Tip | None]:
+        """:meth:`post_batch`, also returning the ledger's :class:`Tip` after the batch; None
+        for a ledger without a clock (no accounts): its batch was answered, nothing written."""
         async with self._acquire() as conn, conn.transaction():
             return await self._post_tip(conn, ledger, batch, request_ends, expire_due, on_write)
 
@@ -488,10 +498,20 @@ class Store:
         request_ends: Sequence[int],
         expire_due: bool,
         on_write: Callable[[], None] | None,
-    ) -> tuple[BatchOutcome, Tip]:
+    ) -> tuple[BatchOutcome, Tip | None]:
         slots = timestamps_needed(len(batch))
         clock = await conn.fetchrow(SQL_RESERVE, ledger, now_ns(), slots)
-        assert clock is not None, "an upsert with RETURNING answers one row"
+        if clock is None:
+            # No clock, so no accounts: every transfer fails, nothing is written. Should the
+            # ledger's first accounts commit between the two reads, the batch would create
+            # something: the clock exists by then (same transaction as the accounts), so it
+            # is posted the ordinary way.
+            accounts, transfers, _ = await _load(conn, ledger, batch, known=None, due_before=None)
+            outcome = _answer_unclocked(ledger, batch, request_ends, accounts, transfers)
+            if outcome is not None:
+                return outcome, None
+            clock = await conn.fetchrow(SQL_RESERVE, ledger, now_ns(), slots)
+            assert clock is not None, f"ledger {ledger}: accounts without a clock row"
         first: int = clock["first"]
         prev_head: str = clock["chain_head"]
         accounts, transfers, holds = await _load(
@@ -598,14 +618,56 @@ class Store:
         assert min(b.debits_posted, b.credits_posted, b.debits_pending, b.credits_pending) >= 0
         return b
 
-    async def has_due_holds(self, ledger: int, at: int) -> bool:
-        """Whether a pending hold of the ledger has passed its timeout at ``at``."""
+    async def ledgers_with_due_holds(self, at: int) -> list[int]:
+        """The ledgers that have a pending hold past its timeout at ``at``: one indexed
+        statement for all ledgers (the expirer asks it every second)."""
         async with self._acquire() as conn:
-            due: bool = await conn.fetchval(SQL_HAS_DUE_HOLDS, ledger, at)
-        return due
+            return [r["ledger"] for r in await conn.fetch(SQL_DUE_LEDGERS, at)]
+
+    async def clocked(self, ledgers: Iterable[int]) -> set[int]:
+        """Which of ``ledgers`` have a clock row, i.e. accounts (rows are never deleted)."""
+        async with self._acquire() as conn:
+            return {r["ledger"] for r in await conn.fetch(SQL_CLOCKED, list(ledgers))}
+
+    async def answer_unclocked(
+        self, groups: Sequence[tuple[int, Sequence[Transfer], Sequence[int]]]
+    ) -> list[BatchOutcome | None]:
+        """Answer batches of ledgers that have no clock row (no accounts) without a
+        transaction: two reads for all of them (transfers by id and accounts by id, across
+        ledgers, so ``exists_with_different_ledger`` and ``accounts_must_have_the_same_ledger``
+        answer as they would anywhere), nothing written. Each of ``groups`` is (ledger,
+        transfers, request ends); its answer is None if it would create something after all
+        (the ledger's first accounts committed meanwhile): post it the ordinary way."""
+        ids = {t.id for _, batch, _ in groups for t in batch}
+        ids.update(t.pending_id for _, batch, _ in groups for t in batch if t.pending_id)
+        aids = {a for _, batch, _ in groups for t in batch
+                for a in (t.debit_account_id, t.credit_account_id)}
+        aids.discard(0)
+        async with self._acquire() as conn:
+            # ledger 0 never exists: no hold joins (a clockless ledger has none of its own)
+            rows = await conn.fetch(SQL_LOAD_TRANSFERS, _pg_array(list(ids)), 0) if ids else []
+            arows = await conn.fetch(SQL_FOREIGN_ACCOUNTS, list(aids)) if aids else []
+        stored: dict[UUID, StoredTransfer] = {}
+        for r in rows:
+            st = _transfer(r)
+            stored.setdefault(st.id, st)
+        found = {r[0]: r for r in arows}
+        out: list[BatchOutcome | None] = []
+        for ledger, batch, ends in groups:
+            # each group gets its own account states (one that would create something mutates
+            # them) and transfers: only those it names, so the work is linear in the batch
+            accounts = {
+                aid: _account(found[aid])
+                for t in batch
+                for aid in (t.debit_account_id, t.credit_account_id)
+                if aid in found
+            }
+            named = {k: stored[k] for t in batch for k in (t.id, t.pending_id) if k in stored}
+            out.append(_answer_unclocked(ledger, batch, ends, accounts, named))
+        return out
 
     async def ledgers(self) -> list[int]:
-        """Every ledger that has a clock row."""
+        """Every ledger that has a clock row (that is, accounts)."""
         async with self._acquire() as conn:
             return [r["ledger"] for r in await conn.fetch(SQL_LEDGERS)]
 
@@ -619,7 +681,8 @@ class Store:
         """
         async with self._acquire() as conn, conn.transaction():
             clock = await conn.fetchrow(SQL_RESERVE, ledger, now_ns(), 1)
-            assert clock is not None, "an upsert with RETURNING answers one row"
+            if clock is None:
+                raise LookupError(f"ledger {ledger} has no accounts")
             ts: int = clock["first"]
             count: int = await conn.fetchval(SQL_SNAPSHOT, ledger, ts)
         return ts, count
@@ -729,6 +792,29 @@ def _apply(
     _check_zero_sum(before, _totals(accounts.values()), ledger)
     args, head = _write_args(ledger, outcome, accounts, prev_head)
     return outcome, args, head
+
+
+def _answer_unclocked(
+    ledger: int,
+    batch: Sequence[Transfer],
+    request_ends: Sequence[int],
+    accounts: dict[int, AccountState],
+    transfers: dict[UUID, StoredTransfer],
+) -> BatchOutcome | None:
+    """The answers of a batch of a ledger without a clock row: the same rules as any batch,
+    applied to what was read (other ledgers' accounts and transfers). Nothing can be created
+    where no account exists; None if something would be after all (accounts appeared)."""
+    outcome = apply_transfers(
+        batch,
+        accounts=accounts,
+        transfers=transfers,
+        holds={},
+        first_timestamp=now_ns(),
+        request_ends=request_ends,
+    )
+    if outcome.created or outcome.holds_changed:
+        return None
+    return outcome
 
 
 def _write_args(

@@ -101,6 +101,12 @@ class TransferFlags(enum.IntFlag):
     FORCE = 16
 
 
+# Transfers with either flag move no posted balance: a hold only reserves (debits_pending), a
+# void only releases a hold. A posting (plain or post_pending) has neither. SQL filters posted
+# money with ``flags & UNPOSTED_FLAGS = 0``.
+UNPOSTED_FLAGS: Final = int(TransferFlags.PENDING | TransferFlags.VOID_PENDING)
+
+
 class TransferCode(enum.IntEnum):
     """Business type of a transfer (contract §1)."""
 

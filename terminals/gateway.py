@@ -15,10 +15,13 @@ and a different message under the same key gets ``94`` without reaching the camp
 copies of one request in flight at once share one execution (single flight).
 
 A ``96`` means that no money moved for that request, ever (contract §5 v4), also when the
-deadline (``request_timeout_s``) passes while the work goes on: the gateway then gives the
-request up before it answers (``Gateway._give_up``): the 96 is stored as its answer together
-with the request's own reversal, and whatever the work posts, before or after, is taken back
-exactly once (``Campus.withdraw``). A retransmission gets that stored 96 and posts nothing.
+deadline (``request_timeout_s``) passes while the work goes on, and when the database fails
+under the work (perhaps after its posting committed): the gateway then gives the request up
+before it answers (``Gateway._give_up``): the 96 is stored as its answer together with the
+request's own reversal, and whatever the work posts, before or after, is taken back exactly
+once (``Campus.withdraw``). A retransmission gets that stored 96 and posts nothing. When the
+gateway cannot tell whether a money-moving request moved money (its answer memory is away) it
+closes the connection unanswered rather than send a 96 that may be false.
 
 Connections: 2-byte length frames, pipelining up to a per-connection bound (answers go back
 in request order), an idle timeout, a write timeout, a connection cap, a global in-flight
@@ -37,7 +40,6 @@ import enum
 import functools
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -50,8 +52,9 @@ import msgspec
 from prometheus_client import Counter, Gauge, Histogram
 
 from engine import limits, metrics
-from engine.campus import Campus, Coalescer, Connection, Outcome, PaymentResult, Terminal
-from engine.config import DEFAULT_TZ
+from engine.calendar import campus_tz_name
+from engine.campus import Campus, Outcome, PaymentResult, Terminal
+from engine.db.coalesce import Coalescer, Connection
 from engine.db.pool import create_pool
 from engine.service import Engine
 from engine.slots import PeerSlots, peer_of
@@ -309,9 +312,11 @@ _OUTCOME_CODES: Final[dict[Outcome, ResponseCode]] = {
     Outcome.UNAVAILABLE: ResponseCode.SYSTEM_ERROR,
 }
 
-# Answers that are not remembered: 96 asks the terminal to try again, and a campus-level 94
-# means the ledger already holds a different transaction under this key that this gateway
-# has no answer for, so no answer can be the "identical" one yet.
+# Answers that are not remembered: a plain 96 (one that moved nothing for certain: an overload,
+# nothing queued; or an operation that moves no money or only gives it back) asks the terminal
+# to try again, and a campus-level 94 means the ledger already holds a different transaction
+# under this key that this gateway has no answer for, so no answer can be the "identical" one
+# yet. A money-moving request whose work failed is not answered with a plain 96 (_work).
 _NOT_REMEMBERED: Final = frozenset({ResponseCode.SYSTEM_ERROR, ResponseCode.DUPLICATE_DIFFERENT})
 
 
@@ -360,10 +365,11 @@ def _amounts(op: Operation, result: PaymentResult) -> str | None:
         return None
 
 
-# Operations that move money: when the deadline passes while one of them is still at work, its
-# 96 is made true before it is sent (Gateway._give_up). An inquiry moves nothing. A reversal
-# only ever gives money back, and it is irrevocable once remembered (an original that arrives
-# later moves nothing), so its 96 keeps meaning "not confirmed yet": the terminal repeats it.
+# Operations that move money: when the deadline passes while one of them is still at work, or
+# its work fails, its 96 is made true before it is sent (Gateway._give_up). An inquiry moves
+# nothing. A reversal only ever gives money back, and it is irrevocable once remembered (an
+# original that arrives later moves nothing), so its 96 keeps meaning "not confirmed yet": the
+# terminal repeats it (see Gateway._work).
 _WITHDRAWABLE: Final = frozenset(
     {
         Operation.PURCHASE,
@@ -461,7 +467,7 @@ _decode_answer = msgspec.json.Decoder(Message).decode
 class AnswerMemory:
     """Remembered answers in ``gateway_responses`` (see migrations/0003_gateway.sql).
 
-    Lookups and stores are each coalesced (engine.campus.Coalescer): the requests that arrive
+    Lookups and stores are each coalesced (engine.db.coalesce.Coalescer): the requests that arrive
     while one statement runs share the next, so each is one statement per batch of requests,
     on one connection held while the work keeps coming.
     """
@@ -489,7 +495,7 @@ class AnswerMemory:
 
     async def lookup(self, ledger: int, key: UUID) -> _Answer | None:
         """The remembered answer for ``key``, or None."""
-        return await self._lookups.submit(ledger, key)
+        return await self._lookups.ask(ledger, key)
 
     async def remember(
         self, ledger: int, key: UUID, terminal_id: str, digest: bytes, response: Message
@@ -519,7 +525,7 @@ class AnswerMemory:
         for attempt in range(_RRN_ATTEMPTS):
             answer = msgspec.structs.replace(response, rrn=rrn_for(key, attempt))
             row = _Row(key, terminal_id, digest, answer.rrn or "", _encode_answer(answer))
-            if await writer.submit(ledger, row):
+            if await writer.ask(ledger, row):
                 return _Answer(digest, answer, True)
             stored = await self.lookup(ledger, key)
             if stored is not None:
@@ -588,12 +594,16 @@ class _Flight:
     late work can never replace a 96 with an approval. ``fresh``: the work found no answer
     stored for the key. ``promise``: the 96 a give-up may send before its claim is stored
     (only when the claim is then certain to store it: the work was fresh and had not started
-    storing its own answer). ``given_up``: the deadline passed and the verdict is the 96's
-    claim (a retransmission then waits for that, not for the work).
+    storing its own answer). ``given_up``: the deadline passed or the work failed, and the
+    verdict is the 96's claim (a retransmission then waits for that, not for the work; the
+    flight stays registered until the claim is stored, see ``Gateway._landed``).
+    ``answer_by``: when the waiters of a give-up stop waiting for the verdict to be stored
+    (one moment for all of them, however each came to wait).
     """
 
     __slots__ = (
-        "digest", "fresh", "given_up", "key", "msg", "op", "promise", "task", "term", "verdict"
+        "answer_by", "digest", "fresh", "given_up", "key", "msg", "op", "promise", "task", "term",
+        "verdict",
     )
 
     def __init__(
@@ -604,11 +614,12 @@ class _Flight:
         self.key = key
         self.digest = digest
         self.msg = msg
-        self.task: asyncio.Task[_Answer] | None = None
+        self.task: asyncio.Task[_Answer | None] | None = None
         self.verdict: asyncio.Task[_Answer] | None = None
         self.fresh = False
         self.given_up = False
         self.promise: _Answer | None = None
+        self.answer_by: float | None = None  # loop time: give-up waiters answer by then
 
 
 class Gateway:
@@ -633,7 +644,7 @@ class Gateway:
         """Configure the gateway; ``campus`` defaults to a Campus over ``engine`` in ``tz``
         (default ``$ONECARD_TZ``, else Asia/Shanghai)."""
         self.engine = engine
-        self.tz = tz or os.environ.get("ONECARD_TZ") or DEFAULT_TZ
+        self.tz = campus_tz_name(tz)
         self._zone = ZoneInfo(self.tz)
         if campus is None:
             campus = Campus(engine, tz=self.tz)
@@ -887,37 +898,69 @@ class Gateway:
             # wait_for(shield(...)) costs several times over.)
             if not flight.given_up:
                 await _landing(task, self.request_timeout_s)
-            if not task.done():
-                if flight.op not in _WITHDRAWABLE:
-                    log.warning("gateway: no answer for %s within %.1f s", key,
-                                self.request_timeout_s)
+            if task.done():
+                if task.cancelled() or task.exception() is not None:  # logged once, by _landed
+                    if flight.op in _WITHDRAWABLE:
+                        return None  # whether it moved money is not known: no answer
                     return self._reply(msg, ResponseCode.SYSTEM_ERROR)
-                answer = await self._give_up(flight)
-                if answer is None:
-                    return None
-            elif task.cancelled() or task.exception() is not None:  # logged once, by _landed
-                return self._reply(msg, ResponseCode.SYSTEM_ERROR)
-            else:
                 answer = task.result()
+            elif flight.op in _WITHDRAWABLE:
+                answer = await self._give_up(flight, "still at work at the deadline")
+            else:
+                log.warning("gateway: no answer for %s within %.1f s", key,
+                            self.request_timeout_s)
+                return self._reply(msg, ResponseCode.SYSTEM_ERROR)
         finally:
             self._inflight -= 1
+        if answer is None:
+            return None  # not known whether it moved money: no answer rather than a wrong one
         if answer.digest != digest:
             return self._reply(msg, ResponseCode.DUPLICATE_DIFFERENT)
         return answer.response
 
-    def _landed(self, key: UUID, task: asyncio.Task[_Answer]) -> None:
-        self._flights.pop(key, None)
+    def _landed(self, key: UUID, task: asyncio.Task[_Answer | None]) -> None:
+        flight = self._flights.get(key)
+        verdict = None if flight is None else flight.verdict
+        if verdict is not None and not verdict.done():
+            # Answered with a 96 whose claim is not stored yet (the database is away): the
+            # flight stays, so that a retransmission gets that 96 rather than a new execution.
+            verdict.add_done_callback(functools.partial(self._forget, key, flight))
+        else:
+            self._flights.pop(key, None)
         # Retrieved here, not by the waiters: they may all have timed out or gone away.
         exc = None if task.cancelled() else task.exception()
         if exc is not None:
             log.error("gateway: request %s failed", key, exc_info=exc)
 
-    async def _execute(self, flight: _Flight) -> _Answer:
+    def _forget(self, key: UUID, flight: _Flight | None, _: object) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+
+    async def _execute(self, flight: _Flight) -> _Answer | None:
+        """The answer to ``flight``'s request: the one stored for its key, or the work's (stored
+        before it is sent unless it is a plain 96 or a 94, see ``_NOT_REMEMBERED``), or the
+        stored 96 of a give-up; None when it is not known whether the request moved money (the
+        connection is then closed unanswered, and the retransmission learns the truth).
+
+        A money-moving request whose work fails without saying what it did (``_work``) is
+        given up like one whose deadline passed (``_give_up``), so its 96 is true before it is
+        sent. If its stored answer cannot be looked up, an earlier attempt of the same message
+        may have moved money and been answered: a 96 could be false, so there is no answer.
+        If the work's own answer cannot be stored, the retransmission recomputes it from the
+        ledger (every transfer id is derived from the key): no answer either.
+        """
         assert self._memory is not None, "gateway not started"
         term, key, digest = flight.term, flight.key, flight.digest
-        stored = await self._memory.lookup(term.ledger, key)
+        withdrawable = flight.op in _WITHDRAWABLE
+        try:
+            stored = await self._memory.lookup(term.ledger, key)
+        except Exception as e:
+            if not withdrawable:
+                raise
+            log.warning("gateway: answer of %s not looked up (%s); no answer", key, e)
+            return None if flight.verdict is None else await flight.verdict
         if stored is not None:
-            if _given_up(stored) and flight.op in _WITHDRAWABLE:
+            if _given_up(stored) and withdrawable:
                 self._settle_later(flight)  # idempotent; completes one a crash cut short
             return stored
         if flight.verdict is not None:  # given up while we looked: it is the answer
@@ -925,16 +968,37 @@ class Gateway:
         flight.fresh = True
         response = await self._work(flight)
         if flight.verdict is None:  # nobody gave up: this is the key's answer
+            if response is None:
+                return await self._give_up(flight, "failed without saying what it did")
             if response.response_code in _NOT_REMEMBERED:
                 return _Answer(digest, response, False)
             flight.verdict = asyncio.create_task(
                 self._memory.remember(term.ledger, key, term.terminal_id, digest, response)
             )
-        # given up meanwhile: the late work's answer is not stored, the 96 is the answer
-        return await flight.verdict
+        try:  # given up meanwhile: the late work's answer is not stored, the 96 is the answer
+            return await flight.verdict
+        except Exception as e:  # only storing the work's own answer can fail
+            if not withdrawable:
+                raise
+            log.warning("gateway: answer of %s not stored (%s); no answer", key, e)
+            return None
 
-    async def _work(self, flight: _Flight) -> Message:
-        """The answer the business rules give ``flight``'s request (not stored yet)."""
+    async def _work(self, flight: _Flight) -> Message | None:
+        """The answer the business rules give ``flight``'s request (not stored yet), or None
+        when the work of a money-moving request failed without saying what it did.
+
+        The campus answers UNAVAILABLE (or raises) when the database failed under the work:
+        maybe before anything was posted, maybe after the posting committed (the read after
+        it failed, or the last retry of a commit whose outcome the batcher could not learn).
+        For an operation that moves money that is no 96 yet: ``_execute`` gives it up first.
+        OVERLOADED is a plain 96 and stays cheap: the batcher's queue was full, nothing was
+        queued. An inquiry moves nothing. A reversal (0400) keeps its plain 96, not stored: it
+        only ever gives money back, it is remembered before it undoes anything and cannot be
+        revoked once remembered, so its 96 means "not confirmed yet" and the terminal repeats
+        it until it gets its 00 (each repetition undoes nothing twice: the undo ids are
+        derived). Making that 96 "true" would mean charging again what the terminal asked to
+        cancel; at worst a reversal's money comes back before the terminal hears of it.
+        """
         term, op, key, msg = flight.term, flight.op, flight.key, flight.msg
         result: PaymentResult | None = None
         if op is Operation.UNSUPPORTED:
@@ -946,7 +1010,9 @@ class Gateway:
                 result = await self._business(term, op, key, msg)
             except Exception:
                 log.exception("gateway: campus failed on %s %s", op.value, key)
-                return self._reply(msg, ResponseCode.SYSTEM_ERROR)
+                return None if op in _WITHDRAWABLE else self._reply(msg, ResponseCode.SYSTEM_ERROR)
+            if result.outcome is Outcome.UNAVAILABLE and op in _WITHDRAWABLE:
+                return None
             code = response_code_for(result.outcome)
         return self._reply(
             msg,
@@ -958,9 +1024,10 @@ class Gateway:
 
     # -- giving up a request whose deadline passed -------------------------------------------
 
-    async def _give_up(self, flight: _Flight) -> _Answer | None:
-        """The answer to a money-moving request whose deadline passed while its work went on:
-        a ``96`` that is true, or the answer already stored for the request.
+    async def _give_up(self, flight: _Flight, why: str) -> _Answer | None:
+        """The answer to a money-moving request whose deadline passed while its work went on,
+        or whose work failed without saying what it did (``why``, for the log): a ``96`` that
+        is true, or the answer already stored for the request.
 
         The 96 is stored as the request's answer together with the request's own reversal, in
         one statement (AnswerMemory.claim), unless an answer is stored already: then that one
@@ -971,21 +1038,21 @@ class Gateway:
         derived ids, so the money comes back exactly once. In this process only one answer is
         ever stored per key (``_Flight.verdict``), so the late work cannot replace the 96.
 
-        If the claim is not stored within GATEWAY_GIVE_UP_WAIT_S (the database is away), it
-        is retried in the background until it is, and then the postings are taken back. The
-        96 is sent meanwhile only if nothing but it can be stored for the key any more (the
-        work found no stored answer and had not started storing its own); otherwise the
-        connection is closed unanswered: the gateway does not know the truth yet, and the
+        If the claim is not stored within GATEWAY_GIVE_UP_WAIT_S of the give-up (the database
+        is away), it is retried in the background until it is, and then the postings are taken
+        back. The 96 is sent meanwhile only if nothing but it can be stored for the key any
+        more (the work found no stored answer and had not started storing its own); otherwise
+        the connection is closed unanswered: the gateway does not know the truth yet, and the
         terminal's retransmission will get the stored answer. The one thing this cannot rule
         out is the same key in flight in another gateway process while the database is away.
+        A work that failed has landed: all it posted is there for ``_settle`` to take back.
 
         Should the process die after the claim and before the undo, the undo is completed by
         the retransmission of the request (``_execute`` finds the stored 96) or by the sweep
         when a gateway starts (``_sweep``).
         """
         if flight.verdict is None:
-            log.warning("gateway: %s still at work after %.1f s: given up (96, taken back)",
-                        flight.key, self.request_timeout_s)
+            log.warning("gateway: %s %s: given up (96, taken back)", flight.key, why)
             response = msgspec.structs.replace(
                 self._reply(flight.msg, ResponseCode.SYSTEM_ERROR), rrn=rrn_for(flight.key)
             )
@@ -994,8 +1061,11 @@ class Gateway:
             flight.given_up = True
             flight.verdict = asyncio.create_task(self._claim(flight, response))
             self._settle_later(flight)
+        now = asyncio.get_running_loop().time()
+        if flight.answer_by is None:
+            flight.answer_by = now + limits.GATEWAY_GIVE_UP_WAIT_S
         verdict = flight.verdict
-        await _landing(verdict, limits.GATEWAY_GIVE_UP_WAIT_S)
+        await _landing(verdict, flight.answer_by - now)
         if verdict.done() and not verdict.cancelled() and verdict.exception() is None:
             return verdict.result()
         return flight.promise

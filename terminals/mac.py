@@ -8,7 +8,7 @@ import re
 from typing import Final
 
 # The PIN block is a card rule checked by the engine; the terminal computes it the same way.
-from engine.pin import PIN_BLOCK_LEN, pin_block, verify_pin
+from engine.campus.pin import PIN_BLOCK_LEN, pin_block, verify_pin
 
 __all__ = [
     "KEY_HEX_LEN",

@@ -6,10 +6,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-from bench import common
-from bench.common import with_database
+from bench import databases as bench_databases
+from bench.databases import with_database
 
-database_name = common.database_of
+database_name = bench_databases.database_of
 __all__ = ["database_name", "scratch_database", "with_database"]
 
 
@@ -18,5 +18,5 @@ async def scratch_database(
     admin_dsn: str, *, prefix: str = "onecard_scratch"
 ) -> AsyncIterator[str]:
     """A fresh, empty database on the test server (not migrated), dropped afterwards."""
-    async with common.scratch_database(admin_dsn, "t", schema=False, prefix=prefix) as url:
+    async with bench_databases.scratch_database(admin_dsn, "t", schema=False, prefix=prefix) as url:
         yield url

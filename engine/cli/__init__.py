@@ -3,13 +3,14 @@
 The CLI is the top of the house: it imports the commands (an explicit table, in help order)
 and through them the domain, the HTTP and terminal edges and the bench; nothing imports it.
 Each command lives in the module of its concept: ``serve``, ``ledger`` (migrate, snapshot),
-``finance`` (export, reconcile, verify, statement), ``campus`` (subsidy), ``tools`` (simulate,
-bench).
+``finance`` (export, reconcile, verify, statement), ``campus`` (subsidy), ``ops`` (backup,
+restore), ``tools`` (simulate, bench).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -17,7 +18,7 @@ from typing import Final
 
 import uvloop
 
-from engine.cli import campus, finance, ledger, serve, tools
+from engine.cli import campus, finance, ledger, ops, serve, tools
 from engine.cli.base import Command, database
 from engine.config import DEFAULT_DATA_DIR
 from engine.service import tune_gc
@@ -31,6 +32,8 @@ COMMANDS: Final[tuple[Command, ...]] = (
     finance.VERIFY,
     finance.STATEMENT,
     campus.SUBSIDY,
+    ops.BACKUP,
+    ops.RESTORE,
     tools.SIMULATE,
     tools.BENCH,
 )
@@ -64,11 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    run = {c.name: c.run for c in COMMANDS}[args.command]
+    command = {c.name: c for c in COMMANDS}[args.command]
     try:
-        with database(args) as dsn:
+        with database(args) if command.database else contextlib.nullcontext("") as dsn:
             tune_gc()
-            code = uvloop.run(run(args, dsn))
+            code = uvloop.run(command.run(args, dsn))
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # a clear message, not a traceback, for operators

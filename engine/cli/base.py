@@ -9,14 +9,14 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine, Iterator
-from datetime import date
+from datetime import date, datetime
 from typing import Any
 
 import msgspec
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from engine.calendar import parse_day, parse_month
+from engine.calendar import parse_day, parse_instant, parse_month
 from engine.config import parse_hostport
 
 log = logging.getLogger("onecard")
@@ -26,12 +26,15 @@ Run = Callable[[argparse.Namespace, str], Coroutine[Any, Any, int]]
 
 class Command(msgspec.Struct, frozen=True):
     """One subcommand: its name and help, how it reads its arguments and what it runs
-    (``run(args, dsn) -> exit code``, on the database of ``--dsn`` or the embedded one)."""
+    (``run(args, dsn) -> exit code``, on the database of ``--dsn`` or the embedded one).
+    A command with ``database=False`` makes its own (``restore``): it runs with ``dsn=""``
+    and no server is started for it."""
 
     name: str
     help: str
     arguments: Callable[[argparse.ArgumentParser], None]
     run: Run
+    database: bool = True
 
 
 def no_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,6 +73,7 @@ def _typed(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 day_arg: Callable[[str], date] = _typed(parse_day)
 month_arg: Callable[[str], date] = _typed(parse_month)
 hostport_arg: Callable[[str], tuple[str, int]] = _typed(parse_hostport)
+instant_arg: Callable[[str], datetime] = _typed(parse_instant)
 
 
 def console(*, stderr: bool = False) -> Console:

@@ -8,22 +8,21 @@ import sys
 from collections import Counter
 from pathlib import Path
 from typing import Final
-from zoneinfo import ZoneInfo
 
 from rich.console import Console
 from rich.table import Table
 
-from engine.calendar import campus_tz_name
-from engine.cli.base import Command, console, progress
-from engine.service import Engine
-from engine.subsidy import (
+from engine.calendar import campus_tz, campus_tz_name, parse_month
+from engine.campus.subsidies import (
     FileError,
+    FundMissing,
     Grant,
     clear_down,
     grant_subsidies,
-    month_bounds,
     read_grants,
 )
+from engine.cli.base import Command, console, progress
+from engine.service import Engine
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -56,9 +55,14 @@ async def _subsidy(args: argparse.Namespace, dsn: str) -> int:
             return 2
     else:
         try:
-            month_bounds(args.month, ZoneInfo(args.tz))
+            parse_month(args.month)
+        except ValueError:
+            err.print(f"onecard subsidy: --month must be YYYY-MM, not {args.month!r}")
+            return 2
+        try:
+            campus_tz(args.tz)
         except ValueError as e:
-            err.print(f"onecard subsidy: {e}")
+            err.print(f"onecard subsidy: --tz: {e}")
             return 2
     engine = Engine(dsn)
     await engine.start()
@@ -66,6 +70,9 @@ async def _subsidy(args: argparse.Namespace, dsn: str) -> int:
         if args.file:
             return await _run_grants(engine, grants, batch)
         return await _run_clear_down(engine, args.ledger, args.month, args.tz)
+    except FundMissing as e:
+        err.print(f"onecard subsidy: {e}")
+        return 2
     finally:
         await engine.stop()
 

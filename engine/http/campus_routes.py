@@ -11,11 +11,12 @@ forgives the card's wrong PINs: after 5 in a day its PIN checks answer 75 until 
 ``POST /v1/subsidies`` credits subsidy purses from each ledger's fund; its body is a list of
 ``{ledger, holder_id, amount, batch_id}`` and the transfer id of an item is derived from
 (ledger, batch_id, holder_id), so posting the same batch again credits nobody twice.
+It creates nothing but the credits: the fund is created with the ledger's holders, an unknown
+holder answers ``holder_not_found`` and a ledger without a fund ``fund_not_found``.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 from uuid import UUID
@@ -27,7 +28,6 @@ from litestar.params import FromPath, JSONBody
 from engine import limits
 from engine.batcher import RETRYABLE, Overloaded, Unavailable
 from engine.campus import (
-    DEFAULT_TZ,
     Campus,
     Card,
     CardStatus,
@@ -36,9 +36,9 @@ from engine.campus import (
     RegistryStatus,
     TerminalKind,
 )
+from engine.campus.subsidies import MAX_BATCH_ID_LEN, Grant, grant_problem, grant_subsidies
 from engine.http.app import ApiError, ErrorCode, require_admin, require_read
 from engine.service import Engine
-from engine.subsidy import MAX_BATCH_ID_LEN, Grant, grant_problem, grant_subsidies
 from ledger.account import AccountName, HolderId
 from ledger.types import INT32_MAX, INT64_MAX, TEXT_WITHOUT_NUL, AccountKind, whole_match
 
@@ -60,7 +60,7 @@ MerchantId = Annotated[str, msgspec.Meta(pattern=whole_match(r"[\x20-\x7e]{15}")
 RoomId = Annotated[str, msgspec.Meta(pattern=whole_match(r"[\x20-\x7e]{1,28}"))]
 MacKeyHex = Annotated[str, msgspec.Meta(pattern=whole_match("[0-9A-Fa-f]{64}"))]
 # It goes into every grant's user_data ("subsidy " + it), which holds 256 bytes: up to 64
-# characters, and at most MAX_BATCH_ID_BYTES bytes of UTF-8 (checked by engine.subsidy).
+# characters, and at most MAX_BATCH_ID_BYTES bytes of UTF-8 (checked by engine.campus.subsidies).
 BatchId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_BATCH_ID_LEN,
                                       pattern=TEXT_WITHOUT_NUL)]
 
@@ -178,7 +178,7 @@ class SubsidyIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class SubsidyOut(msgspec.Struct, frozen=True, omit_defaults=True):
     """The answer for one subsidy item: the transfer id and its status (a transfer status,
-    or ``holder_not_found``)."""
+    ``holder_not_found`` or ``fund_not_found``)."""
 
     ledger: int
     holder_id: str
@@ -196,7 +196,7 @@ def campus_of(request: Request[Any, Any, Any]) -> Campus:
     campus: Campus | None = getattr(state, "campus", None)
     if campus is None:
         engine: Engine = state.engine
-        campus = Campus(engine, tz=os.environ.get("ONECARD_TZ") or DEFAULT_TZ)
+        campus = Campus(engine)
         state.campus = campus
     return campus
 
@@ -323,7 +323,8 @@ async def grant(
     request: Request[Any, Any, Any], data: JSONBody[list[SubsidyIn]]
 ) -> list[SubsidyOut]:
     """Credit subsidy purses from the ledger's fund (code 5), one status per item in request
-    order; a holder that does not exist answers ``holder_not_found``."""
+    order; a holder that does not exist answers ``holder_not_found``, a ledger without its
+    fund ``fund_not_found`` (nothing is created for them: no account, no ledger)."""
     if not data:
         raise ApiError(400, ErrorCode.INVALID_BODY, "the list of subsidies is empty")
     if len(data) > limits.MAX_TRANSFERS_PER_REQUEST:

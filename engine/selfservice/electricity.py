@@ -26,7 +26,8 @@ import msgspec
 
 from engine import limits
 from engine.batcher import Unavailable
-from engine.campus import Campus, CardStatus, Outcome, Terminal, TerminalKind, part_id
+from engine.campus import Campus, CardStatus, Outcome, Terminal, TerminalKind
+from engine.campus.accounts import CASH_PART, part_id
 from engine.finance.statements import Subject, monthly_statement
 from engine.selfservice.cards import holder_cards
 from engine.selfservice.holders import HolderRef
@@ -36,7 +37,6 @@ from ledger.types import TransferCode
 # The terminal id the self-service door writes into a purchase's user_data (8 characters, as
 # every terminal id; it names the door, it is no registered terminal).
 DOOR_ID: Final = "SELF-WEB"
-_CASH_PART: Final = "cash"  # the kiosk path's transfer id of a key is part_id(key, "cash")
 _KEYS: Final = uuid.UUID("5e1f5e1f-0000-4000-8000-0000000000e1")  # uuid5 namespace
 
 SQL_ROOM_OF: Final = """
@@ -140,7 +140,7 @@ async def _earlier(pool: asyncpg.Pool, ledger: int, key: uuid.UUID) -> asyncpg.R
     derives the transfer id from the key exactly so)."""
     async with pool.acquire(timeout=limits.DB_ACQUIRE_TIMEOUT_S) as conn:
         row: asyncpg.Record | None = await conn.fetchrow(
-            SQL_TRANSFER, ledger, part_id(key, _CASH_PART))
+            SQL_TRANSFER, ledger, part_id(key, CASH_PART))
     return row
 
 

@@ -20,7 +20,8 @@ import asyncpg
 import msgspec
 
 from engine import limits
-from engine.campus import CardStatus, Coalescer, Connection
+from engine.campus import CardStatus
+from engine.db.coalesce import Coalescer, Connection
 
 # The ledger key of the holder lookups: a holder id is looked up across ledgers.
 _ANY_LEDGER: Final = 0
@@ -161,7 +162,7 @@ class HolderReads:
         if found is None:
             if not 0 < len(holder_id) <= limits.SELF_HOLDER_ID_MAX_CHARS or "\x00" in holder_id:
                 return None  # cannot be stored (holders CHECK); must not fail a shared read
-            found = await self._finds.submit(_ANY_LEDGER, holder_id)
+            found = await self._finds.ask(_ANY_LEDGER, holder_id)
             if found is None:
                 return None  # not cached: the holder may be registered a moment later
             if len(self._holders) >= limits.SELF_MAX_CACHED_HOLDERS:
@@ -171,7 +172,7 @@ class HolderReads:
 
     async def overview(self, ref: HolderRef) -> Overview:
         """The home page's figures for a holder found by ``find_holder``."""
-        found = await self._overviews.submit(ref.ledger, _OverviewQuery(ref))
+        found = await self._overviews.ask(ref.ledger, _OverviewQuery(ref))
         assert found is not None, "holders and their accounts are never deleted"
         return found
 

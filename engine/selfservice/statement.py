@@ -21,7 +21,7 @@ import asyncpg
 import msgspec
 
 from engine import limits
-from engine.campus import Coalescer, Connection
+from engine.db.coalesce import Coalescer, Connection
 from engine.selfservice.holders import HolderRef
 from ledger.types import TransferFlags, TransferState
 
@@ -142,7 +142,7 @@ class StatementReads:
         first, second = (accounts or ref.purses)[0], (accounts or ref.purses)[-1]
         assert {first, second} <= set(ref.purses), "only the holder's own purses"
         start = NEWEST if before is None else before
-        rows = await self._reads.submit(ref.ledger, _PageQuery(ref, first, second, start))
+        rows = await self._reads.ask(ref.ledger, _PageQuery(ref, first, second, start))
         lines = [_line(r, ref) for r in rows[: self.size]]
         return Page(lines, lines[-1].timestamp if len(rows) > self.size else None)
 

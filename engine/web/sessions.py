@@ -23,7 +23,7 @@ import asyncpg
 import msgspec
 
 from engine import limits
-from engine.campus import Coalescer, Connection
+from engine.db.coalesce import Coalescer, Connection
 
 IDLE: Final = timedelta(seconds=limits.WEB_SESSION_IDLE_S)
 TOUCH: Final = timedelta(seconds=limits.WEB_SESSION_TOUCH_S)
@@ -166,7 +166,7 @@ class SessionReads:
         ``limits.WEB_SESSION_TOUCH_S``)."""
         if not session_id or len(session_id) > _MAX_ID_CHARS:
             return None
-        found = await self._reads.submit(0, _Ask(hash_id(session_id), kind, now - IDLE))
+        found = await self._reads.ask(0, _Ask(hash_id(session_id), kind, now - IDLE))
         if found is not None and now - found.last_seen >= TOUCH:
             async with self._pool().acquire(timeout=limits.DB_ACQUIRE_TIMEOUT_S) as conn:
                 await conn.execute(_TOUCH, found.id_hash, now, now - IDLE)

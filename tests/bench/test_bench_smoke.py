@@ -18,7 +18,8 @@ from uuid import UUID
 
 import pytest
 
-from bench.common import IdSource, Mix, campus_ids
+from bench.fixture import IdSource, campus_ids
+from bench.mix import Mix
 
 REPO: Final = Path(__file__).resolve().parents[2]
 TIMEOUT_S: Final = 240

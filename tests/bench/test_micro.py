@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from engine.batcher import TransferResult
-from engine.campus import _SpendMemory
+from engine.campus.spending import SpendMemory
 from engine.store import _astuple, _columns, _pg_array
 from ledger import audit
 from ledger.account import AccountState
@@ -157,7 +157,7 @@ def test_iso8583_purchase_roundtrip(benchmark: Any, pos: TerminalClient) -> None
 def test_spend_memory_hears_a_batch(benchmark: Any) -> None:
     """The campus's commit observer on a batch of 8190 meals, every purse's holder remembered
     (the daily-limit memory's cost on the committer's path, per batch)."""
-    memory = _SpendMemory(ttl_s=3600, max_holders=PURSES, day_of=lambda ns: 0)
+    memory = SpendMemory(ttl_s=3600, max_holders=PURSES, day_of=lambda ns: 0)
     memory.watching = True
     for p in range(1, PURSES + 1, 2):  # holders own two purses: (p, p + 1)
         memory.finish(memory.begin(LEDGER, p, p + 1), 0, 0, None, T0)

@@ -56,6 +56,11 @@ FROM accounts WHERE ledger = $1
 SQL_DUPLICATE_IDS = (
     "SELECT count(*) FROM (SELECT id FROM transfers GROUP BY id HAVING count(*) > 1) d"
 )
+# The ids of ledger $1 that are stored in another ledger too.
+SQL_DUPLICATE_IDS_OF_LEDGER = """
+SELECT count(DISTINCT t.id) FROM transfers t
+WHERE t.ledger = $1 AND EXISTS (SELECT 1 FROM transfers o WHERE o.id = t.id AND o.ledger <> $1)
+"""
 SQL_AUDIT_BATCHES = """
 SELECT first_timestamp, last_timestamp, transfer_count, prev_head, head
 FROM audit_batches WHERE ledger = $1 ORDER BY last_timestamp
@@ -905,7 +910,8 @@ class TerminalStats:
 
     requests: int = 0
     retransmissions: int = 0  # the same message sent again after a timeout or a lost line
-    system_errors: int = 0  # 96 answers (retried)
+    system_errors: int = 0  # 96 answers (a plain one retried, a stored one final)
+    given_up: int = 0  # purchases answered with a stored 96, then paid under a new STAN
     answered: int = 0
     unanswered: int = 0  # sent, line lost, not retried (retry=False)
     different_resend: list[str] = field(
@@ -920,7 +926,12 @@ class LineDown(Exception):
 
 class TerminalDriver:
     """One TerminalClient per POS, each working through its purchases in order and
-    retransmitting every unanswered message (same STAN and field 7) until it is answered."""
+    retransmitting every unanswered message (same STAN and field 7) until it is answered.
+
+    A 96 means that the request moved no money, ever (contract §5 v4). A plain 96 (no RRN:
+    nothing stored, an overload) is retransmitted; a stored one (with an RRN: the gateway gave
+    the request up) is that message's final answer, and the till starts the purchase over with
+    a new STAN, as a cashier would."""
 
     def __init__(
         self,
@@ -979,12 +990,16 @@ class TerminalDriver:
     async def _one(self, client: Any, pos: Pos, tx: Tx) -> None:
         msg = client.purchase(tx.holder.card_no, tx.amount)
         res = TxResult(tx, pos, msg, None)
-        expect = "51" if tx.holder is self.campus.poor and tx.reverse != "first" else "00"
+        expect = {"51" if tx.holder is self.campus.poor and tx.reverse != "first" else "00"}
         if tx.reverse == "first":
             rev = await self.exchange(client, client.reversal(msg))
             res.reversed_ok = rev.response_code == "00"
-        res.answer = await self.exchange(client, msg)
-        if res.answer.response_code != expect:
+            expect.add("96")  # given up: it moves nothing, as the reversal asked
+            res.answer = await self.exchange(client, msg)
+        else:
+            msg, res.answer = await self._paid(client, tx, msg)
+            res.request = msg
+        if res.answer.response_code not in expect:
             self.stats.wrong.append(f"{pos.terminal_id} {msg.stan}: {res.answer.response_code}")
         if tx.resend:
             again = await self.exchange(client, msg)
@@ -997,8 +1012,22 @@ class TerminalDriver:
             self.stats.wrong.append(f"{pos.terminal_id} {msg.stan}: reversal refused")
         self.results.append(res)
 
+    async def _paid(self, client: Any, tx: Tx, msg: Any) -> tuple[Any, Any]:
+        """The purchase ``msg`` of ``tx`` and its answer, started over under a new STAN after
+        each stored 96 until it is decided (a given-up message that ``tx`` retransmits gets
+        its 96 again, identical); returns the last message and its answer."""
+        while True:
+            answer = await self.exchange(client, msg)
+            if answer.response_code != "96":
+                return msg, answer
+            self.stats.given_up += 1
+            if tx.resend and await self.exchange(client, msg) != answer:
+                self.stats.different_resend.append(f"{msg.terminal_id} {msg.stan} (96)")
+            msg = client.purchase(tx.holder.card_no, tx.amount)
+
     async def exchange(self, client: Any, msg: Any) -> Any:
-        """Send ``msg`` until a final answer (not 96) arrives; reconnects as needed."""
+        """Send ``msg`` until a final answer arrives (anything but a plain 96: a stored one,
+        with its RRN, is final); reconnects as needed."""
         from terminals.client import ClientError
 
         delay = 0.02
@@ -1023,10 +1052,11 @@ class TerminalDriver:
                     self.stats.unanswered += 1
                     raise LineDown(str(e)) from None
             else:
-                if answer.response_code != "96":
+                if answer.response_code == "96":
+                    self.stats.system_errors += 1
+                if answer.response_code != "96" or answer.rrn is not None:
                     self.stats.answered += 1
                     return answer
-                self.stats.system_errors += 1
             finally:
                 self.in_flight -= 1
             await asyncio.sleep(delay)
@@ -1053,16 +1083,24 @@ FROM accounts WHERE ledger = $1
 """
 
 
-async def check_books(dsn: str, ledger: int) -> tuple[list[str], dict[int, tuple[int, int]]]:
+async def check_books(
+    dsn: str, ledger: int, *, shared: bool = False
+) -> tuple[list[str], dict[int, tuple[int, int]]]:
     """Problems with the ledger as stored (every account equal to the sums of its transfers,
-    nothing pending, debits equal to credits, the audit chain intact), and each account's
-    (debits_posted, credits_posted)."""
+    nothing pending, debits equal to credits, no transfer id stored twice, the audit chain
+    intact), and each account's (debits_posted, credits_posted).
+
+    ``shared``: the database is the test session's, where other tests may store one id in
+    several ledgers: only this ledger's ids are checked (none stored in another ledger)."""
     rep = LedgerReport()
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(SQL_LEDGER_TRANSFERS, ledger)
         accounts = {r["id"]: r for r in await conn.fetch(SQL_BALANCES, ledger)}
-        rep.duplicate_ids = await conn.fetchval(SQL_DUPLICATE_IDS)
+        if shared:
+            rep.duplicate_ids = await conn.fetchval(SQL_DUPLICATE_IDS_OF_LEDGER, ledger)
+        else:
+            rep.duplicate_ids = await conn.fetchval(SQL_DUPLICATE_IDS)
         await _check_audit(conn, ledger, rep)
     finally:
         await conn.close()

@@ -15,14 +15,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.campus import Campus, Outcome, holder_account_ids
+from engine.campus import Campus, Outcome
+from engine.campus.accounts import holder_account_ids
 from engine.http.app import rfc3339
 from engine.service import Engine
 from ledger.transfer import MAX_TIMEOUT_S, USER_DATA_MAX_BYTES, Transfer
 from ledger.types import TransferFlag
+from tests.campus.test_campus import World as CampusWorld
+from tests.campus.test_campus import card_number
 from tests.conftest import Api, Ids
-from tests.engine.test_campus import World as CampusWorld
-from tests.engine.test_campus import card_number
 
 Json = dict[str, Any]
 SUPERSCRIPT_TWO: Final = "\u00b2"

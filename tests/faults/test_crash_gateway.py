@@ -6,7 +6,8 @@ the ledger holds, exactly once.
 meal is often two linked transfers), some from a penniless card (51), reverse some after the
 approval and some before the original arrives, and retransmit some after their answer (the
 answer must be identical, RRN included, even across the restart). Every unanswered message is
-retransmitted with the same STAN and field 7 until it is answered.
+retransmitted with the same STAN and field 7 until it is answered; a purchase answered with a
+stored 96 (given up: it moved nothing) is paid again under a new STAN, charged once.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ async def test_sigkill_mid_run_through_the_gateway(admin_dsn: str, tmp_path: Pat
     print(
         f"\ncrash/gateway: {driver.total} purchases ({approved} approved, {reversed_} reversed) "
         f"on {len(campus.terminals)} terminals, {len(KILL_AT)} SIGKILLs with {in_flight} in "
-        f"flight, {s.retransmissions} retransmissions, {s.system_errors} answers 96, "
+        f"flight, {s.retransmissions} retransmissions, {s.system_errors} answers 96 "
+        f"({s.given_up} given up, paid again), "
         f"{same_after_restart} answers identical after restart, restart {max(restart_s):.1f}s; "
         f"money errors {len(money)}"
     )

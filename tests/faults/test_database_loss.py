@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from engine.db.embedded import EmbeddedPostgres
-from terminals.client import TerminalClient
+from terminals.client import ClientError, TerminalClient
 from tests.databases import database_name
 from tests.faults.harness import (
     ADMIN,
@@ -119,7 +119,8 @@ async def test_terminated_connections_under_load(admin_dsn: str, tmp_path: Path)
     print(
         f"\npg_terminate_backend: {driver.total} transfers and {terminals.total} purchases, "
         f"{killed} connections killed in {rounds} rounds, {s.unavailable} answers 503, "
-        f"{terminals.stats.system_errors} answers 96, {s.retries} retries, "
+        f"{terminals.stats.system_errors} answers 96 ({terminals.stats.given_up} given up, "
+        f"paid again), {s.retries} retries, "
         f"{terminals.stats.retransmissions} retransmissions; reads {seen}; lost "
         f"{len(rep.lost)}, doubled {len(s.doubled) + rep.duplicate_ids}, money errors {len(money)}"
     )
@@ -137,8 +138,9 @@ async def test_terminated_connections_under_load(admin_dsn: str, tmp_path: Path)
 
 async def test_database_restart_under_load(tmp_path: Path) -> None:
     """HTTP clients and POS terminals at work while the database is stopped for two seconds
-    and started again. While it is away: /healthz 503, a write 503, a read 503 and a purchase
-    96 (MACed), each at once; afterwards everything is exact."""
+    and started again. While it is away: /healthz 503, a write 503, a read 503, an inquiry 96
+    (MACed) and a purchase unanswered (the line closed), each at once; afterwards everything
+    is exact."""
     pg = EmbeddedPostgres(tmp_path / "pg")
     dsn = await asyncio.to_thread(pg.start)
     server = ServerProcess(dsn, tmp_path / "server.log", iso=True)
@@ -206,11 +208,18 @@ async def test_database_restart_under_load(tmp_path: Path) -> None:
             assert w.status_code == 503 and w.headers.get("retry-after"), w.text
             assert w.json()["error"] == "unavailable"
             assert rd.status_code == 503 and rd.headers.get("retry-after"), rd.text
-            # A terminal gets 96 (with a valid MAC: request() checks it), not silence.
+            # An inquiry moves nothing: it gets 96 (with a valid MAC: request() checks it).
             t0 = time.monotonic()
-            answer = await probe_terminal.request(probe)
-            terminal_s = time.monotonic() - t0
+            answer = await probe_terminal.request(probe_terminal.inquiry(campus.poor.card_no))
+            inquiry_s = time.monotonic() - t0
             assert answer.response_code == "96", answer
+            # A purchase gets no answer, at once (the line closes, no hang): without its answer
+            # memory the gateway cannot tell whether an earlier attempt of the same message
+            # moved money, and a 96 must be true (contract §5 v4).
+            t0 = time.monotonic()
+            with pytest.raises(ClientError):
+                await probe_terminal.request(probe)
+            terminal_s = time.monotonic() - t0
             await asyncio.sleep(max(0.0, DOWN_FOR_S - (time.monotonic() - down_at)))
             await asyncio.to_thread(pg.start)
             up_at = time.monotonic()
@@ -218,7 +227,8 @@ async def test_database_restart_under_load(tmp_path: Path) -> None:
                 assert time.monotonic() - up_at < 15, "not ready after the database came back"
                 await asyncio.sleep(0.05)
             ready_s = time.monotonic() - up_at
-        # 96 is not remembered: the same message, retransmitted, now gets its real answer.
+        # Nothing was stored for it (it never ran): the same message, retransmitted, now gets
+        # its real answer.
         assert (await terminals.exchange(probe_terminal, probe)).response_code == "51"
         await probe_terminal.close()
         await run
@@ -237,12 +247,13 @@ async def test_database_restart_under_load(tmp_path: Path) -> None:
     print(
         f"\ndatabase restart: {driver.total} transfers and {terminals.total} purchases, down "
         f"{DOWN_FOR_S}s with {in_flight} requests in flight; healthz {health_s:.2f}s, write 503 "
-        f"in {write_s:.2f}s, read 503 in {read_s:.2f}s, terminal 96 in {terminal_s:.2f}s, "
-        f"ready {ready_s:.1f}s after restart; {s.unavailable} answers 503, "
-        f"{terminals.stats.system_errors} answers 96; lost {len(rep.lost)}, "
+        f"in {write_s:.2f}s, read 503 in {read_s:.2f}s, inquiry 96 in {inquiry_s:.2f}s, "
+        f"purchase line closed in {terminal_s:.2f}s, ready {ready_s:.1f}s after restart; "
+        f"{s.unavailable} answers 503, {terminals.stats.system_errors} answers 96 "
+        f"({terminals.stats.given_up} given up, paid again); lost {len(rep.lost)}, "
         f"doubled {len(s.doubled) + rep.duplicate_ids}, money errors {len(money)}"
     )
-    assert max(health_s, write_s, read_s, terminal_s) < FAIL_FAST_S
+    assert max(health_s, write_s, read_s, inquiry_s, terminal_s) < FAIL_FAST_S
     assert stored == 0
     assert s.unavailable > 0
     assert not s.wrong, s.wrong[:5]

@@ -7,22 +7,34 @@ held elsewhere or a slow disk does to every ledger write) longer than the deadli
 moving operation then gets its 96, the stall ends, the late work lands, and afterwards: nothing
 moved net, the retransmission gets the byte-identical stored 96 and moves nothing, the terminal's
 new attempt (new STAN) is charged exactly once, and the books verify.
+
+The same holds without any deadline, when the database fails under the work after its posting
+committed: the read after the posting fails (the reversal memory vanishes in the posting's own
+transaction), or the batcher cannot learn whether its commit happened (a private PostgreSQL
+stopped while the commit waits) and gives up with ``Unavailable``. The request is answered 96
+(or not at all while nothing can be stored), the 96 is stored once the database is back, the
+posting is taken back, and a retransmission gets the stored 96.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from uuid import UUID
 
 import asyncpg
+import msgspec
 import pytest
 
 from engine.campus import Campus, Outcome
+from engine.db.embedded import EmbeddedPostgres
 from engine.finance.verify import verify
+from engine.limits import GATEWAY_REQUEST_TIMEOUT_S
 from engine.service import Engine
 from terminals.client import TerminalClient
 from terminals.gateway import AnswerMemory, Gateway, message_key, request_digest
@@ -67,10 +79,11 @@ async def stalled(dsn: str, ledger: int) -> AsyncIterator[Callable[[], Awaitable
         await conn.close()
 
 
-@pytest.fixture
-async def w(engine: Engine, ids: Ids) -> AsyncIterator[World]:
+@contextlib.asynccontextmanager
+async def gateway_world(engine: Engine, ids: Ids, *, deadline_s: float) -> AsyncIterator[World]:
+    """A campus and a gateway (``request_timeout_s=deadline_s``) over ``engine``, and a World."""
     campus = Campus(engine)
-    gw = Gateway(engine, campus=campus, request_timeout_s=DEADLINE_S)
+    gw = Gateway(engine, campus=campus, request_timeout_s=deadline_s)
     await gw.start("127.0.0.1", 0)
     world = await World(engine, campus, gw, ids).setup()
     try:
@@ -80,12 +93,34 @@ async def w(engine: Engine, ids: Ids) -> AsyncIterator[World]:
         await gw.stop()
 
 
+@pytest.fixture
+async def w(engine: Engine, ids: Ids) -> AsyncIterator[World]:
+    async with gateway_world(engine, ids, deadline_s=DEADLINE_S) as world:
+        yield world
+
+
+@pytest.fixture
+async def wd(engine: Engine, ids: Ids) -> AsyncIterator[World]:
+    """As ``w`` with the production deadline: nothing is late, the database fails."""
+    async with gateway_world(engine, ids, deadline_s=GATEWAY_REQUEST_TIMEOUT_S) as world:
+        yield world
+
+
 async def landed(w: World, key: UUID) -> None:
     """Wait until the gateway's work on ``key`` has landed (posted and undone what it did)."""
     t0 = time.monotonic()
     while key in w.gateway._flights:
         assert time.monotonic() - t0 < SETTLE_TIMEOUT_S, "the late work never landed"
         await asyncio.sleep(0.005)
+
+
+async def taken_back(w: World, key: UUID) -> None:
+    """Wait until the gateway is done with ``key``: its 96 stored, its postings taken back."""
+    await landed(w, key)
+    settling = w.gateway._settling.get(key)
+    if settling is not None:
+        await asyncio.wait([settling], timeout=SETTLE_TIMEOUT_S)
+        assert settling.done(), "the postings behind the 96 were never taken back"
 
 
 @dataclass
@@ -144,7 +179,7 @@ async def assert_books(w: World, dsn: str, *, holds: bool = False) -> None:
     finally:
         await conn.close()
     if not holds:
-        problems, _ = await check_books(dsn, w.ledger)
+        problems, _ = await check_books(dsn, w.ledger, shared=True)
         assert not problems, problems
 
 
@@ -305,7 +340,9 @@ async def test_96_sent_before_it_is_stored_when_nothing_else_can_be(w: World, ds
             assert raw is not None
             assert decode_message(raw).message.response_code == "96"
         await release()
-    await landed(w, key)
+    # the claim may be stored after the work read the reversal memory: then the undo is the
+    # give-up's own, after the work has landed
+    await taken_back(w, key)
     assert await w.purses(p) == (4_000, 0)
     assert await w.pos.send_raw(encode_message(req, w.key)) == raw  # stored as it was sent
     assert await w.purses(p) == (4_000, 0)
@@ -329,3 +366,272 @@ async def test_no_answer_when_the_truth_is_not_known(w: World, dsn: str) -> None
     assert answer.response_code == "96" and answer.rrn is not None
     assert await w.purses(p) == (4_000, 0)
     await assert_books(w, dsn)
+
+
+# -- the database fails under the work, after the posting committed ---------------------------
+
+# A trigger on transfers renames the reversal memory away in the transaction of the ledger's
+# next posting: the posting commits, and from then on every statement that reads the table
+# fails (the campus's read after posting, the gateway's claim, the undo), as when the database
+# goes away right after a commit; deterministic, and nothing else of the ledger is touched.
+SQL_FAIL_AFTER_POSTING = """
+CREATE FUNCTION onecard_test_hide_reversals() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF to_regclass('reversals') IS NOT NULL THEN
+        ALTER TABLE reversals RENAME TO reversals_hidden;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER onecard_test_hide_reversals AFTER INSERT ON transfers
+    FOR EACH ROW WHEN (NEW.ledger = {ledger}) EXECUTE FUNCTION onecard_test_hide_reversals();
+"""
+SQL_RECOVER = """
+DROP TRIGGER IF EXISTS onecard_test_hide_reversals ON transfers;
+DROP FUNCTION IF EXISTS onecard_test_hide_reversals();
+ALTER TABLE IF EXISTS reversals_hidden RENAME TO reversals;
+"""
+
+
+@contextlib.asynccontextmanager
+async def failing_after_posting(dsn: str, ledger: int) -> AsyncIterator[
+        Callable[[], Awaitable[None]]]:
+    """The next posting of ``ledger`` commits and the database fails right after it; yields
+    ``recover`` (the database is back: the trigger gone, the table in its place)."""
+    conn = await asyncpg.connect(dsn)
+    recovered: list[bool] = []
+
+    async def recover() -> None:
+        if not recovered:
+            await conn.execute(SQL_RECOVER)
+            recovered.append(True)
+
+    try:
+        await conn.execute(SQL_FAIL_AFTER_POSTING.format(ledger=int(ledger)))
+        yield recover
+    finally:
+        await recover()
+        await conn.close()
+
+
+async def sent_as_the_database_fails(w: World, dsn: str, client: TerminalClient, req: Message,
+                                     moved: Callable[[], Awaitable[bool]]) -> bytes | None:
+    """Send ``req`` while its posting commits and the database fails right after; check that
+    it did commit (``moved``), recover, and wait until the gateway is done with it. Returns the
+    answer (None: the connection was closed unanswered)."""
+    key = message_key(client.terminal_id, req.stan or "", req.transmission_dt or "")
+    async with failing_after_posting(dsn, w.ledger) as recover:
+        t0 = time.monotonic()
+        raw = await client.send_raw(encode_message(req, w.key))
+        answered_s = time.monotonic() - t0
+        assert raw is None or decode_message(raw).message.response_code == "96", raw
+        assert answered_s < w.gateway.request_timeout_s  # no deadline involved
+        assert await moved(), "the posting did not commit: the failure came too early"
+        await recover()
+    await taken_back(w, key)
+    return raw
+
+
+async def retransmitted(w: World, client: TerminalClient, req: Message,
+                        raw: bytes | None) -> Message:
+    """The retransmission of ``req`` (on a new line) gets a stored 96: the one sent, if any."""
+    async with TerminalClient("127.0.0.1", w.gateway.port, terminal_id=client.terminal_id,
+                              merchant_id=client.merchant_id, mac_key=w.key) as again:
+        got = await again.send_raw(encode_message(req, w.key))
+    assert got is not None
+    if raw is not None:
+        assert got == raw
+    answer = decode_message(got).message
+    assert answer.response_code == "96" and answer.rrn is not None, answer
+    return answer
+
+
+async def new_attempt(w: World, client: TerminalClient, req: Message) -> Message:
+    """The terminal starts over after the 96: the same request under a new STAN."""
+    async with TerminalClient("127.0.0.1", w.gateway.port, terminal_id=client.terminal_id,
+                              merchant_id=client.merchant_id, mac_key=w.key) as c:
+        return await c.request(msgspec.structs.replace(req, stan="900001"))
+
+
+async def test_purchase_whose_read_after_posting_fails_is_not_charged(
+    wd: World, dsn: str
+) -> None:
+    p = await wd.person(cash=5_000, subsidy=300)  # a split meal: two linked postings
+    req = wd.pos.purchase(p.card, 1_000)
+
+    async def moved() -> bool:
+        return await wd.balance(wd.canteen) == 1_000
+
+    raw = await sent_as_the_database_fails(wd, dsn, wd.pos, req, moved)
+    assert await wd.purses(p) == (5_000, 300)
+    assert await wd.balance(wd.canteen) == 0
+    await retransmitted(wd, wd.pos, req, raw)
+    assert await wd.purses(p) == (5_000, 300)
+    assert (await new_attempt(wd, wd.pos, req)).response_code == "00"
+    assert await wd.purses(p) == (4_300, 0)  # charged once
+    assert await wd.balance(wd.canteen) == 1_000
+    await assert_books(wd, dsn)
+
+
+async def test_completion_whose_read_after_posting_fails_releases_the_hold(
+    wd: World, dsn: str
+) -> None:
+    p = await wd.person(cash=2_000, subsidy=100)
+    hold = wd.water.hold(p.card, 500)
+    assert (await wd.water.request(hold)).response_code == "00"
+    req = wd.water.completion(hold, 320, card_no=p.card)
+
+    async def moved() -> bool:
+        return await wd.balance(wd.water_acc) == 320
+
+    raw = await sent_as_the_database_fails(wd, dsn, wd.water, req, moved)
+    assert await wd.purses(p) == (2_000, 100)  # nothing paid, nothing held
+    assert await wd.balance(wd.water_acc) == 0
+    await retransmitted(wd, wd.water, req, raw)
+    assert await wd.purses(p) == (2_000, 100)
+    await assert_books(wd, dsn, holds=True)
+
+
+async def test_meter_advice_whose_read_after_posting_fails_is_not_charged(
+    wd: World, dsn: str
+) -> None:
+    room = await wd.room(balance=1_000)
+    req = wd.meter.meter_advice(room.room_id, 300)
+
+    async def moved() -> bool:
+        return await wd.balance(room.account_id) == 700
+
+    raw = await sent_as_the_database_fails(wd, dsn, wd.meter, req, moved)
+    assert await wd.balance(room.account_id) == 1_000
+    assert await wd.balance(wd.power_acc) == 0
+    await retransmitted(wd, wd.meter, req, raw)
+    assert (await new_attempt(wd, wd.meter, req)).response_code == "00"
+    assert await wd.balance(room.account_id) == 700  # charged once
+    await assert_books(wd, dsn)
+
+
+# The answer memory refuses one terminal's answers (a trigger raises): its lookups work, the
+# storing of its answers fails, as when the database goes away between the two.
+SQL_REFUSE_ANSWERS = """
+CREATE FUNCTION onecard_test_refuse_answers() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'answers refused (test)';
+END $$;
+CREATE TRIGGER onecard_test_refuse_answers BEFORE INSERT ON gateway_responses
+    FOR EACH ROW WHEN (NEW.terminal_id = '{terminal_id}')
+    EXECUTE FUNCTION onecard_test_refuse_answers();
+"""
+SQL_ACCEPT_ANSWERS = """
+DROP TRIGGER IF EXISTS onecard_test_refuse_answers ON gateway_responses;
+DROP FUNCTION IF EXISTS onecard_test_refuse_answers();
+"""
+
+
+@contextlib.asynccontextmanager
+async def answers_refused(dsn: str, terminal_id: str) -> AsyncIterator[None]:
+    assert terminal_id.isalnum()
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(SQL_REFUSE_ANSWERS.format(terminal_id=terminal_id))
+        yield
+    finally:
+        await conn.execute(SQL_ACCEPT_ANSWERS)
+        await conn.close()
+
+
+async def test_no_answer_when_the_approval_cannot_be_stored(wd: World, dsn: str) -> None:
+    """The purchase is posted and approved, then its answer cannot be stored: a 96 would be
+    false (the money moved) and an unstored approval could not be repeated identically, so
+    there is no answer; the retransmission gets the approval, recomputed from the ledger and
+    stored now, and the meal is charged once."""
+    p = await wd.person(cash=2_000)
+    req = wd.pos.purchase(p.card, 700)
+    async with answers_refused(dsn, wd.pos.terminal_id):
+        assert await wd.pos.send_raw(encode_message(req, wd.key)) is None
+        assert await wd.purses(p) == (1_300, 0)
+    async with TerminalClient("127.0.0.1", wd.gateway.port, terminal_id=wd.pos.terminal_id,
+                              merchant_id=wd.pos.merchant_id, mac_key=wd.key) as again:
+        first = await again.request(req)
+        assert first.response_code == "00" and first.rrn is not None
+        assert await again.request(req) == first  # stored now
+    assert await wd.purses(p) == (1_300, 0)
+    assert await wd.balance(wd.canteen) == 700
+    await assert_books(wd, dsn)
+
+
+# A commit whose outcome the batcher cannot learn: on a private PostgreSQL (the settings are
+# the whole server's), commits do not wait for a standby except the one a trigger marks; that
+# one is written and committed locally, then waits for a standby that never comes, and the
+# server is stopped under it: the batcher's connection dies, its retries find no database,
+# and it gives up (Unavailable) on a posting that did commit.
+SQL_NO_STANDBY = "ALTER SYSTEM SET synchronous_standby_names = 'onecard_test_nobody'"
+SQL_COMMIT_LOCALLY = "ALTER SYSTEM SET synchronous_commit = 'local'"
+SQL_RELOAD = "SELECT pg_reload_conf()"
+SQL_HANG_NEXT_COMMIT = """
+CREATE TABLE onecard_test_hang (armed boolean);
+CREATE FUNCTION onecard_test_hang() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM onecard_test_hang;
+    IF FOUND THEN
+        PERFORM set_config('synchronous_commit', 'on', true);
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER onecard_test_hang AFTER INSERT ON transfers
+    FOR EACH STATEMENT EXECUTE FUNCTION onecard_test_hang();
+"""
+SQL_ARM = "INSERT INTO onecard_test_hang VALUES (true)"
+SQL_COMMIT_WAITING = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
+
+
+async def commit_waiting(dsn: str, *, arm: bool = False) -> None:
+    """With ``arm``: make the next posting's commit wait; else wait until one does."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        if arm:
+            for sql in (SQL_NO_STANDBY, SQL_COMMIT_LOCALLY, SQL_RELOAD, SQL_HANG_NEXT_COMMIT,
+                        SQL_ARM):
+                await conn.execute(sql)
+            return
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while not await conn.fetchval(SQL_COMMIT_WAITING):
+            assert time.monotonic() < deadline, "the posting never reached its commit"
+            await asyncio.sleep(0.01)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.slow
+async def test_purchase_whose_commit_outcome_is_unknown_is_not_charged(
+    tmp_path: Path, ids: Ids
+) -> None:
+    pg = EmbeddedPostgres(tmp_path / "pg")
+    dsn = await asyncio.to_thread(pg.start)
+    engine = Engine(dsn, expirer_interval_s=0.2)
+    try:
+        await engine.start()
+        async with gateway_world(engine, ids, deadline_s=GATEWAY_REQUEST_TIMEOUT_S) as w:
+            p = await w.person(cash=5_000, subsidy=300)
+            req = w.pos.purchase(p.card, 1_000)
+            key = message_key(w.pos.terminal_id, req.stan or "", req.transmission_dt or "")
+            await commit_waiting(dsn, arm=True)
+            t0 = time.monotonic()
+            sent = asyncio.create_task(w.pos.send_raw(encode_message(req, w.key)))
+            await commit_waiting(dsn)
+            await asyncio.to_thread(pg.stop)  # the database dies under the commit
+            raw = await sent
+            answered_s = time.monotonic() - t0
+            assert raw is None or decode_message(raw).message.response_code == "96", raw
+            assert answered_s < w.gateway.request_timeout_s  # no deadline involved
+            await asyncio.to_thread(pg.start)
+            await taken_back(w, key)
+            assert await w.purses(p) == (5_000, 300)  # the commit happened, and was taken back
+            assert await w.balance(w.canteen) == 0
+            await retransmitted(w, w.pos, req, raw)
+            assert (await new_attempt(w, w.pos, req)).response_code == "00"
+            assert await w.purses(p) == (4_300, 0)  # charged once
+            await assert_books(w, dsn)
+            print(f"\nno charge behind 96: commit outcome unknown, answered in {answered_s:.1f} s")
+    finally:
+        await engine.stop()
+        await asyncio.to_thread(pg.stop)
+        shutil.rmtree(pg.cluster_home, ignore_errors=True)  # as root it lives outside tmp_path

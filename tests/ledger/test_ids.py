@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.campus import part_id, reversal_id
+from engine.campus.accounts import part_id, reversal_id
 from ledger import ids
 
 prefixes = st.integers(min_value=0, max_value=(1 << ids.PREFIX_BITS) - 1)

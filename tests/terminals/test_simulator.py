@@ -113,7 +113,7 @@ async def test_terminals_in_this_process_or_split_over_workers(dsn: str, workers
 
 
 async def test_a_failing_worker_is_reported() -> None:
-    from terminals.simulator import _WORKER_CODE, _Worker
+    from terminals.simulator.workers import _WORKER_CODE, _Worker
 
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _WORKER_CODE, cwd=ROOT,

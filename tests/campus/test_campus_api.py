@@ -8,9 +8,9 @@ from typing import Any
 
 import httpx
 
-from engine.campus import holder_account_ids, room_account_id
+from engine.campus.accounts import holder_account_ids, room_account_id
+from tests.campus.test_campus import card_number, terminal_id
 from tests.conftest import Api, Ids
-from tests.engine.test_campus import card_number, terminal_id
 
 
 async def _holder(http: httpx.AsyncClient, api: Api, ledger: int, hid: str,

@@ -13,6 +13,7 @@ import msgspec
 import pytest
 
 from engine.batcher import Batcher
+from engine.calendar import day_window_at, to_ns
 from engine.campus import (
     Campus,
     Card,
@@ -26,12 +27,9 @@ from engine.campus import (
     Room,
     Terminal,
     TerminalKind,
-    derived_account_id,
-    holder_account_ids,
-    local_day_bounds,
-    part_id,
-    split_subsidy_first,
 )
+from engine.campus.accounts import derived_account_id, holder_account_ids, part_id
+from engine.campus.posting import split_subsidy_first
 from engine.service import Engine
 from ledger.account import Account
 from ledger.status import AccountStatus, TransferStatus
@@ -189,12 +187,13 @@ def test_local_day_is_the_shanghai_day() -> None:
     # 15:59:59Z is 23:59:59 in Shanghai; 16:00:00Z is already the next local day
     before = datetime(2026, 3, 1, 15, 59, 59, tzinfo=UTC)
     after = datetime(2026, 3, 1, 16, 0, 0, tzinfo=UTC)
-    start, end = local_day_bounds(before, SHANGHAI)
+    start, end = day_window_at(to_ns(before), SHANGHAI)
     assert start == int(datetime(2026, 2, 28, 16, tzinfo=UTC).timestamp()) * 10**9
     assert end == int(after.timestamp()) * 10**9
-    assert local_day_bounds(after, SHANGHAI)[0] == end
+    assert day_window_at(to_ns(after), SHANGHAI)[0] == end
     # in UTC both instants are on the same day
-    assert local_day_bounds(before, ZoneInfo("UTC")) == local_day_bounds(after, ZoneInfo("UTC"))
+    utc = ZoneInfo("UTC")
+    assert day_window_at(to_ns(before), utc) == day_window_at(to_ns(after), utc)
 
 
 # -- registry ------------------------------------------------------------------------------------
@@ -549,7 +548,7 @@ async def test_daily_limit_counts_the_campus_local_day(engine: Engine, ids: Ids)
     r = await campus.purchase(w.pos, card_no=w.card, amount=800, key=key())
     assert r.outcome is Outcome.APPROVED and r.timestamp is not None
     spent_at = datetime.fromtimestamp(r.timestamp / 1e9, UTC)
-    _, midnight_ns = local_day_bounds(spent_at, SHANGHAI)
+    _, midnight_ns = day_window_at(to_ns(spent_at), SHANGHAI)
     midnight = datetime.fromtimestamp(midnight_ns // 10**9, UTC)  # next Shanghai midnight
     assert midnight.astimezone(SHANGHAI).hour == 0 and midnight.hour == 16
 

@@ -12,29 +12,21 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import pytest
 
-from engine.campus import (
-    SQL_CARD_STATES,
-    Campus,
-    Card,
-    Coalescer,
-    Connection,
-    HolderKind,
-    HolderResult,
-    Outcome,
-    Replacement,
-    _KeyedLocks,
-    _SpendMemory,
-    holder_account_ids,
-    local_day_bounds,
-)
+from engine.calendar import day_window_at, to_ns
+from engine.campus import Campus, Card, HolderKind, HolderResult, Outcome, Replacement
+from engine.campus.accounts import holder_account_ids
+from engine.campus.locks import KeyedLocks
+from engine.campus.reads import SQL_CARD_STATES
+from engine.campus.spending import SpendMemory
+from engine.db.coalesce import Connection
 from engine.db.migrate import migrate
 from engine.service import Engine
 from ledger.status import TransferStatus
 from ledger.transfer import StoredTransfer, Transfer
 from ledger.types import TransferCode, TransferFlags
+from tests.campus.test_campus import World, card_number, make_world
 from tests.conftest import Ids
 from tests.databases import scratch_database
-from tests.engine.test_campus import World, card_number, make_world
 
 
 def key() -> uuid.UUID:
@@ -197,13 +189,13 @@ def _stored(ledger: int, debit: int, amount: int, ts: int, *, code: int = 1, fla
                           flags=flags, timeout_s=timeout_s, user_data=user_data, timestamp=ts)
 
 
-def _memory(ttl_s: float, max_holders: int) -> _SpendMemory:
-    m = _SpendMemory(ttl_s=ttl_s, max_holders=max_holders, day_of=lambda ns: ns // 86_400 * 86_400)
+def _memory(ttl_s: float, max_holders: int) -> SpendMemory:
+    m = SpendMemory(ttl_s=ttl_s, max_holders=max_holders, day_of=lambda ns: ns // 86_400 * 86_400)
     m.watching = True
     return m
 
 
-def _read(m: _SpendMemory, purse: int, spent: int, *, hold_expiry: int | None = None,
+def _read(m: SpendMemory, purse: int, spent: int, *, hold_expiry: int | None = None,
           as_of: int = 0) -> int:
     r = m.begin(1, purse, purse + 1)
     return m.finish(r, 0, spent, hold_expiry, as_of)
@@ -292,7 +284,7 @@ async def test_daily_spending_is_summed_per_purse_never_over_the_ledger_day(
         try:
             await migrate(conn)
             await conn.execute("ALTER TABLE transfers SET (autovacuum_enabled = false)")
-            start, end = local_day_bounds(datetime.now(UTC), ZoneInfo("Asia/Shanghai"))
+            start, end = day_window_at(to_ns(datetime.now(UTC)), ZoneInfo("Asia/Shanghai"))
             await conn.execute(
                 "INSERT INTO transfers (ledger, id, debit_account_id, credit_account_id, amount,"
                 " code, flags, timestamp) SELECT 7, gen_random_uuid(), 1000 + g % 200, 5, 100,"
@@ -313,77 +305,13 @@ async def test_daily_spending_is_summed_per_purse_never_over_the_ledger_day(
 # -- coalescer -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def pool(engine: Engine) -> asyncpg.Pool:
-    return engine.store.pool
-
-
-async def test_coalescer_batches_splits_and_answers_in_order(pool: asyncpg.Pool) -> None:
-    sizes: list[int] = []
-
-    async def run(conn: Connection, ledger: int, items: list[int]) -> list[int]:
-        sizes.append(len(items))
-        rows = await conn.fetch("SELECT x * 2 + $1 AS y FROM unnest($2::int[]) x", ledger, items)
-        return [r["y"] for r in rows]
-
-    c: Coalescer[int, int] = Coalescer(lambda: pool, run, max_batch=8, linger_s=0)
-    got = await asyncio.gather(*(c.submit(i % 2, i) for i in range(40)))
-    assert got == [i * 2 + i % 2 for i in range(40)]
-    assert max(sizes) <= 8 and sum(sizes) == 40
-    assert c.statements == len(sizes) < 40
-
-
-async def test_coalescer_failure_answers_its_batch_only(pool: asyncpg.Pool) -> None:
-    async def run(conn: Connection, ledger: int, items: list[int]) -> list[int]:
-        if ledger == 13:
-            await conn.fetch("SELECT 1 / 0")
-        return [await conn.fetchval("SELECT $1::int", i) for i in items]
-
-    c: Coalescer[int, int] = Coalescer(lambda: pool, run, linger_s=0)
-    results = await asyncio.gather(c.submit(13, 1), c.submit(14, 2), c.submit(13, 3),
-                                   return_exceptions=True)
-    assert isinstance(results[0], asyncpg.DivisionByZeroError)
-    assert isinstance(results[2], asyncpg.DivisionByZeroError)
-    assert results[1] == 2  # the other ledger's batch, on the same connection
-    assert c.acquired == 1
-    assert await c.submit(14, 5) == 5
-
-
-async def test_coalescer_without_a_pool_answers_everyone(engine: Engine) -> None:
-    closed = await asyncpg.create_pool(engine.dsn, min_size=0, max_size=1)
-    assert closed is not None
-    await closed.close()
-
-    async def run(conn: Connection, ledger: int, items: list[int]) -> list[int]:
-        return items
-
-    c: Coalescer[int, int] = Coalescer(lambda: closed, run)
-    results = await asyncio.gather(*(c.submit(1, i) for i in range(5)), return_exceptions=True)
-    assert all(isinstance(r, asyncpg.InterfaceError) for r in results)
-
-
-async def test_coalescer_keeps_its_connection_while_work_keeps_coming(pool: asyncpg.Pool) -> None:
-    async def run(conn: Connection, ledger: int, items: list[int]) -> list[int]:
-        return [await conn.fetchval("SELECT current_setting('jit')") == "off"] * len(items)
-
-    c: Coalescer[int, bool] = Coalescer(lambda: pool, run, linger_s=0.2,
-                                        session="SET jit = off")
-    for _ in range(5):
-        assert await c.submit(1, 0) is True  # the session statement ran on the connection
-        await asyncio.sleep(0.01)
-    assert c.acquired == 1 and c.statements == 5
-    await asyncio.sleep(0.3)  # the linger ran out: the connection went back
-    assert await c.submit(1, 0) is True
-    assert c.acquired == 2
-
-
 async def test_a_batch_failure_reaches_the_payment_as_unavailable(w: World) -> None:
     await w.top_up(1_000)
 
     async def broken(conn: Connection, ledger: int, items: list[object]) -> list[object]:
         raise asyncpg.InterfaceError("connection lost")
 
-    w.campus._state_reads._run = broken  # type: ignore[method-assign]
+    w.campus._s.reads._states._run = broken  # type: ignore[method-assign]
     r = await w.campus.purchase(w.pos, card_no=w.card, amount=100, key=key())
     assert r.outcome is Outcome.UNAVAILABLE
     assert await w.balances() == (1_000, 0)
@@ -393,7 +321,7 @@ async def test_a_batch_failure_reaches_the_payment_as_unavailable(w: World) -> N
 
 
 async def test_keyed_locks_are_fifo_and_survive_cancellation() -> None:
-    locks = _KeyedLocks()
+    locks = KeyedLocks()
     order: list[int] = []
     gate = asyncio.Event()
 

@@ -13,18 +13,18 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from engine.campus import Campus, Card, HolderKind, HolderResult, holder_account_ids
-from engine.cli.campus import SUBSIDY
-from engine.service import Engine
-from engine.subsidy import (
+from engine.campus import Campus, Card, HolderKind, HolderResult
+from engine.campus.accounts import fund_account_id, holder_account_ids
+from engine.campus.subsidies import (
     FileError,
     Grant,
     clear_down,
-    fund_account_id,
     grant_subsidies,
     grant_transfer_id,
     read_grants,
 )
+from engine.cli.campus import SUBSIDY
+from engine.service import Engine
 from ledger.account import Account
 from ledger.status import TransferStatus
 from ledger.transfer import Transfer

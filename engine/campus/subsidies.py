@@ -19,10 +19,17 @@ nobody twice. A recurring file with identical content (the same amount for the s
 every month) must therefore be given a ``--batch-id`` per run, e.g. the month.
 
 Every credit is a code 5 transfer from the ledger's ``fund`` account (kind ``fund``, a
-deterministic id, created if missing) to the holder's subsidy purse, submitted in chunks
-through the batcher like any other transfer. A progress bar runs on stderr and a summary table
-(count and fen per status) is printed at the end; exit 0 when every row is credited (now or
-before), 1 when any is not (unknown holder, refused transfer).
+deterministic id) to the holder's subsidy purse, submitted in chunks through the batcher like
+any other transfer. A progress bar runs on stderr and a summary table (count and fen per
+status) is printed at the end; exit 0 when every row is credited (now or before), 1 when any is
+not (unknown holder, refused transfer).
+
+**The fund is never created here** (nor by ``POST /v1/subsidies``): it is created with the
+ledger's holders (``Campus.create_holder``; migration 0005 added it to ledgers whose holders
+predate that). A subsidy names a ledger and a holder, both of which may be made up; creating
+the fund of any ledger named would let one request of 8,190 items leave 8,190 accounts (and
+ledger clocks) behind. So a row whose holder does not exist answers ``holder_not_found``, and a
+row whose ledger has no fund ``fund_not_found``; neither writes anything.
 
 **Clear-down** (opt-in per campus: run it, from a month-end job, for the ledgers whose subsidy
 lapses) returns every subsidy purse's unused subsidy to the fund as a code 5 transfer in the
@@ -40,26 +47,28 @@ import csv
 import hashlib
 import io
 from collections.abc import Callable, Sequence
-from datetime import UTC, date, datetime, timedelta
-from datetime import time as dtime
+from datetime import UTC, datetime
 from typing import Final
 from uuid import UUID, uuid5
-from zoneinfo import ZoneInfo
 
 import msgspec
 
-from engine.campus import DEFAULT_TZ, derived_account_id
+from engine import limits
+from engine.batcher import TransferResult, ledger_groups
+from engine.calendar import campus_tz, month_window, parse_month, to_ns
+from engine.campus.accounts import fund_account_id
 from engine.service import Engine
 from engine.store import Store
-from ledger.account import Account
-from ledger.status import AccountStatus, TransferStatus
+from ledger.status import TransferStatus
 from ledger.transfer import USER_DATA_MAX_BYTES, Transfer
-from ledger.types import INT32_MAX, INT64_MAX, AccountKind, TransferCode, TransferFlags
+from ledger.types import (
+    INT32_MAX,
+    INT64_MAX,
+    UNPOSTED_FLAGS,
+    TransferCode,
+)
 
 SUBSIDY_NAMESPACE: Final = UUID("6f1c0a52-3d1e-4b7a-9c55-0d5e1a7b2c10")
-SUBSIDY_CHUNK: Final = 1000  # transfers per batcher submission
-FUND_CODE: Final = 90
-FUND_OWNER: Final = "subsidy-fund"
 MAX_BATCH_ID_LEN: Final = 64  # characters
 _USER_DATA_PREFIX: Final = "subsidy "
 # Every grant's user_data is "subsidy <batch id>" and holds USER_DATA_MAX_BYTES: a batch id of
@@ -67,8 +76,6 @@ _USER_DATA_PREFIX: Final = "subsidy "
 MAX_BATCH_ID_BYTES: Final = USER_DATA_MAX_BYTES - len(_USER_DATA_PREFIX)
 MAX_HOLDER_ID_LEN: Final = 64  # the holders table's CHECK
 
-_NOT_POSTED: Final = int(TransferFlags.PENDING | TransferFlags.VOID_PENDING)
-EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 # Holders' subsidy purses, for many (ledger, holder) pairs at once.
 SQL_SUBSIDY_PURSES = """
@@ -82,7 +89,7 @@ SQL_LEDGER_CLOCK = "SELECT last_timestamp FROM ledgers WHERE ledger = $1"
 SQL_SUBSIDY_LEFT = f"""
 WITH after AS (
     SELECT t.debit_account_id, t.credit_account_id, t.amount FROM transfers t
-    WHERE t.ledger = $1 AND t.timestamp > $2 AND t.flags & {_NOT_POSTED} = 0
+    WHERE t.ledger = $1 AND t.timestamp > $2 AND t.flags & {UNPOSTED_FLAGS} = 0
 ), moved AS (
     SELECT id, sum(delta)::bigint AS delta FROM (
         SELECT credit_account_id AS id, amount AS delta FROM after
@@ -101,6 +108,17 @@ SQL_EXISTING = "SELECT id, amount FROM transfers WHERE ledger = $1 AND id = ANY(
 
 
 HOLDER_NOT_FOUND: Final = "holder_not_found"
+FUND_NOT_FOUND: Final = "fund_not_found"
+# Which of these (ledger, fund account id) pairs exist as the ledger's fund.
+SQL_FUNDS = """
+SELECT a.ledger FROM accounts a JOIN unnest($1::int[], $2::bigint[]) AS x(ledger, id)
+  ON a.id = x.id AND a.ledger = x.ledger
+WHERE a.kind = 'fund'
+"""
+
+
+class FundMissing(ValueError):
+    """The ledger has no subsidy fund (it is created with the ledger's holders)."""
 
 
 class Grant(msgspec.Struct, frozen=True):
@@ -113,7 +131,8 @@ class Grant(msgspec.Struct, frozen=True):
 
 
 class GrantResult(msgspec.Struct, frozen=True):
-    """What became of one grant: a transfer status or ``holder_not_found``."""
+    """What became of one grant: a transfer status, ``holder_not_found`` or
+    ``fund_not_found``."""
 
     ledger: int
     holder_id: str
@@ -165,11 +184,6 @@ def _user_data(batch_id: str) -> str:
     return _USER_DATA_PREFIX + batch_id
 
 
-def fund_account_id(ledger: int) -> int:
-    """The ledger's subsidy fund account id (deterministic)."""
-    return derived_account_id(ledger, FUND_OWNER, AccountKind.FUND)
-
-
 def grant_transfer_id(ledger: int, batch_id: str, holder_id: str) -> UUID:
     """Transfer id of a holder's subsidy in a batch: the same batch credits nobody twice."""
     return uuid5(SUBSIDY_NAMESPACE, f"grant/{ledger}/{batch_id}/{holder_id}")
@@ -180,16 +194,14 @@ def clear_down_transfer_id(ledger: int, month: str, account_id: int) -> UUID:
     return uuid5(SUBSIDY_NAMESPACE, f"clear-down/{ledger}/{month}/{account_id}")
 
 
-async def ensure_fund(store: Store, ledger: int) -> int:
-    """Create the ledger's fund account if missing; returns its id."""
-    fid = fund_account_id(ledger)
-    [st] = await store.create_accounts(
-        [Account(id=fid, ledger=ledger, kind=AccountKind.FUND, code=FUND_CODE,
-                 name="subsidy fund")]
-    )
-    if st not in (AccountStatus.CREATED, AccountStatus.EXISTS):
-        raise RuntimeError(f"ledger {ledger}: fund account {fid} exists as another account: {st}")
-    return fid
+async def funded(store: Store, ledgers: Sequence[int]) -> set[int]:
+    """Which of ``ledgers`` have their subsidy fund account (one read; creates nothing)."""
+    ledgers = sorted(set(ledgers))
+    if not ledgers:
+        return set()
+    async with store.pool.acquire() as conn:
+        rows = await conn.fetch(SQL_FUNDS, ledgers, [fund_account_id(x) for x in ledgers])
+    return {r["ledger"] for r in rows}
 
 
 async def grant_subsidies(
@@ -199,59 +211,65 @@ async def grant_subsidies(
     on_progress: Callable[[int], None] | None = None,
 ) -> list[GrantResult]:
     """Credit each grant's holder's subsidy purse from its ledger's fund (code 5); results in
-    input order. Chunks of ``SUBSIDY_CHUNK`` go through the batcher; ``on_progress`` hears how
-    many grants each chunk settled. A grant that cannot be posted (``grant_problem``) is a
+    input order. Chunks of ``limits.SUBSIDY_CHUNK`` go through the batcher; ``on_progress``
+    hears how many grants each chunk settled. A grant that cannot be posted (``grant_problem``) is a
     ValueError before anything is done."""
     for i, g in enumerate(grants):
         problem = grant_problem(g)
         if problem is not None:
             raise ValueError(f"grant {i} ({g.holder_id!r}): {problem}")
-    funds = {ledger: await ensure_fund(engine.store, ledger)
-             for ledger in sorted({g.ledger for g in grants})}
     results: list[GrantResult] = []
-    for start in range(0, len(grants), SUBSIDY_CHUNK):
-        chunk = grants[start : start + SUBSIDY_CHUNK]
+    for start in range(0, len(grants), limits.SUBSIDY_CHUNK):
+        chunk = grants[start : start + limits.SUBSIDY_CHUNK]
         async with engine.store.pool.acquire() as conn:
             rows = await conn.fetch(SQL_SUBSIDY_PURSES, [g.ledger for g in chunk],
                                     [g.holder_id for g in chunk])
         purses = {(r["ledger"], r["id"]): r["subsidy_account_id"] for r in rows}
+        funds = await funded(engine.store, [ledger for ledger, _ in purses])
+        refused = [
+            HOLDER_NOT_FOUND if (g.ledger, g.holder_id) not in purses
+            else None if g.ledger in funds else FUND_NOT_FOUND
+            for g in chunk
+        ]
         transfers = [
             Transfer(id=grant_transfer_id(g.ledger, g.batch_id, g.holder_id), ledger=g.ledger,
-                     debit_account_id=funds[g.ledger],
+                     debit_account_id=fund_account_id(g.ledger),
                      credit_account_id=purses[(g.ledger, g.holder_id)], amount=g.amount,
                      code=TransferCode.SUBSIDY, user_data=_user_data(g.batch_id))
-            for g in chunk
-            if (g.ledger, g.holder_id) in purses
+            for g, why in zip(chunk, refused, strict=True)
+            if why is None
         ]
-        answers = iter(await engine.batcher.submit(transfers))
-        for g in chunk:
+        answers = iter(await _submit(engine, transfers))
+        for g, why in zip(chunk, refused, strict=True):
             tid = grant_transfer_id(g.ledger, g.batch_id, g.holder_id)
-            if (g.ledger, g.holder_id) in purses:
+            if why is None:
                 a = next(answers)
                 results.append(GrantResult(g.ledger, g.holder_id, tid, g.amount, str(a.status),
                                            a.timestamp))
             else:
-                results.append(GrantResult(g.ledger, g.holder_id, tid, g.amount,
-                                           HOLDER_NOT_FOUND))
+                results.append(GrantResult(g.ledger, g.holder_id, tid, g.amount, why))
         if on_progress is not None:
             on_progress(len(chunk))
     return results
 
 
-def month_bounds(month: str, tz: ZoneInfo) -> tuple[int, int]:
-    """[start, end) of a campus-local month ``YYYY-MM`` in engine ns; ValueError if malformed."""
-    try:
-        first = datetime.strptime(month, "%Y-%m").date()
-    except ValueError:
-        raise ValueError(f"--month must be YYYY-MM, not {month!r}") from None
-    nxt = date(first.year + first.month // 12, first.month % 12 + 1, 1)
-    return _ns(datetime.combine(first, dtime(0), tzinfo=tz)), _ns(
-        datetime.combine(nxt, dtime(0), tzinfo=tz)
-    )
-
-
-def _ns(dt: datetime) -> int:
-    return (dt - EPOCH) // timedelta(microseconds=1) * 1000
+async def _submit(engine: Engine, transfers: list[Transfer]) -> list[TransferResult]:
+    """Submit in requests the batcher accepts: a chunk may span more ledgers than one request
+    may name (``limits.MAX_LEDGER_GROUPS_PER_REQUEST``); grant ids differ per ledger, so a
+    request's ledger groups are its ledgers. Answers in order."""
+    out: list[TransferResult] = []
+    part: list[Transfer] = []
+    ledgers: set[int] = set()
+    for t in transfers:
+        if t.ledger not in ledgers and len(ledgers) == limits.MAX_LEDGER_GROUPS_PER_REQUEST:
+            out.extend(await engine.batcher.submit(part))
+            part, ledgers = [], set()
+        part.append(t)
+        ledgers.add(t.ledger)
+    if part:
+        assert ledger_groups(part) <= limits.MAX_LEDGER_GROUPS_PER_REQUEST
+        out.extend(await engine.batcher.submit(part))
+    return out
 
 
 async def clear_down(
@@ -259,17 +277,22 @@ async def clear_down(
     ledger: int,
     month: str,
     *,
-    tz: str = DEFAULT_TZ,
+    tz: str | None = None,
     on_total: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> list[ClearDownResult]:
     """Return every subsidy purse's unused subsidy of ``month`` to the fund (see the module
-    docstring). Purses with nothing to return are left out; purses already cleared for the
-    month answer ``exists``."""
-    start, end = month_bounds(month, ZoneInfo(tz))
-    if start > _ns(datetime.now(UTC)):
+    docstring), ``month`` being ``YYYY-MM`` in the campus time zone ``tz`` (default
+    ``$ONECARD_TZ``, else Asia/Shanghai). Purses with nothing to return are left out; purses
+    already cleared for the month answer ``exists``. ValueError for a malformed month or one
+    that has not begun."""
+    start, end = month_window(parse_month(month), campus_tz(tz))
+    if start > to_ns(datetime.now(UTC)):
         raise ValueError(f"month {month} has not begun")
-    fund = await ensure_fund(engine.store, ledger)
+    if ledger not in await funded(engine.store, [ledger]):
+        raise FundMissing(f"ledger {ledger} has no subsidy fund (it is created with the "
+                          "ledger's holders)")
+    fund = fund_account_id(ledger)
     async with engine.store.pool.acquire() as conn:
         clock = await conn.fetchval(SQL_LEDGER_CLOCK, ledger) or 0
         cut = min(end - 1, clock)
@@ -291,8 +314,8 @@ async def clear_down(
                                         TransferStatus.CREATED))
     if on_total is not None:
         on_total(len(todo))
-    for i in range(0, len(todo), SUBSIDY_CHUNK):
-        chunk = todo[i : i + SUBSIDY_CHUNK]
+    for i in range(0, len(todo), limits.SUBSIDY_CHUNK):
+        chunk = todo[i : i + limits.SUBSIDY_CHUNK]
         answers = await engine.batcher.submit([
             Transfer(id=c.id, ledger=ledger, debit_account_id=c.account_id,
                      credit_account_id=fund, amount=c.amount, code=TransferCode.SUBSIDY,

@@ -1,0 +1,51 @@
+"""The onecard ISO 8583:1987 profile (contract §5), on top of the pinned ``pyiso8583``.
+
+Wire shape: ASCII MTI, binary primary bitmap, binary secondary bitmap only when a field above
+64 is present, ASCII fields, and the MAC (field 64, or 128 with a secondary bitmap) always
+last. The library does the field-level encoding; this package adds what it does not check:
+the profile's field set, character classes, date shapes and the MAC position.
+
+``message`` holds the vocabulary (message types, codes, Message), ``profile`` the field table
+and the library spec, ``codec`` encoding, decoding and salvage, ``amounts`` field 54 and
+``original`` field 90. This module is the package's public face: what the gateway, the
+terminal client and the simulator use; the modules inside import each other directly.
+"""
+
+from terminals.iso8583.amounts import AmountBlock, encode_amounts, parse_amounts
+from terminals.iso8583.codec import decode_message, encode_message, encode_message_unmac, salvage
+from terminals.iso8583.message import (
+    AccountType,
+    DecodedFrame,
+    FormatError,
+    Message,
+    Mti,
+    ProcessingCode,
+    ResponseCode,
+    is_digits,
+    response_mti,
+)
+from terminals.iso8583.original import OriginalData, encode_original, parse_original
+from terminals.iso8583.profile import SPEC
+
+__all__ = [
+    "SPEC",
+    "AccountType",
+    "AmountBlock",
+    "DecodedFrame",
+    "FormatError",
+    "Message",
+    "Mti",
+    "OriginalData",
+    "ProcessingCode",
+    "ResponseCode",
+    "decode_message",
+    "encode_amounts",
+    "encode_message",
+    "encode_message_unmac",
+    "encode_original",
+    "is_digits",
+    "parse_amounts",
+    "parse_original",
+    "response_mti",
+    "salvage",
+]
