@@ -63,6 +63,7 @@ class Options(msgspec.Struct, kw_only=True):
     progress: bool
     keep: bool
     random_ids: bool
+    credentials: bool = False
 
     @property
     def transfer_ids(self) -> str:
@@ -138,6 +139,9 @@ def add_arguments(p: argparse.ArgumentParser, *, with_dsn: bool) -> None:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the scratch databases")
+    p.add_argument("--credentials", action="store_true",
+                   help="http: also compare the admin token with an API key (role admin, its "
+                   "writes in the operator log): single-transfer phases with each, interleaved")
     p.add_argument("--random-ids", action="store_true",
                    help="clients use random UUIDv4 transfer ids (default: time-ordered UUIDv7, "
                    "as the README advises)")
@@ -181,4 +185,5 @@ def options(args: argparse.Namespace, dsn: str) -> Options:
         progress=not args.no_progress,
         keep=args.keep,
         random_ids=args.random_ids,
+        credentials=args.credentials,
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import msgspec
 
@@ -18,7 +18,17 @@ from bench.measure import Stats
 from bench.mix import Mix
 from bench.options import DEFAULT_SINGLE_RATE, Options
 from bench.report import Result, now_stamp, target
-from bench.server import Http, HttpError, Server, rss_mb, serve, server_batch_probe
+from bench.server import (
+    ADMIN_TOKEN,
+    Http,
+    HttpError,
+    Server,
+    rss_mb,
+    serve,
+    server_batch_probe,
+)
+from engine.access.apikeys import Created, create_key
+from engine.access.roles import Role
 from engine.db.pool import create_pool
 from engine.store import Store
 from ledger.transfer import Transfer
@@ -29,6 +39,10 @@ PACED_WORKERS: Final = 256  # connections available to the open loop
 TARGET_BATCHED_TPS: Final = 20_000
 TARGET_SINGLE_RPS: Final = 2_000
 TARGET_SINGLE_P99_MS: Final = 25.0
+# --credentials: rounds of (admin token, API key) single-transfer phases, interleaved so that
+# drift of the machine (other load, a warming cache) falls on both alike
+CREDENTIAL_ROUNDS: Final = 3
+TARGET_KEY_VS_TOKEN: Final = 0.95  # an API key's requests/s within 5% of the admin token's
 
 
 class ResultView(msgspec.Struct):
@@ -59,9 +73,10 @@ async def campus_server(
             yield dsn, campus, server
 
 
-def transfer_worker(server: Server, mix: Mix, size: int, conns: list[Http]) -> Request:
+def transfer_worker(server: Server, mix: Mix, size: int, conns: list[Http], *,
+                    token: str = ADMIN_TOKEN) -> Request:
     """A client that POSTs ``size`` transfers per request on its own connection."""
-    h = Http(server.host, server.http_port)
+    h = Http(server.host, server.http_port, token=token)
     conns.append(h)
 
     async def one() -> tuple[int, list[str]]:
@@ -104,6 +119,41 @@ class _Phases(NamedTuple):
     single: Stats
     paced: Stats
     sweep: list[Stats]
+    credentials: list[Stats]
+
+
+async def compare_credentials(
+    o: Options, dsn: str, server: Server, workers: Any, bar: Bar
+) -> list[Stats]:
+    """Single-transfer phases with the admin token and with an API key of role admin (whose
+    every write is also appended to the operator log), interleaved."""
+    pool = await create_pool(dsn, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            made = await create_key(conn, role=Role.ADMIN, name="bench-admin-key")
+    finally:
+        await pool.close()
+    assert isinstance(made, Created), made
+    out: list[Stats] = []
+    for i in range(1, CREDENTIAL_ROUNDS + 1):
+        for label, token in (("admin token", ADMIN_TOKEN), ("API key", made.secret)):
+            out.append(await closed_loop(
+                f"http single c={o.concurrency} {label} #{i}", workers(o.concurrency, 1, token),
+                duration=o.duration, warmup=o.warmup, bar=bar, batch_probe=probe(server),
+                cpu=server_cpu(dsn, server),
+            ))
+    return out
+
+
+def credential_targets(phases: list[Stats]) -> list[Any]:
+    """API key vs admin token: the median of their rounds' requests/s."""
+    token = sorted(p.requests_per_s for p in phases if " admin token #" in p.name)
+    key = sorted(p.requests_per_s for p in phases if " API key #" in p.name)
+    if not token or not key:
+        return []
+    t, k = token[len(token) // 2], key[len(key) // 2]
+    return [target("http single requests/s, API key vs admin token (median of rounds)",
+                   f">= {TARGET_KEY_VS_TOKEN:.0%} of {t:,.0f}", k, k >= TARGET_KEY_VS_TOKEN * t)]
 
 
 async def run(o: Options, bar: Bar) -> Result:
@@ -126,13 +176,13 @@ async def _phases(
     conns: list[Http] = []
     stream = 0
 
-    def workers(n: int, size: int) -> list[Request]:
+    def workers(n: int, size: int, token: str = ADMIN_TOKEN) -> list[Request]:
         nonlocal stream
         out = []
         for _ in range(n):
             stream += 1
             out.append(transfer_worker(server, Mix(campus, seed=o.seed, stream=stream),
-                                       size, conns))
+                                       size, conns, token=token))
         return out
 
     try:
@@ -154,6 +204,9 @@ async def _phases(
             rate=rate, duration=o.duration, warmup=o.warmup, bar=bar,
             cpu=server_cpu(dsn, server),
         )
+        credentials = (
+            await compare_credentials(o, dsn, server, workers, bar) if o.credentials else []
+        )
         sweep = [
             await closed_loop(
                 f"sweep single c={c}", workers(c, 1), duration=o.sweep_duration,
@@ -164,7 +217,7 @@ async def _phases(
         ]
     finally:
         await close_all(conns)
-    return _Phases(batched, single, paced, sweep)
+    return _Phases(batched, single, paced, sweep, credentials)
 
 
 def _result(
@@ -191,9 +244,10 @@ def _result(
             "server": server_rss or children_peak_rss_mb(),
             "load generator": peak_rss_mb(),
         },
-        phases=[batched, single, paced],
+        phases=[batched, single, paced, *measured.credentials],
         sweep=measured.sweep,
         targets=[
+            *credential_targets(measured.credentials),
             target("http batched transfers/s", f">= {TARGET_BATCHED_TPS:,}",
                    batched.transfers_per_s, batched.transfers_per_s >= TARGET_BATCHED_TPS),
             target("http single requests/s (closed loop)", f">= {TARGET_SINGLE_RPS:,}",

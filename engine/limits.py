@@ -227,6 +227,54 @@ COALESCE_MAX_BATCH: Final = 2048
 # it gives it back (giving it back costs a reset round trip; under load work comes every ms).
 COALESCE_LINGER_S: Final = 0.05
 
+# -- people, roles and keys (engine/access/) ---------------------------------------------------
+# Shortest passwords accepted (contract §6: operators 10, holders 8 characters).
+MIN_OPERATOR_PASSWORD: Final = 10
+MIN_HOLDER_PASSWORD: Final = 8
+# Nobody types more than this; a longer "password" only costs hashing time.
+MAX_PASSWORD_BYTES: Final = 1024
+# Argon2id cost: the RFC 9106 second recommended option (t=3, 64 MiB, 4 lanes), ~50 ms here.
+ARGON2_TIME_COST: Final = 3
+ARGON2_MEMORY_KIB: Final = 64 * 1024
+ARGON2_PARALLELISM: Final = 4
+# Hashes computed at once (each in a worker thread, 64 MiB each): bounds memory and keeps two
+# cores for the payments while logins arrive in a burst.
+MAX_CONCURRENT_PASSWORD_HASHES: Final = 2
+# Lockout (contract §7): this many failed tries of one subject within the window lock it for
+# LOCKOUT_S, during which even the right password is refused.
+LOCKOUT_FAILURES: Final = 5
+LOCKOUT_WINDOW_S: Final = 15 * 60
+LOCKOUT_S: Final = 15 * 60
+# Global bound on login and activation attempts per engine process (a token bucket): a spray
+# over many holder ids cannot make more than this many guesses per second, and the Argon2
+# hashing behind them cannot crowd out the terminals.
+LOGIN_ATTEMPTS_PER_S: Final = 10.0
+LOGIN_ATTEMPTS_BURST: Final = 20
+# Activation codes (contract §6): 8 digits, valid 72 hours, single use.
+ACTIVATION_CODE_DIGITS: Final = 8
+ACTIVATION_CODE_TTL_S: Final = 72 * 3600
+# Sessions of the web doors end after this long without a request (contract §7).
+SESSION_IDLE_S: Final = 30 * 60
+# API keys: a looked-up key is trusted this long without asking the database again; a
+# revocation or an operator's disabling reaches every engine process at once by NOTIFY, and
+# within this long even if the notification was lost. Bounded like every cache.
+CREDENTIAL_CACHE_S: Final = 1.0
+MAX_CACHED_CREDENTIALS: Final = 4096
+# Decrypted secrets (PINs, MAC keys) kept in memory so the terminal hot path does not run
+# AES-GCM per request; bounded, oldest out first.
+MAX_CACHED_SECRETS: Final = 262_144
+# A process using a key file re-reads it at most this often (after `onecard rotate-secret`).
+SECRET_KEY_RELOAD_S: Final = 1.0
+# Operator log: entries appended in one transaction at most (group commit of concurrent writes)
+MAX_OPERATOR_LOG_BATCH: Final = 512
+# The log writer keeps its connection this long after its last append for the next one (taking
+# a pooled connection per append cost more than the append at a few hundred writes/s).
+OPERATOR_LOG_LINGER_S: Final = 0.05
+MAX_OPERATOR_LOG_LIMIT: Final = 1000
+DEFAULT_OPERATOR_LOG_LIMIT: Final = 100
+# Longest text kept in an operator log field (a target naming many ids is cut, never a secret).
+MAX_OPERATOR_LOG_FIELD: Final = 200
+
 # -- self-service pages (/self: engine/selfservice, engine/web/self_*) ------------------------
 # Low-balance warnings on the home page (issue 13): the purses together under 20.00 yuan (a
 # few days of meals), a room's electricity under 10.00 yuan (a few days of a dorm's use).
@@ -243,6 +291,3 @@ SELF_HOLDER_ID_MAX_CHARS: Final = 64
 # Holder id -> (ledger, purses) never changes; this many are remembered per process (a
 # campus has tens of thousands of holders; beyond the bound the oldest are forgotten).
 SELF_MAX_CACHED_HOLDERS: Final = 262_144
-# Contract §6: a holder's password has at least this many characters (the activation page
-# says so; the password store checks it).
-WEB_MIN_HOLDER_PASSWORD_CHARS: Final = 8

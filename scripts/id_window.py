@@ -25,8 +25,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import scratch_database  # noqa: E402
-
+from bench.databases import scratch_database  # noqa: E402
 from engine.service import Engine  # noqa: E402
 from ledger.account import Account  # noqa: E402
 from ledger.transfer import Transfer  # noqa: E402

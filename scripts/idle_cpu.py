@@ -24,8 +24,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import scratch_database  # noqa: E402
-
+from bench.databases import scratch_database  # noqa: E402
 from engine.service import create_pool  # noqa: E402
 from engine.store import Store  # noqa: E402
 from ledger.account import Account  # noqa: E402

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -29,6 +30,12 @@ from engine.service import Engine
 from tests.databases import with_database
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+# PINs and MAC keys are sealed under a secret key (engine/access/secretbox.py). One key for the
+# whole session, in the environment, so that every engine of the session, in this process and
+# in the `onecard serve` subprocesses it starts on the same databases, opens what the others
+# sealed (a server refuses to start with a key that does not open the stored values).
+os.environ.setdefault("ONECARD_SECRET_KEY", secrets.token_hex(32))
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,8 @@ runners are one piece; the operations import the structs from here.)
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
 from uuid import UUID
@@ -21,16 +23,19 @@ import asyncpg
 import msgspec
 
 from engine import limits
+from engine.access.secretbox import SecretBox, SecretError
 from engine.campus.model import (
     CARD_NO,
     SPENDING_CODES,
     TERMINAL_ID_LEN,
     CardStatus,
     Terminal,
-    TerminalKind,
 )
+from engine.campus.secrets import payment_pin, terminal_row
 from engine.db.coalesce import Coalescer, Connection
 from ledger.types import INT64_MAX, NIL_UUID, TransferCode, TransferFlags
+
+log = logging.getLogger(__name__)
 
 # Run once on each connection a campus coalescer takes (the engine's pool already sets it as a
 # session default; a pool with the default reset would undo a SET on release). A shared
@@ -64,7 +69,7 @@ WHERE c.ledger = $1 AND c.card_no = ANY($2::text[])
 # The daily limit is the lower of the card office's and the holder's own (holder_limits, set
 # at /self/limit): a holder can only ever tighten it.
 SQL_CARD_STATES = f"""
-SELECT q.i, c.status, least(c.daily_limit, hl.daily_limit) AS daily_limit, c.pin,
+SELECT q.i, c.status, least(c.daily_limit, hl.daily_limit) AS daily_limit, c.pin, c.pin_enc,
        c.pin_threshold,
        p.credits_posted - p.debits_posted - p.debits_pending AS cash,
        s.credits_posted - s.debits_posted - s.debits_pending AS subsidy,
@@ -135,7 +140,8 @@ FROM reversals v WHERE v.ledger = $1 AND v.original_key = ANY($3::uuid[])
 
 # Terminal ids are unique across ledgers; should two ledgers ever hold one, the lowest wins.
 SQL_TERMINALS = """
-SELECT DISTINCT ON (terminal_id) terminal_id, merchant_id, ledger, kind, account_id, mac_key
+SELECT DISTINCT ON (terminal_id) terminal_id, merchant_id, ledger, kind, account_id, mac_key,
+       mac_key_enc
 FROM terminals WHERE terminal_id = ANY($1::text[]) ORDER BY terminal_id, ledger
 """
 
@@ -232,18 +238,6 @@ class AfterAnswer(msgspec.Struct, frozen=True):
 
 
 
-def terminal_row(r: asyncpg.Record) -> Terminal:
-    """A row of ``terminals`` as a :class:`Terminal`."""
-    return Terminal(
-        terminal_id=r["terminal_id"],
-        merchant_id=r["merchant_id"],
-        ledger=r["ledger"],
-        kind=TerminalKind(r["kind"]),
-        account_id=r["account_id"],
-        mac_key=bytes(r["mac_key"]),
-    )
-
-
 def _bounded_put(cache: dict[Any, Any], key: Any, value: Any, limit: int) -> None:
     if len(cache) >= limit:
         cache.pop(next(iter(cache)))  # oldest first: dicts keep insertion order
@@ -272,19 +266,22 @@ class Reads:
     ``pool`` is asked for the engine's pool at each connection taken (an engine restarted
     after a failure has a new one)."""
 
-    def __init__(self, pool: Callable[[], asyncpg.Pool], *, max_batch: int) -> None:
+    def __init__(
+        self, pool: Callable[[], asyncpg.Pool], *, max_batch: int, box: SecretBox
+    ) -> None:
         self._terminals: dict[str, Terminal] = {}
         self._cards: dict[tuple[int, str], CardRef] = {}
         self._refs: Coalescer[str, CardRef | None] = campus_coalescer(
             pool, _read_card_refs, max_batch=max_batch, name="cards")
         self._states: Coalescer[StateQuery, CardState | None] = campus_coalescer(
-            pool, _read_states, max_batch=max_batch, name="states")
+            pool, functools.partial(_read_states, box), max_batch=max_batch, name="states")
         self._parts: Coalescer[PartsQuery, PartsAnswer] = campus_coalescer(
             pool, _read_parts, max_batch=max_batch, name="parts")
         self._after: Coalescer[AfterQuery, AfterAnswer] = campus_coalescer(
             pool, _read_after, max_batch=max_batch, name="after")
         self._terminal_reads: Coalescer[str, Terminal | None] = campus_coalescer(
-            pool, _read_terminals, max_batch=max_batch, name="terminals")
+            pool, functools.partial(_read_terminals, box), max_batch=max_batch,
+            name="terminals")
 
     @property
     def statements(self) -> int:
@@ -368,7 +365,7 @@ async def _read_card_refs(conn: Connection, ledger: int, card_nos: list[str]
     return [found.get(c) for c in card_nos]
 
 
-async def _read_states(conn: Connection, ledger: int, qs: list[StateQuery]
+async def _read_states(box: SecretBox, conn: Connection, ledger: int, qs: list[StateQuery]
                        ) -> list[CardState | None]:
     rows = await conn.fetch(
         SQL_CARD_STATES,
@@ -385,10 +382,11 @@ async def _read_states(conn: Connection, ledger: int, qs: list[StateQuery]
     )
     out: list[CardState | None] = [None] * len(qs)
     for r in rows:
+        q = qs[r["i"] - 1]
         out[r["i"] - 1] = CardState(
             status=CardStatus(r["status"]),
             daily_limit=r["daily_limit"],
-            pin=r["pin"],
+            pin=payment_pin(box, ledger, q.ref.card_no, r),
             pin_threshold=r["pin_threshold"],
             cash=r["cash"],
             subsidy=r["subsidy"],
@@ -434,8 +432,14 @@ async def _read_after(conn: Connection, ledger: int, qs: list[AfterQuery]) -> li
     ]
 
 
-async def _read_terminals(conn: Connection, _: int, terminal_ids: list[str]
+async def _read_terminals(box: SecretBox, conn: Connection, _: int, terminal_ids: list[str]
                           ) -> list[Terminal | None]:
     rows = await conn.fetch(SQL_TERMINALS, list(set(terminal_ids)))
-    found = {r["terminal_id"]: terminal_row(r) for r in rows}
+    found = {}
+    for r in rows:
+        try:
+            found[r["terminal_id"]] = terminal_row(r, box)
+        except SecretError as e:  # unknown to the gateway (63), not a failed batch
+            log.error("campus: the MAC key of terminal %s does not open: %s",
+                      r["terminal_id"], e)
     return [found.get(t) for t in terminal_ids]

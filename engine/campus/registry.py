@@ -16,6 +16,7 @@ from typing import Final
 import asyncpg
 import msgspec
 
+from engine.access.secretbox import SecretBox, seal_mac_key, seal_pin
 from engine.campus.accounts import fund_account_id, holder_account_ids, room_account_id
 from engine.campus.model import (
     FUND_CODE,
@@ -38,7 +39,7 @@ from engine.campus.model import (
     TerminalKind,
 )
 from engine.campus.pin import SQL_RESET_PIN_TRIES
-from engine.campus.reads import terminal_row
+from engine.campus.secrets import card_pin, same_terminal, terminal_row
 from engine.campus.shared import connection
 from engine.service import Engine
 from ledger.account import Account
@@ -54,7 +55,7 @@ _TERMINAL_LOCK: Final = 0x7E4A1
 # -- SQL ---------------------------------------------------------------------------------------
 
 SQL_TERMINAL = """
-SELECT terminal_id, merchant_id, ledger, kind, account_id, mac_key
+SELECT terminal_id, merchant_id, ledger, kind, account_id, mac_key, mac_key_enc
 FROM terminals WHERE terminal_id = $1 ORDER BY ledger LIMIT 1
 """
 
@@ -72,15 +73,15 @@ SQL_LOCK_HOLDER = "SELECT id FROM holders WHERE ledger = $1 AND id = $2 FOR UPDA
 # Serialise creators of the same card number / terminal id across ledgers (no global index).
 SQL_ADVISORY_LOCK = "SELECT pg_advisory_xact_lock($1, hashtext(x)) FROM unnest($2::text[]) x"
 _CARD_COLS = (
-    "c.card_no, c.ledger, c.holder_id, c.status, c.daily_limit, c.pin, c.pin_threshold, "
-    "c.replaced_by"
+    "c.card_no, c.ledger, c.holder_id, c.status, c.daily_limit, c.pin, c.pin_enc, "
+    "c.pin_threshold, c.replaced_by"
 )
 SQL_CARD_BY_NO = f"SELECT {_CARD_COLS} FROM cards c WHERE c.card_no = $1 ORDER BY c.ledger"
 SQL_ACTIVE_CARD = """
 SELECT card_no FROM cards WHERE ledger = $1 AND holder_id = $2 AND status = 'active'
 """
 SQL_INSERT_CARD = """
-INSERT INTO cards (ledger, card_no, holder_id, status, daily_limit, pin, pin_threshold,
+INSERT INTO cards (ledger, card_no, holder_id, status, daily_limit, pin_enc, pin_threshold,
                    created_at, updated_at)
 VALUES ($1, $2, $3, 'active', $4, $5, $6, $7, $7)
 """
@@ -119,7 +120,8 @@ ORDER BY a.kind = 'subsidy', a.id
 """
 SQL_ACCOUNT_KIND = "SELECT kind FROM accounts WHERE ledger = $1 AND id = $2"
 SQL_INSERT_TERMINAL = """
-INSERT INTO terminals (ledger, terminal_id, merchant_id, kind, account_id, mac_key, created_at)
+INSERT INTO terminals (ledger, terminal_id, merchant_id, kind, account_id, mac_key_enc,
+                       created_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7)
 """
 SQL_INSERT_ROOM = """
@@ -131,14 +133,14 @@ ON CONFLICT (ledger, room_id) DO NOTHING
 # -- rows --------------------------------------------------------------------------------------
 
 
-def _card(r: asyncpg.Record) -> Card:
+def _card(r: asyncpg.Record, box: SecretBox) -> Card:
     return Card(
         card_no=r["card_no"],
         ledger=r["ledger"],
         holder_id=r["holder_id"],
         status=CardStatus(r["status"]),
         daily_limit=r["daily_limit"],
-        pin=r["pin"],
+        pin=card_pin(box, r["ledger"], r["card_no"], r),
         pin_threshold=r["pin_threshold"],
         replaced_by=r["replaced_by"],
     )
@@ -199,6 +201,7 @@ async def create_holder(
 
 async def create_card(
     engine: Engine,
+    box: SecretBox,
     *,
     card_no: str,
     holder_id: str,
@@ -226,7 +229,7 @@ async def create_card(
                            f"no holder {holder_id!r} in ledger {ledger}")
         r = await conn.fetchrow(SQL_CARD_BY_NO, card_no)
         if r is not None:
-            card = _card(r)
+            card = _card(r, box)
             if (card.ledger, card.holder_id) != (ledger, holder_id):
                 return Refused(Refusal.CARD_NUMBER_TAKEN,
                                f"card {card_no} belongs to another holder")
@@ -235,20 +238,22 @@ async def create_card(
         if active is not None:
             return Refused(Refusal.HOLDER_HAS_ACTIVE_CARD,
                            f"holder {holder_id!r} already has active card {active}")
-        await conn.execute(SQL_INSERT_CARD, ledger, card_no, holder_id, daily_limit, pin,
+        sealed = None if pin is None else seal_pin(box, ledger, card_no, pin)
+        await conn.execute(SQL_INSERT_CARD, ledger, card_no, holder_id, daily_limit, sealed,
                            pin_threshold, time.time_ns())
         await _sync_freeze(conn, ledger, holder_id)
     return Card(card_no, ledger, holder_id, CardStatus.ACTIVE, daily_limit, pin,
                 pin_threshold)
 
-async def get_card(engine: Engine, card_no: str) -> Card | None:
+async def get_card(engine: Engine, box: SecretBox, card_no: str) -> Card | None:
     """The card with this number, or None."""
     async with connection(engine) as conn:
         r = await conn.fetchrow(SQL_CARD_BY_NO, card_no)
-    return None if r is None else _card(r)
+    return None if r is None else _card(r, box)
 
 async def _transition(
     engine: Engine,
+    box: SecretBox,
     card_no: str,
     target: CardStatus,
     allowed: frozenset[CardStatus],
@@ -260,7 +265,7 @@ async def _transition(
         r = await conn.fetchrow(SQL_CARD_BY_NO, card_no)
         if r is None:
             return Refused(Refusal.CARD_NOT_FOUND, f"no card {card_no}")
-        card = _card(r)
+        card = _card(r, box)
         await conn.fetchval(SQL_LOCK_HOLDER, card.ledger, card.holder_id)
         if card.status is target:
             return card
@@ -277,24 +282,28 @@ async def _transition(
         await _sync_freeze(conn, card.ledger, card.holder_id)
     return msgspec.structs.replace(card, status=target)
 
-async def report_lost(engine: Engine, card_no: str) -> Card | Refused:
+async def report_lost(engine: Engine, box: SecretBox, card_no: str) -> Card | Refused:
     """active -> lost: the holder's purses are frozen at once (debits refused by the ledger
     itself, whoever submits them). Reporting a lost card again changes nothing."""
-    return await _transition(engine, card_no, CardStatus.LOST, frozenset({CardStatus.ACTIVE}))
+    return await _transition(engine, box, card_no, CardStatus.LOST,
+                             frozenset({CardStatus.ACTIVE}))
 
-async def card_found(engine: Engine, card_no: str) -> Card | Refused:
+async def card_found(engine: Engine, box: SecretBox, card_no: str) -> Card | Refused:
     """lost -> active (the card turned up): unfreezes the purses, unless the holder has
     been given another active card meanwhile."""
-    return await _transition(engine, card_no, CardStatus.ACTIVE, frozenset({CardStatus.LOST}))
+    return await _transition(engine, box, card_no, CardStatus.ACTIVE,
+                             frozenset({CardStatus.LOST}))
 
-async def close_card(engine: Engine, card_no: str) -> Card | Refused:
+async def close_card(engine: Engine, box: SecretBox, card_no: str) -> Card | Refused:
     """active|lost -> closed. The purses keep their money (a closure payout is a transfer);
     they stay frozen only while another card of the holder is lost."""
-    return await _transition(engine,
+    return await _transition(engine, box,
         card_no, CardStatus.CLOSED, frozenset({CardStatus.ACTIVE, CardStatus.LOST})
     )
 
-async def replace_card(engine: Engine, card_no: str, new_card_no: str) -> Replacement | Refused:
+async def replace_card(
+    engine: Engine, box: SecretBox, card_no: str, new_card_no: str
+) -> Replacement | Refused:
     """active|lost -> replaced, and a new active card for the same holder with the same
     limits and PIN. The purses (and their balance) stay; no money moves; they are
     unfrozen. Repeating the same replacement answers it again."""
@@ -303,12 +312,12 @@ async def replace_card(engine: Engine, card_no: str, new_card_no: str) -> Replac
         r = await conn.fetchrow(SQL_CARD_BY_NO, card_no)
         if r is None:
             return Refused(Refusal.CARD_NOT_FOUND, f"no card {card_no}")
-        old = _card(r)
+        old = _card(r, box)
         await conn.fetchval(SQL_LOCK_HOLDER, old.ledger, old.holder_id)
         r = await conn.fetchrow(SQL_CARD_BY_NO, new_card_no)
         if old.status is CardStatus.REPLACED and old.replaced_by == new_card_no:
             assert r is not None
-            return Replacement(old, _card(r))
+            return Replacement(old, _card(r, box))
         if old.status not in (CardStatus.ACTIVE, CardStatus.LOST):
             return Refused(Refusal.INVALID_TRANSITION,
                            f"card {card_no} is {old.status}; only an active or lost card "
@@ -322,8 +331,9 @@ async def replace_card(engine: Engine, card_no: str, new_card_no: str) -> Replac
         now = time.time_ns()
         await conn.execute(SQL_SET_CARD_STATUS, old.ledger, card_no,
                            str(CardStatus.REPLACED), new_card_no, now)
+        sealed = None if old.pin is None else seal_pin(box, old.ledger, new_card_no, old.pin)
         await conn.execute(SQL_INSERT_CARD, old.ledger, new_card_no, old.holder_id,
-                           old.daily_limit, old.pin, old.pin_threshold, now)
+                           old.daily_limit, sealed, old.pin_threshold, now)
         await _sync_freeze(conn, old.ledger, old.holder_id)
     return Replacement(
         msgspec.structs.replace(old, status=CardStatus.REPLACED, replaced_by=new_card_no),
@@ -331,24 +341,24 @@ async def replace_card(engine: Engine, card_no: str, new_card_no: str) -> Replac
              old.pin, old.pin_threshold),
     )
 
-async def reset_pin_tries(engine: Engine, card_no: str) -> Card | Refused:
+async def reset_pin_tries(engine: Engine, box: SecretBox, card_no: str) -> Card | Refused:
     """The card office's reset: the card's wrong PINs are forgotten (every day's), so the
     right PIN gets in again at once. The card itself is unchanged."""
     async with connection(engine) as conn:
         r = await conn.fetchrow(SQL_CARD_BY_NO, card_no)
         if r is None:
             return Refused(Refusal.CARD_NOT_FOUND, f"no card {card_no}")
-        card = _card(r)
+        card = _card(r, box)
         await conn.execute(SQL_RESET_PIN_TRIES, card.ledger, card_no)
     return card
 
-async def card_balance(engine: Engine, card_no: str) -> CardBalance | None:
+async def card_balance(engine: Engine, box: SecretBox, card_no: str) -> CardBalance | None:
     """The card and its holder's purses (whatever the card's state), or None."""
     async with connection(engine) as conn:
         r = await conn.fetchrow(SQL_CARD_BY_NO, card_no)
         if r is None:
             return None
-        card = _card(r)
+        card = _card(r, box)
         rows = await conn.fetch(SQL_PURSES, card.ledger, card.holder_id)
     purses = [Purse(r["id"], AccountKind(r["kind"]), r["balance"], r["available"])
               for r in rows]
@@ -358,6 +368,7 @@ async def card_balance(engine: Engine, card_no: str) -> CardBalance | None:
 
 async def register_terminal(
     engine: Engine,
+    box: SecretBox,
     *,
     terminal_id: str,
     merchant_id: str,
@@ -375,7 +386,7 @@ async def register_terminal(
         await conn.execute(SQL_ADVISORY_LOCK, _TERMINAL_LOCK, [terminal_id])
         r = await conn.fetchrow(SQL_TERMINAL, terminal_id)
         if r is not None:
-            if terminal_row(r) == want:
+            if same_terminal(terminal_row(r, box), want):
                 return RegistryStatus.EXISTS
             return RegistryStatus.EXISTS_WITH_DIFFERENT_FIELDS
         account_kind = await conn.fetchval(SQL_ACCOUNT_KIND, ledger, account_id)
@@ -386,8 +397,9 @@ async def register_terminal(
             return Refused(Refusal.ACCOUNT_NOT_CREDITABLE,
                            f"account {account_id} is a {account_kind} account; a terminal "
                            "credits a merchant or utility account")
+        sealed_key = seal_mac_key(box, ledger, terminal_id, mac_key)
         await conn.execute(SQL_INSERT_TERMINAL, ledger, terminal_id, merchant_id, str(kind),
-                           account_id, mac_key, time.time_ns())
+                           account_id, sealed_key, time.time_ns())
     return RegistryStatus.CREATED
 
 async def create_room(engine: Engine, *, room_id: str, ledger: int) -> Room | Refused:

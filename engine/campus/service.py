@@ -21,6 +21,7 @@ import engine.campus.registry as registry
 import engine.campus.reversals as reversals
 import engine.campus.water as water
 from engine import limits
+from engine.access.secretbox import SecretBox, default_box
 from engine.batcher import RETRYABLE, Overloaded, Unavailable
 from engine.calendar import campus_tz
 from engine.campus.model import (
@@ -88,18 +89,21 @@ class Campus:
         spend_ttl_s: float = limits.SPEND_MEMORY_TTL_S,
         max_batch: int = limits.COALESCE_MAX_BATCH,
         max_amount: int = limits.TERMINAL_MAX_AMOUNT_FEN,
+        secrets: SecretBox | None = None,
     ) -> None:
         if not 0 < hold_timeout_s <= MAX_TIMEOUT_S:
             raise ValueError(f"hold_timeout_s must be in 1..{MAX_TIMEOUT_S}")
         if not 0 < max_amount <= limits.TERMINAL_FIELD_MAX_FEN:
             raise ValueError(f"max_amount must be in 1..{limits.TERMINAL_FIELD_MAX_FEN}")
         self.engine = engine
+        # seals and opens PINs and MAC keys (kept encrypted at rest), caching what it opened
+        self.secrets = secrets or default_box()
         self.max_amount = max_amount
         self.tz = campus_tz(tz)
         self.hold_timeout_s = hold_timeout_s
         self._s = Shared(engine, tz=self.tz, hold_timeout_s=hold_timeout_s,
                          clock=clock or (lambda: datetime.now(UTC)), spend_ttl_s=spend_ttl_s,
-                         max_batch=max_batch, max_amount=max_amount)
+                         max_batch=max_batch, max_amount=max_amount, box=self.secrets)
 
     @property
     def statements(self) -> int:
@@ -282,43 +286,43 @@ class Campus:
         """Issue an active card to a holder (``ledger`` may be left out when the holder id is
         unique across ledgers); see :func:`engine.campus.registry.create_card`."""
         return await registry.create_card(
-            self.engine, card_no=card_no, holder_id=holder_id, ledger=ledger,
+            self.engine, self.secrets, card_no=card_no, holder_id=holder_id, ledger=ledger,
             daily_limit=daily_limit, pin=pin, pin_threshold=pin_threshold,
         )
 
     async def get_card(self, card_no: str) -> Card | None:
         """The card with this number, or None."""
-        return await registry.get_card(self.engine, card_no)
+        return await registry.get_card(self.engine, self.secrets, card_no)
 
     async def report_lost(self, card_no: str) -> Card | Refused:
         """active -> lost: the holder's purses are frozen at once (debits refused by the ledger
         itself, whoever submits them). Reporting a lost card again changes nothing."""
-        return await registry.report_lost(self.engine, card_no)
+        return await registry.report_lost(self.engine, self.secrets, card_no)
 
     async def card_found(self, card_no: str) -> Card | Refused:
         """lost -> active (the card turned up): unfreezes the purses, unless the holder has
         been given another active card meanwhile."""
-        return await registry.card_found(self.engine, card_no)
+        return await registry.card_found(self.engine, self.secrets, card_no)
 
     async def close_card(self, card_no: str) -> Card | Refused:
         """active|lost -> closed. The purses keep their money (a closure payout is a transfer);
         they stay frozen only while another card of the holder is lost."""
-        return await registry.close_card(self.engine, card_no)
+        return await registry.close_card(self.engine, self.secrets, card_no)
 
     async def replace_card(self, card_no: str, new_card_no: str) -> Replacement | Refused:
         """active|lost -> replaced, and a new active card for the same holder with the same
         limits and PIN; the purses stay, unfrozen; see
         :func:`engine.campus.registry.replace_card`."""
-        return await registry.replace_card(self.engine, card_no, new_card_no)
+        return await registry.replace_card(self.engine, self.secrets, card_no, new_card_no)
 
     async def reset_pin_tries(self, card_no: str) -> Card | Refused:
         """The card office's reset: the card's wrong PINs are forgotten (every day's), so the
         right PIN gets in again at once. The card itself is unchanged."""
-        return await registry.reset_pin_tries(self.engine, card_no)
+        return await registry.reset_pin_tries(self.engine, self.secrets, card_no)
 
     async def card_balance(self, card_no: str) -> CardBalance | None:
         """The card and its holder's purses (whatever the card's state), or None."""
-        return await registry.card_balance(self.engine, card_no)
+        return await registry.card_balance(self.engine, self.secrets, card_no)
 
     async def register_terminal(
         self,
@@ -333,8 +337,8 @@ class Campus:
         """Register a terminal that will credit only ``account_id`` (a merchant or utility
         account of its ledger); see :func:`engine.campus.registry.register_terminal`."""
         return await registry.register_terminal(
-            self.engine, terminal_id=terminal_id, merchant_id=merchant_id, ledger=ledger,
-            kind=kind, account_id=account_id, mac_key=mac_key,
+            self.engine, self.secrets, terminal_id=terminal_id, merchant_id=merchant_id,
+            ledger=ledger, kind=kind, account_id=account_id, mac_key=mac_key,
         )
 
     async def create_room(self, *, room_id: str, ledger: int) -> Room | Refused:

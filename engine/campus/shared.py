@@ -16,6 +16,7 @@ import asyncpg
 from asyncpg.pool import PoolAcquireContext
 
 from engine import limits
+from engine.access.secretbox import SecretBox
 from engine.calendar import day_window_at, to_ns
 from engine.campus.locks import KeyedLocks
 from engine.campus.pin import PinTries
@@ -46,6 +47,7 @@ class Shared:
         spend_ttl_s: float,
         max_batch: int,
         max_amount: int,
+        box: SecretBox,
     ) -> None:
         self.engine = engine
         self.tz = tz
@@ -57,7 +59,7 @@ class Shared:
         def pool() -> asyncpg.Pool:  # the engine's pool now (a restarted store has a new one)
             return engine.store.pool
 
-        self.reads = Reads(pool, max_batch=max_batch)
+        self.reads = Reads(pool, max_batch=max_batch, box=box)
         self.spending = Spending(engine, self.reads, ttl_s=spend_ttl_s, day_of=self.day_of)
         self.pins = PinTries(pool, tz=tz, max_batch=max_batch)
         # a holder's payments take turns (in this process), see engine/campus/locks.py

@@ -4,7 +4,7 @@ The CLI is the top of the house: it imports the commands (an explicit table, in 
 and through them the domain, the HTTP and terminal edges and the bench; nothing imports it.
 Each command lives in the module of its concept: ``serve``, ``ledger`` (migrate, snapshot),
 ``finance`` (export, reconcile, verify, statement), ``campus`` (subsidy), ``ops`` (backup,
-restore), ``tools`` (simulate, bench).
+restore), ``access`` (operator, apikey, rotate-secret), ``tools`` (simulate, bench).
 """
 
 from __future__ import annotations
@@ -12,15 +12,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import sys
 from typing import Final
 
 import uvloop
 
-from engine.cli import campus, finance, ledger, ops, serve, tools
-from engine.cli.base import Command, database
-from engine.config import DEFAULT_DATA_DIR
+from engine.access import secretbox
+from engine.cli import access, campus, finance, ledger, ops, serve, tools
+from engine.cli.base import Command, common_options, database
 from engine.service import tune_gc
 
 COMMANDS: Final[tuple[Command, ...]] = (
@@ -34,25 +33,16 @@ COMMANDS: Final[tuple[Command, ...]] = (
     campus.SUBSIDY,
     ops.BACKUP,
     ops.RESTORE,
+    access.OPERATOR,
+    access.APIKEY,
+    access.ROTATE_SECRET,
     tools.SIMULATE,
     tools.BENCH,
 )
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--dsn", help="PostgreSQL DSN (default: $ONECARD_DSN, else embedded)")
-    common.add_argument(
-        "--data-dir",
-        default=os.environ.get("ONECARD_DATA_DIR", DEFAULT_DATA_DIR),
-        help="where the embedded PostgreSQL and local state live (default .onecard/)",
-    )
-    common.add_argument(
-        "--stop-embedded",
-        action="store_true",
-        help="stop the embedded PostgreSQL when the command ends (serve always does)",
-    )
-    common.add_argument("-v", "--verbose", action="store_true")
+    common = common_options()
     p = argparse.ArgumentParser(prog="onecard", description="Campus one-card engine")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for c in COMMANDS:
@@ -68,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     command = {c.name: c for c in COMMANDS}[args.command]
+    # PINs and MAC keys are sealed under the key of this data directory (or ONECARD_SECRET_KEY)
+    secretbox.configure(args.data_dir)
     try:
         with database(args) if command.database else contextlib.nullcontext("") as dsn:
             tune_gc()

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from engine.calendar import parse_day, parse_instant, parse_month
-from engine.config import parse_hostport
+from engine.config import DEFAULT_DATA_DIR, parse_hostport
 
 log = logging.getLogger("onecard")
 
@@ -35,6 +35,32 @@ class Command(msgspec.Struct, frozen=True):
     arguments: Callable[[argparse.ArgumentParser], None]
     run: Run
     database: bool = True
+
+
+def common_options(*, suppress: bool = False) -> argparse.ArgumentParser:
+    """The flags every subcommand takes (contract §3). ``suppress``: for the actions of a
+    command with actions of its own (``onecard apikey revoke --dsn ...``): a flag left out
+    there does not reset one given before the action."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dsn", default=default(None),
+                        help="PostgreSQL DSN (default: $ONECARD_DSN, else embedded)")
+    common.add_argument(
+        "--data-dir",
+        default=default(os.environ.get("ONECARD_DATA_DIR", DEFAULT_DATA_DIR)),
+        help="where the embedded PostgreSQL and local state live (default .onecard/)",
+    )
+    common.add_argument(
+        "--stop-embedded",
+        action="store_true",
+        default=default(False),
+        help="stop the embedded PostgreSQL when the command ends (serve always does)",
+    )
+    common.add_argument("-v", "--verbose", action="store_true", default=default(False))
+    return common
 
 
 def no_arguments(p: argparse.ArgumentParser) -> None:

@@ -235,7 +235,7 @@ async def _verify(args: argparse.Namespace, dsn: str) -> int:
         print(
             f"OK: {report.ledgers} ledgers, {report.transfers} transfers in {report.batches} "
             f"audit batches, {report.snapshots} snapshots, {report.accounts} accounts, "
-            f"{report.expired_holds} expired holds"
+            f"{report.expired_holds} expired holds, {report.operator_log} operator log entries"
         )
         return 0
     print(f"FAILED: {first}")
@@ -260,7 +260,8 @@ RECONCILE: Final = Command(
     _reconcile_args, _reconcile,
 )
 VERIFY: Final = Command(
-    "verify", "check the audit chain, snapshots and invariants", _verify_args, _verify
+    "verify", "check the audit chain, snapshots, invariants and the operator log", _verify_args,
+    _verify
 )
 STATEMENT: Final = Command(
     "statement", "monthly electricity and hot-water statements by room and holder",

@@ -7,6 +7,7 @@ from typing import Final
 
 import asyncpg
 
+from engine.access import sealing, secretbox
 from engine.cli.base import Command, no_arguments
 from engine.db.migrate import migrate
 from engine.db.pool import create_pool
@@ -17,9 +18,13 @@ async def _migrate(args: argparse.Namespace, dsn: str) -> int:
     conn = await asyncpg.connect(dsn)
     try:
         applied = await migrate(conn)
+        # the migration path of secrets at rest: clear PINs and MAC keys sealed under the key
+        sealed = await sealing.prepare(conn, secretbox.default_box())
     finally:
         await conn.close()
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    if sealed.pins or sealed.mac_keys:
+        print(f"sealed {sealed.pins} PINs and {sealed.mac_keys} MAC keys")
     return 0
 
 

@@ -12,6 +12,7 @@ import logging
 import signal
 from typing import Final
 
+from engine.access import sealing, secretbox
 from engine.campus import Campus
 from engine.cli.base import Command, hostport_arg
 from engine.config import DEFAULT_HTTP, DEFAULT_ISO, tokens_from_env
@@ -40,15 +41,26 @@ async def serve(dsn: str, args: argparse.Namespace) -> None:
     """Run until SIGINT/SIGTERM; then stop accepting, drain the queue, answer it, exit."""
     admin, read = tokens_from_env(args.data_dir)
     windows = windows_from_env()  # a bad retention variable stops us before anything starts
+    box = secretbox.box_for(args.data_dir)  # before anything starts: no key, no engine
+    secretbox.install(box)
     engine = Engine(dsn)
     await engine.start()
+    try:
+        async with engine.store.pool.acquire() as conn:
+            sealed = await sealing.prepare(conn, box)  # an older database's clear secrets
+    except BaseException:
+        await engine.stop()
+        raise
+    if sealed.pins or sealed.mac_keys:
+        log.info("sealed %d PINs and %d MAC keys under key %s", sealed.pins, sealed.mac_keys,
+                 box.key_id)
     pool = engine.store.pool
     pruner = asyncio.create_task(
         supervise("retention pruner", lambda: run_pruner(pool, windows)), name="onecard-retention"
     )
     # One Campus for both doors: its card and terminal caches must see a report-lost made over
     # HTTP before the next swipe at a terminal.
-    campus = Campus(engine)  # in the campus time zone ($ONECARD_TZ)
+    campus = Campus(engine, secrets=box)  # in the campus time zone ($ONECARD_TZ)
     app = create_app(engine, admin_token=admin, read_token=read)
     app.state.campus = campus
     host, port = args.http
@@ -81,6 +93,7 @@ async def serve(dsn: str, args: argparse.Namespace) -> None:
             await stopping[0]
         elif gateway is not None:
             await gateway.stop()
+        await app.state.access.close()
         await engine.stop()
         await asyncio.sleep(0)
 

@@ -14,7 +14,9 @@ bounded by the number of accounts and of holds open at one instant, never by the
 * **double entry**: per ledger the live debits equal the credits, posted and pending;
 * **holds**: every pending transfer has its ``holds`` row with the same fields, every post or
   void settles a hold that was pending at that instant and is recorded as such, expiries are
-  due, and the holds still ``pending`` are exactly the ones the replay leaves open.
+  due, and the holds still ``pending`` are exactly the ones the replay leaves open;
+* **operator log**: its hash chain is recomputed (``engine.access.oplog.check_chain``): a
+  changed, deleted or inserted entry is named.
 
 Everything runs in one REPEATABLE READ read-only transaction per ledger, so it can run beside
 a live engine. The report names the first problem: the bad transfer or account and what is
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, Final
 import asyncpg
 import msgspec
 
+from engine.access import oplog
 from engine.calendar import campus_tz, from_ns
 from engine.db.stream import stream
 from ledger import audit
@@ -104,6 +107,7 @@ class Rank(enum.IntEnum):
     SNAPSHOT = 2
     ACCOUNT = 3
     LEDGER = 4
+    OPERATOR_LOG = 5  # the installation's chain, reported under ledger 0
 
 
 class Problem(msgspec.Struct, frozen=True):
@@ -116,6 +120,8 @@ class Problem(msgspec.Struct, frozen=True):
     detail: str
 
     def __str__(self) -> str:
+        if self.rank is Rank.OPERATOR_LOG:
+            return f"{self.subject}: {self.detail}"
         return f"ledger {self.ledger}: {self.subject}: {self.detail}"
 
 
@@ -128,6 +134,7 @@ class Report(msgspec.Struct, kw_only=True):
     snapshots: int = 0
     accounts: int = 0
     expired_holds: int = 0
+    operator_log: int = 0  # entries of the operator log checked
     problems: list[Problem] = msgspec.field(default_factory=list)
     more_problems: int = 0  # found beyond MAX_PROBLEMS
     found: int = 0  # problems found so far (numbers them in discovery order)
@@ -622,4 +629,13 @@ async def verify(pool: asyncpg.Pool, *, ledgers: Sequence[int] | None = None) ->
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 await _LedgerCheck(conn, ledger, head, report).run()
             report.ledgers += 1
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            report.operator_log, faults = await oplog.check_chain(conn)
+    for f in faults:
+        report.found += 1
+        if len(report.problems) < MAX_PROBLEMS:
+            report.problems.append(Problem(oplog.CHAIN, Rank.OPERATOR_LOG, report.found,
+                                           f.subject, f.detail))
+        else:
+            report.more_problems += 1
     return report

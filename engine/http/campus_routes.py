@@ -1,7 +1,7 @@
 """HTTP routes of the campus layer (contract §4): holders, cards, terminals, rooms, subsidies.
 
-Thin handlers over :class:`engine.campus.Campus`, with engine/api.py's token checks, error shape and
-conventions: writes need the admin token, reads the read token; malformed input is a 400
+Thin handlers over :class:`engine.campus.Campus`, with app.py's error shape and conventions
+(who may call what: engine/http/auth.py); malformed input is a 400
 ``{"error", "detail"}``, an unknown holder, card or account a 404, and a refused state change
 (a second active card, a closed card reported lost, ...) a 400 whose detail says why.
 
@@ -37,7 +37,7 @@ from engine.campus import (
     TerminalKind,
 )
 from engine.campus.subsidies import MAX_BATCH_ID_LEN, Grant, grant_problem, grant_subsidies
-from engine.http.app import ApiError, ErrorCode, require_admin, require_read
+from engine.http.app import ApiError, ErrorCode
 from engine.service import Engine
 from ledger.account import AccountName, HolderId
 from ledger.types import INT32_MAX, INT64_MAX, TEXT_WITHOUT_NUL, AccountKind, whole_match
@@ -232,7 +232,7 @@ def _card_out(card: Card) -> CardOut:
 # -- routes --------------------------------------------------------------------------------------
 
 
-@post("/v1/holders", before_request=require_admin, status_code=200)
+@post("/v1/holders", status_code=200)
 async def create_holder(request: Request[Any, Any, Any], data: JSONBody[HolderIn]) -> HolderOut:
     """Register a holder with its cash and subsidy purses (idempotent)."""
     r = _ok(await _call(campus_of(request).create_holder(
@@ -240,7 +240,7 @@ async def create_holder(request: Request[Any, Any, Any], data: JSONBody[HolderIn
     return HolderOut(data.id, r.status, r.holder.purse_account_id, r.holder.subsidy_account_id)
 
 
-@post("/v1/cards", before_request=require_admin, status_code=200)
+@post("/v1/cards", status_code=200)
 async def create_card(request: Request[Any, Any, Any], data: JSONBody[CardIn]) -> CardOut:
     """Issue an active card to a holder; the same card again answers its current status."""
     if data.status not in (None, CardStatus.ACTIVE):
@@ -251,19 +251,19 @@ async def create_card(request: Request[Any, Any, Any], data: JSONBody[CardIn]) -
     return _card_out(card)
 
 
-@post("/v1/cards/{card_no:str}/report-lost", before_request=require_admin, status_code=200)
+@post("/v1/cards/{card_no:str}/report-lost", status_code=200)
 async def report_lost(request: Request[Any, Any, Any], card_no: FromPath[str]) -> CardOut:
     """Report a card lost: its holder's purses are frozen at once."""
     return _card_out(_ok(await _call(campus_of(request).report_lost(_card_no(card_no)))))
 
 
-@post("/v1/cards/{card_no:str}/found", before_request=require_admin, status_code=200)
+@post("/v1/cards/{card_no:str}/found", status_code=200)
 async def card_found(request: Request[Any, Any, Any], card_no: FromPath[str]) -> CardOut:
     """A lost card turned up: active again, purses unfrozen (extension)."""
     return _card_out(_ok(await _call(campus_of(request).card_found(_card_no(card_no)))))
 
 
-@post("/v1/cards/{card_no:str}/replace", before_request=require_admin, status_code=200)
+@post("/v1/cards/{card_no:str}/replace", status_code=200)
 async def replace_card(
     request: Request[Any, Any, Any], card_no: FromPath[str], data: JSONBody[ReplaceIn]
 ) -> ReplaceOut:
@@ -272,19 +272,19 @@ async def replace_card(
     return ReplaceOut(old=_card_out(r.old), new=_card_out(r.new))
 
 
-@post("/v1/cards/{card_no:str}/close", before_request=require_admin, status_code=200)
+@post("/v1/cards/{card_no:str}/close", status_code=200)
 async def close_card(request: Request[Any, Any, Any], card_no: FromPath[str]) -> CardOut:
     """Close a card for good."""
     return _card_out(_ok(await _call(campus_of(request).close_card(_card_no(card_no)))))
 
 
-@post("/v1/cards/{card_no:str}/pin-tries/reset", before_request=require_admin, status_code=200)
+@post("/v1/cards/{card_no:str}/pin-tries/reset", status_code=200)
 async def reset_pin_tries(request: Request[Any, Any, Any], card_no: FromPath[str]) -> CardOut:
     """Forget the card's wrong PINs: its right PIN gets in again at once (extension)."""
     return _card_out(_ok(await _call(campus_of(request).reset_pin_tries(_card_no(card_no)))))
 
 
-@get("/v1/cards/{card_no:str}/balance", before_request=require_read)
+@get("/v1/cards/{card_no:str}/balance")
 async def card_balance(request: Request[Any, Any, Any], card_no: FromPath[str]) -> CardBalanceOut:
     """The card's status and its holder's purses."""
     b = await _call(campus_of(request).card_balance(_card_no(card_no)))
@@ -299,7 +299,7 @@ async def card_balance(request: Request[Any, Any, Any], card_no: FromPath[str]) 
     )
 
 
-@post("/v1/terminals", before_request=require_admin, status_code=200)
+@post("/v1/terminals", status_code=200)
 async def register_terminal(
     request: Request[Any, Any, Any], data: JSONBody[TerminalIn]
 ) -> TerminalOut:
@@ -310,7 +310,7 @@ async def register_terminal(
     return TerminalOut(data.terminal_id, status)
 
 
-@post("/v1/rooms", before_request=require_admin, status_code=200)
+@post("/v1/rooms", status_code=200)
 async def create_room(request: Request[Any, Any, Any], data: JSONBody[RoomIn]) -> RoomOut:
     """Create a dorm room and its electricity purse (idempotent)."""
     room = _ok(await _call(campus_of(request).create_room(room_id=data.room_id,
@@ -318,7 +318,7 @@ async def create_room(request: Request[Any, Any, Any], data: JSONBody[RoomIn]) -
     return RoomOut(room.room_id, room.account_id)
 
 
-@post("/v1/subsidies", before_request=require_admin, status_code=200)
+@post("/v1/subsidies", status_code=200)
 async def grant(
     request: Request[Any, Any, Any], data: JSONBody[list[SubsidyIn]]
 ) -> list[SubsidyOut]:

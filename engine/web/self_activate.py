@@ -28,7 +28,7 @@ def _form(
 ) -> Response[bytes]:
     return render.page(request, "self_activate.html", status=status, holder_id=holder_id,
                        error=error, minutes=minutes,
-                       min_chars=limits.WEB_MIN_HOLDER_PASSWORD_CHARS)
+                       min_chars=limits.MIN_HOLDER_PASSWORD)
 
 
 @get("/activate", opt={ACCESS: Access.PUBLIC}, name="self-activate")

@@ -20,8 +20,8 @@ from typing import Any, Final
 import asyncpg
 import httpx
 import pytest
-from bench.common import Campus, campus_ids, load_campus
 
+from bench.fixture import Campus, campus_ids, load_campus
 from engine.db.backup import MARKER, BackupError, _without_password, backup, read_marker
 from engine.db.embedded import EmbeddedPostgres
 from engine.db.restore import restore

@@ -206,7 +206,7 @@ def _compare_offenders(paths: list[Path]) -> list[str]:
 def test_secrets_are_compared_in_constant_time() -> None:
     """No ``==``/``!=`` on tokens, MACs, PINs or keys anywhere: hmac.compare_digest only."""
     assert not (offenders := _compare_offenders(_sources())), offenders
-    api = (REPO_ROOT / "engine" / "http" / "app.py").read_text()
+    api = (REPO_ROOT / "engine" / "http" / "auth.py").read_text()  # the token check
     mac = (REPO_ROOT / "terminals" / "mac.py").read_text()
     assert "hmac.compare_digest" in api and "hmac.compare_digest" in mac
 
