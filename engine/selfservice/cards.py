@@ -4,10 +4,10 @@ daily limit of their own.
 Report-lost and found are the card office's transitions (``Campus.report_lost`` /
 ``card_found``: the purses freeze and thaw in the card's own transaction); here they are only
 ever applied to a card of the logged-in holder. The PIN change checks the old PIN and writes
-the new one under the card row's lock (no other change of the card can slip in between), and a
-wrong old PIN counts towards the card's wrong PINs of the day exactly as one typed at a
-terminal does: a stolen session must not become a PIN oracle that the terminals' limit of
-``limits.PIN_TRIES_PER_DAY`` does not see.
+the new one, sealed like every stored PIN, under the card row's lock (no other change of the
+card can slip in between), and a wrong old PIN counts towards the card's wrong PINs of the day
+exactly as one typed at a terminal does: a stolen session must not become a PIN oracle that
+the terminals' limit of ``limits.PIN_TRIES_PER_DAY`` does not see.
 
 The holder's own daily limit (``holder_limits``) only ever tightens the card office's: every
 payment is checked against the lower of the two (the campus's card state read), so a student
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import hmac
+import logging
 import re
 import time
 from typing import Final
@@ -27,9 +28,13 @@ import asyncpg
 import msgspec
 
 from engine import limits
+from engine.access.secretbox import SecretError, seal_pin
 from engine.calendar import local_date
 from engine.campus import Campus, Card, CardStatus, Refused
+from engine.campus.secrets import card_pin
 from engine.selfservice.holders import HolderRef
+
+log = logging.getLogger(__name__)
 
 _PIN: Final = re.compile(r"[0-9]{4,6}", re.ASCII)  # the cards table's CHECK
 
@@ -38,10 +43,13 @@ SELECT card_no, status FROM cards WHERE ledger = $1 AND holder_id = $2
 ORDER BY status = 'active' DESC, status = 'lost' DESC, updated_at DESC, card_no
 """
 SQL_LOCK_PIN: Final = """
-SELECT pin FROM cards
+SELECT pin, pin_enc FROM cards
 WHERE ledger = $1 AND card_no = $2 AND holder_id = $3 AND status = 'active' FOR UPDATE
 """
-SQL_SET_PIN: Final = "UPDATE cards SET pin = $3, updated_at = $4 WHERE ledger = $1 AND card_no = $2"
+# The new PIN is stored sealed only (secrets at rest, migration 0010); a clear one goes.
+SQL_SET_PIN: Final = """
+UPDATE cards SET pin = NULL, pin_enc = $3, updated_at = $4 WHERE ledger = $1 AND card_no = $2
+"""
 SQL_PIN_FAILURES: Final = """
 SELECT failures FROM pin_tries WHERE ledger = $1 AND card_no = $2 AND day = $3
 """
@@ -160,11 +168,16 @@ async def change_pin(
         failures = await conn.fetchval(SQL_PIN_FAILURES, ref.ledger, card.card_no, day) or 0
         if failures >= limits.PIN_TRIES_PER_DAY:
             return PinChange.TRIES_EXCEEDED
-        stored: str = row["pin"] or ""
+        try:
+            stored = card_pin(campus.secrets, ref.ledger, card.card_no, row) or ""
+        except SecretError as e:  # nobody can prove this PIN: not a guess, nothing counted
+            log.error("self-service: the PIN of card %s does not open: %s", card.card_no, e)
+            return PinChange.WRONG_PIN
         if not hmac.compare_digest(stored.encode(), old_pin.encode("utf-8", "replace")):
             await conn.execute(SQL_WRONG_PIN, ref.ledger, card.card_no, day, now)
             return PinChange.WRONG_PIN
-        await conn.execute(SQL_SET_PIN, ref.ledger, card.card_no, new_pin, now)
+        sealed = seal_pin(campus.secrets, ref.ledger, card.card_no, new_pin)
+        await conn.execute(SQL_SET_PIN, ref.ledger, card.card_no, sealed, now)
     return PinChange.CHANGED
 
 

@@ -14,7 +14,8 @@ from typing import Any
 
 from litestar import Litestar
 
-from engine.web.auth import Activator, Verifier, refuse_activation, refuse_all
+from engine.web.auth import Activator, Verifier, refuse_all
+from engine.web.holder_access import holder_activator, holder_verifier
 from engine.web.sessions import SessionKind, SessionReads
 
 _KEY = "web"
@@ -27,12 +28,15 @@ class WebState:
     clock: Callable[[], float] = time.time  # epoch seconds; sessions and lockout use it
     # ONECARD_COOKIE_SECURE=1 (behind HTTPS): every cookie gets the Secure attribute
     cookie_secure: bool = False
+    # /self logs in against the holders' password store; /console refuses every login until
+    # its operators' verifier is installed
     verifiers: dict[SessionKind, Verifier] = field(
-        default_factory=lambda: {kind: refuse_all for kind in SessionKind}
+        default_factory=lambda: {SessionKind.SELF: holder_verifier,
+                                 SessionKind.CONSOLE: refuse_all}
     )
     csrf_key: bytes | None = None  # loaded from web_keys by the first request that needs it
     # turns a holder's activation code into their first password (/self/activate)
-    activator: Activator = refuse_activation
+    activator: Activator = holder_activator
     session_reads: SessionReads | None = None  # made by the first page load (its app's pool)
 
 

@@ -1,8 +1,11 @@
 """/self as ``onecard serve`` runs it: the whole app (API and pages) and the terminal gateway
 over one engine and one Campus, in a thread of their own (Selenium blocks its caller), on real
-sockets. Holders, cards, rooms and money are made through the API (``World``); terminal
-payments go over real TCP to the gateway; pages are read like a browser reads them (httpx
-with cookies, or headless Chromium).
+sockets, with the real password store (engine/access: activation codes, Argon2id, lockout).
+Holders, cards, rooms, residents, activation codes and money are made through the API
+(``World``), and passwords chosen on /self/activate; terminal payments go over real TCP to the
+gateway; pages are read like a browser reads them (httpx with cookies, or headless Chromium).
+The server's clock (sessions, lockout, activation expiry) is the wall clock plus an offset the
+tests move forward.
 """
 
 from __future__ import annotations
@@ -17,43 +20,21 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
 from engine.campus import Campus
 from engine.http.app import create_app
 from engine.service import Engine
-from engine.web.auth import Activation, ActivationOutcome
 from engine.web.portal import SELF
-from engine.web.sessions import SessionKind
 from engine.web.state import web_state
 from terminals.client import TerminalClient
 from terminals.gateway import Gateway
 from tests.conftest import live_server
-from tests.web.conftest import MovableClock, PasswordBook, csrf_of, driver  # noqa: F401
+from tests.web.conftest import MovableClock, csrf_of, driver  # noqa: F401
 
 ADMIN = {"Authorization": "Bearer admin-token"}
 PASSWORD = "correct horse 1"
-
-
-@dataclass
-class CodeBook:
-    """The tests' activation codes: holder -> code; a used code sets the password book's."""
-
-    book: PasswordBook
-    codes: dict[str, str] = field(default_factory=dict)
-
-    async def __call__(
-        self, engine: Engine, holder_id: str, code: str, password: str, *, now: float
-    ) -> Activation:
-        if len(password) < 8:
-            return Activation(ActivationOutcome.SHORT)
-        if self.codes.get(holder_id) != code:
-            return Activation(ActivationOutcome.WRONG)
-        del self.codes[holder_id]
-        self.book.passwords[holder_id] = password
-        return Activation(ActivationOutcome.OK)
 
 
 @dataclass
@@ -63,8 +44,6 @@ class SelfWeb:
     base_url: str
     iso_port: int
     clock: MovableClock
-    book: PasswordBook
-    codes: CodeBook
     app: Any
     dsn: str
 
@@ -72,24 +51,17 @@ class SelfWeb:
 @pytest.fixture(scope="session")
 def selfweb(dsn: str) -> Iterator[SelfWeb]:
     """The app and the gateway on free ports, served from their own thread and loop."""
-    clock, book = MovableClock(), PasswordBook()
-    codes = CodeBook(book)
+    clock = MovableClock()
     ready: dict[str, Any] = {}
     started, stop = threading.Event(), threading.Event()
 
     async def serve() -> None:
         engine = Engine(dsn)
         await engine.start(run_migrations=False)
-        conn = await asyncpg.connect(dsn)  # TODO(h7-roles): residents come with migration 0013
-        await conn.execute(_RESIDENTS_SHIM)
-        await conn.close()
         campus = Campus(engine)
         app = create_app(engine, admin_token="admin-token", read_token="read-token")
         app.state.campus = campus  # one Campus for both doors, as onecard serve wires it
-        state = web_state(app)
-        state.clock = clock
-        state.verifiers = {SessionKind.SELF: book, SessionKind.CONSOLE: book}
-        state.activator = codes
+        web_state(app).clock = clock  # the verifier and activator are the real ones
         gateway = Gateway(engine, campus=campus)
         await gateway.start("127.0.0.1", 0)
         try:
@@ -113,16 +85,9 @@ def selfweb(dsn: str) -> Iterator[SelfWeb]:
     started.wait(60)
     if "error" in ready:
         raise ready["error"]
-    yield SelfWeb(ready["base_url"], ready["iso_port"], clock, book, codes, ready["app"], dsn)
+    yield SelfWeb(ready["base_url"], ready["iso_port"], clock, ready["app"], dsn)
     stop.set()
     thread.join(30)
-
-
-_RESIDENTS_SHIM = """
-CREATE TABLE IF NOT EXISTS room_residents (
-    ledger integer NOT NULL, holder_id text NOT NULL, room_id text NOT NULL,
-    created_at bigint NOT NULL, PRIMARY KEY (ledger, holder_id))
-"""
 
 
 @dataclass
@@ -189,7 +154,7 @@ class World:
         s = Student(holder, self.ledger, card_no, h["purse_account_id"],
                     h["subsidy_account_id"], card.get("pin"))
         if activated:
-            self.web.book.passwords[holder] = s.password
+            await self.activate(s)
         if cash:
             await self.post(self.bank, s.purse, cash, 4)
         if subsidy:
@@ -200,10 +165,21 @@ class World:
         return s
 
     async def activation_code(self, s: Student) -> str:
-        """A new activation code for the holder (the card office's)."""
-        code = "".join(secrets.choice("0123456789") for _ in range(8))
-        self.web.codes.codes[s.holder_id] = code
+        """A new activation code for the holder (the card office's, over the API)."""
+        r = await self.http.post(f"/v1/holders/{s.holder_id}/activation", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        code: str = r.json()["code"]
         return code
+
+    async def activate(self, s: Student) -> None:
+        """The holder chooses their password on /self/activate with a fresh code."""
+        code = await self.activation_code(s)
+        async with httpx.AsyncClient(base_url=self.web.base_url, timeout=30) as browser:
+            form = Page((await browser.get("/self/activate")).text)
+            r = await browser.post("/self/activate", data={
+                "holder_id": s.holder_id, "code": code, "password": s.password,
+                "password2": s.password, "csrf": form.csrf[0]})
+        assert r.status_code == 303 and r.headers["location"] == "/self/login", r.text
 
     async def room(self, fen: int = 0) -> tuple[str, int]:
         room_id = "R" + secrets.token_hex(4)
@@ -216,13 +192,10 @@ class World:
         return room_id, account
 
     async def live_in(self, s: Student, room_id: str) -> None:
-        # TODO(h7-roles): POST /v1/rooms/{room_id}/residents
-        conn = await asyncpg.connect(self.web.dsn)
-        try:
-            await conn.execute(
-                "INSERT INTO room_residents VALUES ($1, $2, $3, 0)", s.ledger, s.holder_id, room_id)
-        finally:
-            await conn.close()
+        """The card office registers the holder as a resident of the room."""
+        r = await self.http.post(f"/v1/rooms/{room_id}/residents", headers=ADMIN,
+                                 json={"holder_id": s.holder_id})
+        assert r.status_code == 200 and r.json()["status"] == "created", r.text
 
     async def post(self, debit: int, credit: int, amount: int, code: int, **kw: Any) -> str:
         tid = str(uuid.uuid4())

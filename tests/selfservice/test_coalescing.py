@@ -8,7 +8,6 @@ import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
 import pytest
 
 from engine import limits
@@ -70,13 +69,8 @@ async def holders(engine: Engine, ids: Ids) -> list[str]:
 
 
 async def test_a_burst_of_home_pages_is_one_overview_statement(
-    engine: Engine, holders: list[str], dsn: str
+    engine: Engine, holders: list[str]
 ) -> None:
-    conn = await asyncpg.connect(dsn)  # TODO(h7-roles): residents come with migration 0013
-    await conn.execute("CREATE TABLE IF NOT EXISTS room_residents (ledger integer NOT NULL, "
-                       "holder_id text NOT NULL, room_id text NOT NULL, created_at bigint "
-                       "NOT NULL, PRIMARY KEY (ledger, holder_id))")
-    await conn.close()
     reads = HolderReads(lambda: engine.store.pool)
     refs = await asyncio.gather(*(reads.find_holder(h) for h in holders))
     assert all(r is not None for r in refs) and reads.statements <= 2
