@@ -3,8 +3,9 @@
 a student on a phone sees; target p99 <= 50 ms at 500 page loads/s), then as fast as the
 clients go.
 
-The fixture: ``SELF_HOLDERS`` holders, each with a card, a dorm room, a top-up and
-``SELF_MEALS`` meals (the statement's first page is full), and a session made straight in
+The fixture: ``SELF_HOLDERS`` holders (fewer with a smaller ``--purses``), each with a card,
+a dorm room, a top-up and ``SELF_MEALS`` meals (the statement's first page is full), and a
+session made straight in
 ``web_sessions`` (a login's Argon2 hashing is not what is measured). Each request is one
 page load of a random student: half home pages, half statements, each checked to be the page
 (not a redirect to the login). The database's transactions per page load are reported: a
@@ -156,7 +157,7 @@ def student(server: Server, cookies: list[str], seed: int, conns: list[Http]) ->
 async def self_server(o: Options) -> AsyncIterator[tuple[str, list[str], Server]]:
     """A scratch database with the students loaded, served by ``onecard serve``."""
     async with scratch_database(o.dsn, "self", keep=o.keep) as dsn:
-        cookies = await load(dsn, SELF_HOLDERS, o.seed)
+        cookies = await load(dsn, min(o.purses, SELF_HOLDERS), o.seed)
         async with serve(dsn) as server:
             yield dsn, cookies, server
 
@@ -216,7 +217,7 @@ async def run(o: Options, bar: Bar) -> Result:
         started_at=now_stamp(),
         seed=o.seed,
         config={"duration_s": o.duration, "rate": rate, "paced_workers": PACED_WORKERS,
-                "closed_loop_clients": o.concurrency, "students": SELF_HOLDERS,
+                "closed_loop_clients": o.concurrency, "students": len(cookies),
                 "meals_per_student": SELF_MEALS, "pages": "50% /self, 50% /self/statement",
                 "db_transactions_per_page": {"paced": per_page[0], "closed": per_page[1]}},
         machine=m,
