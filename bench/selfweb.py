@@ -5,11 +5,11 @@ clients go.
 
 The fixture: ``SELF_HOLDERS`` holders (fewer with a smaller ``--purses``), each with a card,
 a dorm room, a top-up and ``SELF_MEALS`` meals (the statement's first page is full), and a
-session made straight in
-``web_sessions`` (a login's Argon2 hashing is not what is measured). Each request is one
-page load of a random student: half home pages, half statements, each checked to be the page
-(not a redirect to the login). The database's transactions per page load are reported: a
-page load costs the session's read and, coalesced with concurrent loads, the page's own.
+session made straight in ``web_sessions`` (a login's Argon2 hashing is not what is measured).
+Each request is one page load of a random student: half home pages, half statements, each
+checked to be the page (not a redirect to the login). The database's transactions per page
+load are reported: a page load costs the session's read and the page's own, each coalesced
+with those of concurrent page loads (so fewer than two under load).
 """
 
 from __future__ import annotations
