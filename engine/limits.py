@@ -174,6 +174,17 @@ WEB_LANG_COOKIE_MAX_AGE_S: Final = 365 * 24 * 3600
 # stylesheet is fetched at once after an upgrade.
 WEB_STATIC_MAX_AGE_S: Final = 7 * 24 * 3600
 
+# -- the operator console (/console: engine/web/console_*.py) ----------------------------------
+# A console login refused because the whole engine is busy with logins (the global attempt
+# bound) says "try again in" this long: the bucket refills within a second or two.
+WEB_LOGIN_BUSY_RETRY_S: Final = 60
+# Holder search answers at most this many rows per kind of match (id, name, card): a counter
+# clerk refines a search; a list of thousands helps nobody and costs a page of that size.
+CONSOLE_SEARCH_ROWS: Final = 50
+# Latest transfers shown on a holder's page, and operator log entries per page.
+CONSOLE_HOLDER_TRANSFERS: Final = 20
+CONSOLE_LOG_PAGE: Final = 50
+
 # -- operations: backups and bounded growth ---------------------------------------------------
 # A WAL segment is archived when full (16 MB) or this long after its first write, whichever is
 # first: the most a quiet campus loses if the disk holding pgdata dies but the archive lives.
@@ -187,6 +198,11 @@ RESTORE_TIMEOUT_S: Final = 6 * 3600.0
 # Remembered terminal answers are kept this long (ONECARD_ANSWER_RETENTION_DAYS): a
 # retransmission or a reversal comes within minutes; 35 days cover a monthly reconciliation.
 ANSWER_RETENTION_DAYS: Final = 35
+# Web sessions not seen for this long are deleted (they expired after WEB_SESSION_IDLE_S).
+SESSION_RETENTION_DAYS: Final = 1
+# Failed logins and wrong PINs older than this are deleted: a lockout lasts 15 minutes and a
+# PIN count one campus day, so a week keeps what an investigation of an attack needs.
+ATTEMPT_RETENTION_DAYS: Final = 7
 # Old rows are deleted this many per statement, with a pause in between, so the pruner never
 # holds many row locks or long transactions beside the hot path.
 RETENTION_BATCH_ROWS: Final = 1000

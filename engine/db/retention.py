@@ -1,9 +1,11 @@
 """Bounded growth: rows that only matter for a while are deleted once past their window.
 
 A table of rules, one per kind of row: its table, its time column (``timestamptz``, compared
-with the database's own clock, which stamped it), the column leading the index on (scope,
-time) if there is one, and the environment variable that sets its window in days. Sessions
-and login attempts join the table when the web doors exist.
+with the database's own clock, which stamped it; or engine nanoseconds, ``bigint``, for rows
+the application stamps; several columns: the latest of them), the column leading the index on
+(scope, time) if there is one, and the environment variable that sets its window in days:
+the gateway's remembered answers, the web pages' sessions, login failures and wrong-PIN
+counts.
 
 ``onecard serve`` runs ``run_pruner`` in the background (``engine.service.supervise``): every
 ``RETENTION_INTERVAL_S`` it walks each rule's scopes (a loose index scan, cheap at any size)
@@ -36,6 +38,10 @@ from engine import limits, metrics
 log = logging.getLogger(__name__)
 
 ANSWER_RETENTION_ENV: Final = "ONECARD_ANSWER_RETENTION_DAYS"
+SESSION_RETENTION_ENV: Final = "ONECARD_SESSION_RETENTION_DAYS"
+ATTEMPT_RETENTION_ENV: Final = "ONECARD_ATTEMPT_RETENTION_DAYS"
+# A moment in engine nanoseconds, as the application stamps bigint time columns.
+_NS_CUTOFF: Final = "(extract(epoch FROM now() - {window}::interval) * 1000000000)::bigint"
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]*")
 
 # {table}, {time}, {scope}: identifiers from RULES only, never from input; ``rule`` fills
@@ -89,20 +95,35 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def rule(
-    *, table: str, time_column: str, scope_column: str | None, env: str, default_days: int
+    *,
+    table: str,
+    time_column: str | tuple[str, ...],
+    scope_column: str | None,
+    env: str,
+    default_days: int,
+    nanoseconds: bool = False,
 ) -> Rule:
-    """A rule and its statements, assembled once, at import time, from plain identifiers."""
-    for name in (table, time_column, scope_column or "x"):
+    """A rule and its statements, assembled once, at import time, from plain identifiers.
+    ``time_column``: one column, or several whose latest counts; ``nanoseconds``: they are
+    engine nanoseconds (``bigint``), not ``timestamptz``."""
+    columns = (time_column,) if isinstance(time_column, str) else time_column
+    for name in (table, *columns, scope_column or "x"):
         if _IDENTIFIER.fullmatch(name) is None:
             raise ValueError(f"not a plain SQL identifier: {name!r}")
-    names = {"table": table, "time": time_column, "scope": scope_column}
+    time = columns[0] if len(columns) == 1 else f"greatest({', '.join(columns)})"
     scoped = scope_column is not None
+    sql = SQL_PRUNE_SCOPED if scoped else SQL_PRUNE
+    if nanoseconds:  # compare with the cutoff as the application stamps it
+        window = "$2" if scoped else "$1"
+        sql = sql.replace(f"{{time}} < now() - {window}::interval",
+                          "{time} < " + _NS_CUTOFF.format(window=window))
+    names = {"table": table, "time": time, "scope": scope_column}
     return Rule(
         table=table,
         env=env,
         default_days=default_days,
         sql_scopes=SQL_SCOPES.format(**names) if scoped else None,
-        sql_prune=(SQL_PRUNE_SCOPED if scoped else SQL_PRUNE).format(**names),
+        sql_prune=sql.format(**names),
     )
 
 
@@ -114,6 +135,32 @@ RULES: Final[tuple[Rule, ...]] = (
         scope_column="ledger",
         env=ANSWER_RETENTION_ENV,
         default_days=limits.ANSWER_RETENTION_DAYS,
+    ),
+    # the web pages' sessions (migrations/0015): idle ones are over after 30 minutes already
+    rule(
+        table="web_sessions",
+        time_column="last_seen",
+        scope_column=None,
+        env=SESSION_RETENTION_ENV,
+        default_days=limits.SESSION_RETENTION_DAYS,
+    ),
+    # failed logins (migrations/0013): a lockout lasts 15 minutes
+    rule(
+        table="login_failures",
+        time_column=("window_start", "locked_until"),
+        scope_column=None,
+        env=ATTEMPT_RETENTION_ENV,
+        default_days=limits.ATTEMPT_RETENTION_DAYS,
+        nanoseconds=True,
+    ),
+    # wrong PINs per card and campus day (migrations/0006): they count for one day
+    rule(
+        table="pin_tries",
+        time_column="updated_at",
+        scope_column=None,
+        env=ATTEMPT_RETENTION_ENV,
+        default_days=limits.ATTEMPT_RETENTION_DAYS,
+        nanoseconds=True,
     ),
 )
 

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from litestar import Router
 from litestar.handlers import HTTPRouteHandler
 
+from engine.web.console import console_handlers
 from engine.web.errors import html_errors
 from engine.web.gate import PORTAL, after, gate
-from engine.web.login import login_handlers, placeholder_home
+from engine.web.login import login_handlers
 from engine.web.portal import CONSOLE, SELF, Portal
 from engine.web.self_activate import activation_handlers
 from engine.web.self_forms import form_handlers
@@ -36,6 +37,6 @@ def route_handlers() -> list[Router | HTTPRouteHandler]:
     """Everything the web pages add to the app."""
     return [
         portal_router(SELF, [*activation_handlers(), *page_handlers(), *form_handlers()]),
-        portal_router(CONSOLE, [placeholder_home(CONSOLE)]),
+        portal_router(CONSOLE, console_handlers()),
         stylesheet,
     ]

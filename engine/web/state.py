@@ -14,7 +14,8 @@ from typing import Any
 
 from litestar import Litestar
 
-from engine.web.auth import Activator, Verifier, refuse_all
+from engine.web.auth import Activator, Verifier
+from engine.web.console_login import operator_verifier
 from engine.web.holder_access import holder_activator, holder_verifier
 from engine.web.sessions import SessionKind, SessionReads
 
@@ -28,11 +29,11 @@ class WebState:
     clock: Callable[[], float] = time.time  # epoch seconds; sessions and lockout use it
     # ONECARD_COOKIE_SECURE=1 (behind HTTPS): every cookie gets the Secure attribute
     cookie_secure: bool = False
-    # /self logs in against the holders' password store; /console refuses every login until
-    # its operators' verifier is installed
+    # holders log in to /self with their passwords (engine/access/holders.py), operators to
+    # /console with theirs (engine/access/operators.py)
     verifiers: dict[SessionKind, Verifier] = field(
         default_factory=lambda: {SessionKind.SELF: holder_verifier,
-                                 SessionKind.CONSOLE: refuse_all}
+                                 SessionKind.CONSOLE: operator_verifier}
     )
     csrf_key: bytes | None = None  # loaded from web_keys by the first request that needs it
     # turns a holder's activation code into their first password (/self/activate)

@@ -103,7 +103,7 @@ async def test_old_answers_are_pruned_in_batches_newer_kept(scratch: str) -> Non
 
 
 async def test_a_rule_without_scope(scratch: str) -> None:
-    # how sessions or login attempts will join: a table with just a time column
+    # a table with just a time column
     sessions = rule(table="ops_sessions", time_column="expires_at", scope_column=None,
                     env="ONECARD_TEST_SESSION_DAYS", default_days=1)
     conn = await asyncpg.connect(scratch)
@@ -124,10 +124,49 @@ async def test_a_rule_without_scope(scratch: str) -> None:
              default_days=1)
 
 
+SQL_OLD_ROWS: Final = """
+INSERT INTO web_sessions (id_hash, kind, subject, csrf, created_at, last_seen)
+SELECT sha256(g::text::bytea), 'self', 'S' || g, sha256(('c' || g)::bytea),
+       now() - g * interval '1 hour', now() - g * interval '1 hour'
+FROM generate_series(0, 47) g;
+INSERT INTO login_failures (ledger, realm, subject, failures, window_start, locked_until)
+SELECT 1, 'holder', 'H' || g,
+       5, (extract(epoch FROM now() - g * interval '1 day') * 1e9)::bigint,
+       CASE WHEN g = 9 THEN (extract(epoch FROM now()) * 1e9)::bigint ELSE 0 END
+FROM generate_series(0, 9) g;
+"""
+
+
+async def test_sessions_and_login_failures_are_pruned(scratch: str) -> None:
+    by_table = {r.table: r for r in RULES}
+    assert {"web_sessions", "login_failures", "pin_tries"} <= set(by_table)
+    conn = await asyncpg.connect(scratch)
+    try:
+        await conn.execute(SQL_OLD_ROWS)
+    finally:
+        await conn.close()
+    windows = {w.rule.table: w for w in windows_from_env(RULES, environ={})}
+    pool = await create_pool(scratch, max_size=1)
+    try:
+        sessions = await prune(pool, windows["web_sessions"], batch=10, pause_s=0)
+        failures = await prune(pool, windows["login_failures"], batch=10, pause_s=0)
+        tries = await prune(pool, windows["pin_tries"], batch=10, pause_s=0)
+        async with pool.acquire() as c:
+            left = await c.fetch("SELECT subject FROM login_failures ORDER BY subject")
+    finally:
+        await pool.close()
+    assert sessions.rows == 24  # not seen for a day (24 h, a moment past by now) .. 47 h
+    # failures older than 7 days go, unless the subject is locked right now (H9)
+    assert failures.rows == 2 and [r["subject"] for r in left] == [f"H{g}" for g in
+                                                                     (0, 1, 2, 3, 4, 5, 6, 9)]
+    assert tries.rows == 0  # nothing there: the statement runs on the bigint column
+
+
 def test_the_window_comes_from_the_environment() -> None:
-    [w] = windows_from_env(environ={})
-    assert w.keep == timedelta(days=35)
-    [w] = windows_from_env(environ={ANSWER_RETENTION_ENV: " 90 "})
+    keep = {w.rule.table: w.keep for w in windows_from_env(environ={})}
+    assert keep == {"gateway_responses": timedelta(days=35), "web_sessions": timedelta(days=1),
+                    "login_failures": timedelta(days=7), "pin_tries": timedelta(days=7)}
+    [w, *_] = windows_from_env(environ={ANSWER_RETENTION_ENV: " 90 "})
     assert w.keep == timedelta(days=90)
     for bad in ("0", "-3", "35d", "1.5"):
         with pytest.raises(ValueError, match=ANSWER_RETENTION_ENV):

@@ -4,7 +4,8 @@ The server (the whole app of ``create_app``, its own engine on the session datab
 thread with its own event loop: Selenium blocks its caller, and a server in the test's own loop
 would then never answer. Its clock is the wall clock plus an offset the tests move forward
 (``web.clock.advance``), and its portals log in through ``PasswordBook``, a small real
-verifier kept by the tests (the real password store is the roles work's).
+verifier kept by the tests (the console's pages also need the subject to be an operator:
+``OperatorBook``; tests/web/test_console.py logs in with the real operators' store).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import httpx
 import pytest
 from litestar import Request, Response, get, post
 
+from engine.access.operators import add_operator
+from engine.access.roles import Role
 from engine.http.app import create_app
 from engine.service import Engine
 from engine.web.auth import LoginOutcome, Verdict
@@ -71,6 +74,21 @@ class PasswordBook:
         if stored is None or not hmac.compare_digest(stored.encode(), password.encode()):
             return Verdict(LoginOutcome.WRONG)
         return Verdict(LoginOutcome.OK, subject=subject)
+
+
+@dataclass
+class OperatorBook:
+    """The console's verifier in these tests: the password book, and every subject it lets in
+    is (made) a real admin operator, since each console page re-reads its operator."""
+
+    book: PasswordBook
+
+    async def __call__(self, engine: Engine, subject: str, password: str, *, now: float) -> Verdict:
+        verdict = await self.book(engine, subject, password, now=now)
+        if verdict.outcome is LoginOutcome.OK:
+            await add_operator(engine.store.pool, username=subject, role=Role.ADMIN,
+                               password=password)
+        return verdict
 
 
 @dataclass
@@ -130,7 +148,7 @@ def web(dsn: str) -> Iterator[WebServer]:
         )
         state = web_state(app)
         state.clock = clock
-        state.verifiers = {SessionKind.SELF: book, SessionKind.CONSOLE: book}
+        state.verifiers = {SessionKind.SELF: book, SessionKind.CONSOLE: OperatorBook(book)}
         try:
             async with live_server(app) as base_url:
                 ready.update(base_url=base_url, app=app)

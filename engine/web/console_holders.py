@@ -1,0 +1,341 @@
+"""The card counter (contract §8): the console's home, the holder search and a holder's page
+with the card forms (issue, report lost, found, replace, close, a new activation code).
+
+Each form is the same operation as its JSON API route (``Campus`` for cards,
+``issue_activation`` for codes) and is recorded in the operator log with the operator's
+name, its target and outcome. A form's answer is the holder's page again with ``#result``
+(``data-status`` = the outcome); a new activation code is shown there once, in
+``#activation-code``, and stored only hashed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final
+
+import asyncpg
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.datastructures import FormMultiDict
+from litestar.handlers import HTTPRouteHandler
+from litestar.params import FromPath, FromQuery
+
+from engine import limits
+from engine.access.holders import issue_activation, resolve_holder
+from engine.access.operators import Operator
+from engine.access.refused import Refused as AccessRefused
+from engine.access.roles import Right
+from engine.calendar import campus_tz, from_ns
+from engine.campus import Campus
+from engine.campus.model import Card, Refused
+from engine.web import render
+from engine.web.console_auth import may, record, require
+from engine.web.errors import Refusal, WebError
+from engine.web.i18n import N_
+from engine.web.login import form_field
+from engine.web.money import AMOUNT_MESSAGES, parse_yuan
+
+# A prefix range in byte order: [$1, $2) over the "C"-collated indexes of migration 0025.
+SQL_SEARCH_ID: Final = """
+SELECT ledger, id, name, kind FROM holders
+WHERE id COLLATE "C" >= $1 AND id COLLATE "C" < $2 ORDER BY id COLLATE "C", ledger LIMIT $3
+"""
+SQL_SEARCH_NAME: Final = """
+SELECT ledger, id, name, kind FROM holders
+WHERE lower(name) COLLATE "C" >= $1 AND lower(name) COLLATE "C" < $2
+ORDER BY lower(name) COLLATE "C", ledger, id LIMIT $3
+"""
+SQL_SEARCH_CARD: Final = """
+SELECT h.ledger, h.id, h.name, h.kind FROM cards c
+JOIN holders h ON h.ledger = c.ledger AND h.id = c.holder_id
+WHERE c.card_no COLLATE "C" >= $1 AND c.card_no COLLATE "C" < $2
+ORDER BY c.card_no COLLATE "C", c.ledger LIMIT $3
+"""
+SQL_HOLDER: Final = "SELECT ledger, id, name, kind FROM holders WHERE ledger = $1 AND id = $2"
+SQL_PURSES: Final = """
+SELECT a.id, a.kind, a.credits_posted - a.debits_posted AS balance,
+       a.credits_posted - a.debits_posted - a.debits_pending AS available
+FROM holders h JOIN accounts a
+  ON a.ledger = h.ledger AND a.id IN (h.purse_account_id, h.subsidy_account_id)
+WHERE h.ledger = $1 AND h.id = $2 ORDER BY a.kind = 'subsidy', a.id
+"""
+SQL_CARDS: Final = """
+SELECT card_no, status, daily_limit, pin_threshold, replaced_by FROM cards
+WHERE ledger = $1 AND holder_id = $2 ORDER BY created_at, card_no
+"""
+# The latest transfers touching either purse: two index range scans (transfers_debit,
+# transfers_credit) merged, newest first.
+SQL_TRANSFERS: Final = """
+SELECT * FROM (
+  (SELECT id, code, amount, timestamp, -amount AS fen FROM transfers
+   WHERE ledger = $1 AND debit_account_id = ANY($2::bigint[]) ORDER BY timestamp DESC LIMIT $3)
+  UNION ALL
+  (SELECT id, code, amount, timestamp, amount AS fen FROM transfers
+   WHERE ledger = $1 AND credit_account_id = ANY($2::bigint[]) ORDER BY timestamp DESC LIMIT $3)
+) t ORDER BY timestamp DESC LIMIT $3
+"""
+CARD_ACTIONS: Final = ("report-lost", "found", "replace", "close")
+# Stored words the pages show translated (the templates translate them by value).
+SHOWN_WORDS: Final = (
+    N_("student"),
+    N_("staff"),
+    N_("purse"),
+    N_("subsidy"),
+    N_("active"),
+    N_("lost"),
+    N_("replaced"),
+    N_("closed"),
+)
+
+
+class Found(msgspec.Struct, frozen=True):
+    """A holder in the search's answer."""
+
+    ledger: int
+    id: str
+    name: str
+    kind: str
+
+
+def prefix_range(prefix: str) -> tuple[str, str]:
+    """The byte-order range [low, high) of every text starting with ``prefix`` (non-empty)."""
+    head = prefix.rstrip("\U0010ffff")
+    if not head:  # only the last code point: no upper bound short of everything
+        return prefix, "\U0010ffff" * (len(prefix) + 1)
+    return prefix, head[:-1] + chr(ord(head[-1]) + 1)
+
+
+async def search_holders(conn: asyncpg.Connection[Any] | Any, text: str) -> list[Found]:
+    """Holders whose id, name (any case) or card number starts with ``text``."""
+    q = text.strip()
+    if not q:
+        return []
+    rows_limit = limits.CONSOLE_SEARCH_ROWS
+    found: dict[tuple[int, str], Found] = {}
+    lowered = q.lower()
+    for sql, key in ((SQL_SEARCH_ID, q), (SQL_SEARCH_CARD, q), (SQL_SEARCH_NAME, lowered)):
+        low, high = prefix_range(key)
+        for r in await conn.fetch(sql, low, high, rows_limit):
+            found.setdefault((r["ledger"], r["id"]), Found(*r))
+    return list(found.values())[:rows_limit]
+
+
+def campus(request: Request[Any, Any, Any]) -> Campus:
+    """The app's Campus (the same one the JSON API's routes use, made on first use)."""
+    state = request.app.state
+    found: Campus | None = getattr(state, "campus", None)
+    if found is None:
+        found = Campus(state.engine)
+        state.campus = found
+    return found
+
+
+async def _holder_ledger(request: Request[Any, Any, Any], holder_id: str) -> int:
+    async with request.app.state.engine.store.pool.acquire(
+        timeout=limits.DB_ACQUIRE_TIMEOUT_S
+    ) as conn:
+        ledger = await resolve_holder(conn, holder_id)
+    if isinstance(ledger, AccessRefused):
+        raise WebError(404, Refusal.NOT_FOUND)
+    return ledger
+
+
+async def _holder_page(
+    request: Request[Any, Any, Any],
+    op: Operator,
+    holder_id: str,
+    *,
+    status: int = 200,
+    **result: Any,
+) -> Response[bytes]:
+    ledger = await _holder_ledger(request, holder_id)
+    pool = request.app.state.engine.store.pool
+    async with pool.acquire(timeout=limits.DB_ACQUIRE_TIMEOUT_S) as conn:
+        holder = await conn.fetchrow(SQL_HOLDER, ledger, holder_id)
+        purses = await conn.fetch(SQL_PURSES, ledger, holder_id)
+        cards = await conn.fetch(SQL_CARDS, ledger, holder_id)
+        transfers = await conn.fetch(
+            SQL_TRANSFERS, ledger, [p["id"] for p in purses], limits.CONSOLE_HOLDER_TRANSFERS
+        )
+    if holder is None:
+        raise WebError(404, Refusal.NOT_FOUND)
+    tz = campus_tz()
+    shown = [
+        {**dict(t), "at": from_ns(t["timestamp"], tz).strftime("%Y-%m-%d %H:%M:%S")}
+        for t in transfers
+    ]
+    context = {"result": None, "message": None, "activation": None, **result}
+    return render.page(
+        request,
+        "console/holder.html",
+        status=status,
+        holder=holder,
+        purses=purses,
+        cards=cards,
+        transfers=shown,
+        can_write=may(op, Right.CAMPUS_WRITE),
+        total=sum(p["available"] for p in purses),
+        **context,
+    )
+
+
+@get("/", name="console-home")
+async def home(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """The console's home: who is logged in, and the pages their role may open."""
+    op = await require(request, Right.READ)
+    links = {
+        "holders": may(op, Right.READ),
+        "subsidies": may(op, Right.CAMPUS_WRITE),
+        "finance": may(op, Right.FINANCE_REPORTS),
+        "log": may(op, Right.OPERATOR_LOG),
+        "operators": may(op, Right.OPERATORS),
+    }
+    return render.page(request, "console/home.html", operator=op, links=links)
+
+
+@get("/holders", name="console-holders")
+async def holders(request: Request[Any, Any, Any], q: FromQuery[str] = "") -> Response[bytes]:
+    """The holder search (by id, name or card number)."""
+    await require(request, Right.READ)
+    q = q[: limits.WEB_MAX_FIELD_CHARS].replace("\x00", "")
+    async with request.app.state.engine.store.pool.acquire(
+        timeout=limits.DB_ACQUIRE_TIMEOUT_S
+    ) as conn:
+        found = await search_holders(conn, q)
+    return render.page(request, "console/holders.html", q=q, found=found)
+
+
+@get("/holders/{holder_id:str}", name="console-holder")
+async def holder(request: Request[Any, Any, Any], holder_id: FromPath[str]) -> Response[bytes]:
+    """A holder's purses, cards and latest transfers, with the card forms."""
+    op = await require(request, Right.READ)
+    return await _holder_page(request, op, holder_id)
+
+
+def _amount(form: FormMultiDict, name: str) -> int | str | None:
+    """An optional yuan field: None when empty, fen, or the message of why not."""
+    text = form_field(form, name)
+    if text is None or not text.strip():
+        return None
+    fen = parse_yuan(text, allow_zero=True)
+    return AMOUNT_MESSAGES[fen] if isinstance(fen, str) else fen
+
+
+CARD_NO: Final = re.compile(r"[0-9]{8,19}", re.ASCII)  # the cards table's CHECK
+PIN: Final = re.compile(r"[0-9]{4,6}", re.ASCII)
+# The form's own refusals (shown with #result data-status), beside the registry's reasons.
+INVALID_CARD_NO: Final = "invalid_card_no"
+INVALID_PIN: Final = "invalid_pin"
+INVALID_AMOUNT: Final = "invalid_amount"
+
+
+def _card_no(form: FormMultiDict, name: str) -> str | None:
+    text = (form_field(form, name) or "").strip()
+    return text if CARD_NO.fullmatch(text) else None
+
+
+async def _issue(
+    request: Request[Any, Any, Any], op: Operator, holder_id: str, ledger: int
+) -> Response[bytes]:
+    form = await request.form()
+    card_no = _card_no(form, "card_no")
+    pin = (form_field(form, "pin") or "").strip() or None
+    limit, threshold = _amount(form, "daily_limit_yuan"), _amount(form, "pin_threshold_yuan")
+    if card_no is None:
+        return await _holder_page(request, op, holder_id, status=400, result=INVALID_CARD_NO)
+    if pin is not None and not PIN.fullmatch(pin):
+        return await _holder_page(request, op, holder_id, status=400, result=INVALID_PIN)
+    if isinstance(limit, str) or isinstance(threshold, str):
+        message = limit if isinstance(limit, str) else threshold
+        return await _holder_page(
+            request, op, holder_id, status=400, result=INVALID_AMOUNT, message=message
+        )
+    card = await campus(request).create_card(
+        card_no=card_no,
+        holder_id=holder_id,
+        ledger=ledger,
+        daily_limit=limit,
+        pin=pin,
+        pin_threshold=threshold,
+    )
+    outcome = card.reason.value if isinstance(card, Refused) else card.status.value
+    await record(request, op, "issue card", f"{holder_id} {card_no}", outcome)
+    return await _holder_page(request, op, holder_id, result=outcome)
+
+
+async def _card_action(
+    request: Request[Any, Any, Any], op: Operator, holder_id: str, card: Card, action: str
+) -> Response[bytes]:
+    c = campus(request)
+    target = f"{holder_id} {card.card_no}"
+    done: Card | Refused
+    if action == "replace":
+        new_no = _card_no(await request.form(), "new_card_no")
+        if new_no is None:
+            return await _holder_page(request, op, holder_id, status=400, result=INVALID_CARD_NO)
+        replaced = await c.replace_card(card.card_no, new_no)
+        done = replaced if isinstance(replaced, Refused) else replaced.new
+        target += f" -> {new_no}"
+    elif action == "report-lost":
+        done = await c.report_lost(card.card_no)
+    elif action == "found":
+        done = await c.card_found(card.card_no)
+    else:
+        done = await c.close_card(card.card_no)
+    outcome = done.reason.value if isinstance(done, Refused) else done.status.value
+    await record(request, op, f"card {action}", target, outcome)
+    return await _holder_page(request, op, holder_id, result=outcome)
+
+
+@post("/holders/{holder_id:str}/cards", status_code=200, name="console-issue-card")
+async def issue_card(request: Request[Any, Any, Any], holder_id: FromPath[str]) -> Response[bytes]:
+    """Issue a card (as ``POST /v1/cards``)."""
+    op = await require(request, Right.CAMPUS_WRITE)
+    return await _issue(request, op, holder_id, await _holder_ledger(request, holder_id))
+
+
+@post(
+    "/holders/{holder_id:str}/cards/{card_no:str}/{action:str}",
+    status_code=200,
+    name="console-card-action",
+)
+async def card_action(
+    request: Request[Any, Any, Any],
+    holder_id: FromPath[str],
+    card_no: FromPath[str],
+    action: FromPath[str],
+) -> Response[bytes]:
+    """Report lost, found, replace or close one of the holder's cards (as the API's routes)."""
+    op = await require(request, Right.CAMPUS_WRITE)
+    ledger = await _holder_ledger(request, holder_id)
+    card = await campus(request).get_card(card_no) if CARD_NO.fullmatch(card_no) else None
+    if (
+        action not in CARD_ACTIONS
+        or card is None
+        or (card.ledger, card.holder_id) != (ledger, holder_id)
+    ):
+        raise WebError(404, Refusal.NOT_FOUND)  # another holder's card is not on this page
+    return await _card_action(request, op, holder_id, card, action)
+
+
+@post("/holders/{holder_id:str}/activation", status_code=200, name="console-activation")
+async def activation(request: Request[Any, Any, Any], holder_id: FromPath[str]) -> Response[bytes]:
+    """A new activation code (as ``POST /v1/holders/{holder_id}/activation``), shown once."""
+    op = await require(request, Right.CAMPUS_WRITE)
+    await _holder_ledger(request, holder_id)
+    issued = await issue_activation(request.app.state.engine.store.pool, holder_id)
+    if isinstance(issued, AccessRefused):
+        await record(request, op, "activation", holder_id, issued.reason)
+        raise WebError(404, Refusal.NOT_FOUND)
+    await record(request, op, "activation", holder_id, "created")  # never the code itself
+    return await _holder_page(request, op, holder_id, result="created", activation=issued)
+
+
+HANDLERS: Final[list[HTTPRouteHandler]] = [
+    home,
+    holders,
+    holder,
+    issue_card,
+    card_action,
+    activation,
+]
