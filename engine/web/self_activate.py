@@ -6,6 +6,7 @@ happened (``#error``, ``data-error``): a wrong id and a wrong code read the same
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 from litestar import Request, Response, get, post
@@ -47,7 +48,8 @@ async def activate(request: Request[Any, Any, Any]) -> Response[bytes]:
     password2 = form_field(form, "password2")
     if not holder_id or not code or password is None:
         verdict = Activation(ActivationOutcome.WRONG)
-    elif password != password2:
+    elif not hmac.compare_digest(password.encode("utf-8", "replace"),
+                                 (password2 or "").encode("utf-8", "replace")):
         return _form(request, holder_id=holder_id[:64], error=MISMATCH, status=400)
     else:
         state = web_state(request.app)
