@@ -30,6 +30,7 @@ from engine.web.portal import SELF
 from engine.web.state import web_state
 from terminals.client import TerminalClient
 from terminals.gateway import Gateway
+from tests.conftest import _IDS as SESSION_IDS
 from tests.conftest import live_server
 from tests.web.conftest import MovableClock, csrf_of, driver  # noqa: F401
 
@@ -105,8 +106,8 @@ class Student:
     room_account: int | None = None
 
 
-_LEDGERS = iter(range(700_000, 800_000))
-_ACCOUNTS = iter(range(9_000_000_000, 9_100_000_000))
+# Ledger and account ids no other test of the session uses (the session's own id source).
+_IDS = SESSION_IDS
 
 
 @dataclass
@@ -115,12 +116,12 @@ class World:
 
     web: SelfWeb
     http: httpx.AsyncClient
-    ledger: int = field(default_factory=lambda: next(_LEDGERS))
+    ledger: int = field(default_factory=_IDS.ledger)
     key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     clients: list[TerminalClient] = field(default_factory=list)
 
     async def setup(self) -> World:
-        self.bank, self.fund, self.canteen, self.power = (next(_ACCOUNTS) for _ in range(4))
+        self.bank, self.fund, self.canteen, self.power = _IDS.accounts(4)
         accounts = [
             {"id": self.bank, "ledger": self.ledger, "kind": "clearing", "code": 1},
             {"id": self.fund, "ledger": self.ledger, "kind": "fund", "code": 1},
