@@ -29,8 +29,9 @@ WORKLOAD_MODULES = {
     "query": "bench.query",
     "scale": "bench.scale",
     "export": "bench.export",
+    "self": "bench.selfweb",
 }
-HELP = "measure throughput and latency (core, http, terminals, query, scale, export)"
+HELP = "measure throughput and latency (core, http, terminals, query, scale, export, self)"
 
 
 async def run_bench(o: Options) -> int:

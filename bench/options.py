@@ -7,17 +7,18 @@ from typing import Final
 
 import msgspec
 
-WORKLOADS: Final = ("core", "http", "terminals", "query", "scale", "export")
+WORKLOADS: Final = ("core", "http", "terminals", "query", "scale", "export", "self")
 
 DEFAULT_DURATION_S: Final = 10.0
 DEFAULT_WARMUP_S: Final = 1.0
 DEFAULT_CONCURRENCY: Final = {"core": 1024, "http": 64, "terminals": 500, "query": 32,
-                               "scale": 1024, "export": 1}
+                               "scale": 1024, "export": 1, "self": 64}
 # core/scale: 1,024 submitters x 16 transfers keep two full batches in flight, so one commits
 # while the next gathers; the sweep covers one-transfer requests
 DEFAULT_REQUEST_SIZE: Final = {"core": 16, "scale": 16}
 DEFAULT_SWEEP: Final = {"core": "64,256,1024,4096", "http": "8,32,128,512",
-                        "query": "4,16,64", "scale": "", "terminals": "", "export": ""}
+                        "query": "4,16,64", "scale": "", "terminals": "", "export": "",
+                        "self": ""}
 DEFAULT_SWEEP_SIZES: Final = "4,16,32"
 DEFAULT_SWEEP_SIZE_CONCURRENCY: Final = 256
 DEFAULT_SWEEP_DURATION_S: Final = 3.0
@@ -26,6 +27,7 @@ DEFAULT_PGBENCH_SCALE: Final = 10
 DEFAULT_HTTP_BATCH: Final = 500
 DEFAULT_TERMINALS: Final = 500
 DEFAULT_QUERY_RATE: Final = 1000.0
+DEFAULT_SELF_RATE: Final = 500.0  # page loads/s offered (issue 13's target)
 DEFAULT_SINGLE_RATE: Final = 2000.0
 DEFAULT_SCALE_ACCOUNTS: Final = 1_000_000
 DEFAULT_SCALE_TRANSFERS: Final = 10_000_000
@@ -126,7 +128,8 @@ def add_arguments(p: argparse.ArgumentParser, *, with_dsn: bool) -> None:
                    help="transfers per batched HTTP request")
     p.add_argument("--rate", type=float, default=None,
                    help="offered requests/s of paced phases (http single: "
-                   f"{DEFAULT_SINGLE_RATE:g}, query: {DEFAULT_QUERY_RATE:g})")
+                   f"{DEFAULT_SINGLE_RATE:g}, query: {DEFAULT_QUERY_RATE:g}, "
+                   f"self: {DEFAULT_SELF_RATE:g})")
     p.add_argument("--accounts", type=int, default=DEFAULT_SCALE_ACCOUNTS, help="scale: accounts")
     p.add_argument("--transfers", type=int, default=None,
                    help=f"scale: transfers preloaded by COPY (default {DEFAULT_SCALE_TRANSFERS:,});"

@@ -65,12 +65,15 @@ class Http:
             with contextlib.suppress(OSError):
                 await w.wait_closed()
 
-    async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        """Send one request; returns (status, body). Reconnects once if the server closed an
-        idle connection."""
+    async def request(
+        self, method: str, path: str, body: bytes | None = None, *, extra: str = ""
+    ) -> tuple[int, bytes]:
+        """Send one request (``extra``: more header lines, each ending in CRLF); returns
+        (status, body). Reconnects once if the server closed an idle connection."""
         if self._w is None:
             await self.connect()
-        head = [f"{method} {path} HTTP/1.1\r\n".encode(), self._host_hdr, self._auth]
+        head = [f"{method} {path} HTTP/1.1\r\n".encode(), self._host_hdr, self._auth,
+                extra.encode()]
         if body is not None:
             head.append(b"Content-Type: application/json\r\n")
             head.append(f"Content-Length: {len(body)}\r\n".encode())

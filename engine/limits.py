@@ -300,3 +300,20 @@ MAX_OPERATOR_LOG_LIMIT: Final = 1000
 DEFAULT_OPERATOR_LOG_LIMIT: Final = 100
 # Longest text kept in an operator log field (a target naming many ids is cut, never a secret).
 MAX_OPERATOR_LOG_FIELD: Final = 200
+
+# -- self-service pages (/self: engine/selfservice, engine/web/self_*) ------------------------
+# Low-balance warnings on the home page (issue 13): the purses together under 20.00 yuan (a
+# few days of meals), a room's electricity under 10.00 yuan (a few days of a dorm's use).
+# Defaults; ONECARD_SELF_LOW_BALANCE_FEN and ONECARD_SELF_LOW_ROOM_FEN override them.
+SELF_LOW_BALANCE_FEN: Final = 2_000
+SELF_LOW_ROOM_FEN: Final = 1_000
+# Contract §7: a statement page lists this many transfers.
+SELF_STATEMENT_PAGE: Final = 20
+# Page loads that share one read statement (coalesced like the terminal path's reads): a
+# statement of a thousand holders' rows is still a few milliseconds.
+SELF_COALESCE_MAX_BATCH: Final = 1024
+# A holder id longer than the holders table's CHECK allows cannot exist: not looked up.
+SELF_HOLDER_ID_MAX_CHARS: Final = 64
+# Holder id -> (ledger, purses) never changes; this many are remembered per process (a
+# campus has tens of thousands of holders; beyond the bound the oldest are forgotten).
+SELF_MAX_CACHED_HOLDERS: Final = 262_144

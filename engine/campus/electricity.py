@@ -39,8 +39,11 @@ async def buy(
     amount: int,
     key: UUID,
     pin_block: bytes | None,
+    *,
+    pin_waived: bool = False,
 ) -> PaymentResult:
-    """The card's cash purse pays the room purse ``amount`` (code 3)."""
+    """The card's cash purse pays the room purse ``amount`` (code 3); ``pin_waived``: no PIN
+    is asked for (the holder logged in with their password at /self)."""
     if term.kind not in ELECTRICITY_KINDS:
         return PaymentResult(Outcome.INVALID_TRANSACTION)
     if not s.amount_ok(amount):
@@ -67,7 +70,7 @@ async def buy(
             return await finish(s, ref.ledger, key, Outcome.APPROVED, None, purses=purses,
                                 room=room)
         refusal = card_refusal(st.status)
-        if refusal is None:
+        if refusal is None and not pin_waived:
             refusal = await s.pins.refusal(term, card_no, st.pin, day[0], pin_block,
                                            required=amount > (st.pin_threshold or 0))
         if refusal is not None:

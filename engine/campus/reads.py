@@ -66,8 +66,11 @@ WHERE c.ledger = $1 AND c.card_no = ANY($2::text[])
 # the ledger's whole day: the ranges are row comparisons on (account, timestamp), which no other
 # index can serve, so even stale statistics (a fresh ledger) cannot turn a limited payment into
 # a scan of every transfer of the day.
+# The daily limit is the lower of the card office's and the holder's own (holder_limits, set
+# at /self/limit): a holder can only ever tighten it.
 SQL_CARD_STATES = f"""
-SELECT q.i, c.status, c.daily_limit, c.pin, c.pin_enc, c.pin_threshold,
+SELECT q.i, c.status, least(c.daily_limit, hl.daily_limit) AS daily_limit, c.pin, c.pin_enc,
+       c.pin_threshold,
        p.credits_posted - p.debits_posted - p.debits_pending AS cash,
        s.credits_posted - s.debits_posted - s.debits_pending AS subsidy,
        d.spent, d.hold_expiry,
@@ -81,6 +84,7 @@ FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::uuid[], $6::uuid[], $7::
      WITH ORDINALITY AS q(card_no, purse_id, subsidy_id, key, part_a, part_b, want_spent,
                           day_start, day_end, i)
 JOIN cards c ON c.ledger = $1 AND c.card_no = q.card_no
+LEFT JOIN holder_limits hl ON hl.ledger = $1 AND hl.holder_id = c.holder_id
 JOIN accounts p ON p.ledger = $1 AND p.id = q.purse_id
 JOIN accounts s ON s.ledger = $1 AND s.id = q.subsidy_id
 LEFT JOIN LATERAL (
@@ -99,14 +103,14 @@ LEFT JOIN LATERAL (
         OFFSET 0  -- kept a subquery: scanned per purse, never hoisted into a ledger scan
     ) t
     LEFT JOIN holds hd ON hd.ledger = t.ledger AND hd.id = t.id
-    WHERE q.want_spent AND c.daily_limit IS NOT NULL
+    WHERE q.want_spent AND coalesce(c.daily_limit, hl.daily_limit) IS NOT NULL
       AND (t.flags & {_PENDING} = 0 OR hd.state = 'pending')
       AND NOT EXISTS (
           SELECT 1 FROM transfers r
           WHERE r.ledger = $1 AND r.credit_account_id = t.debit_account_id
             AND (r.credit_account_id, r.timestamp) > (t.debit_account_id, t.timestamp)
             AND r.code = {int(TransferCode.REVERSAL)} AND r.user_data = t.id::text)
-) d ON q.want_spent AND c.daily_limit IS NOT NULL
+) d ON q.want_spent AND coalesce(c.daily_limit, hl.daily_limit) IS NOT NULL
 """
 # Balances after operations ($2: every account asked about), and which of the operations
 # ($3: their keys) a reversal has been remembered for meanwhile.

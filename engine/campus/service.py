@@ -210,12 +210,15 @@ class Campus:
         amount: int,
         key: UUID,
         pin_block: bytes | None = None,
+        pin_waived: bool = False,
     ) -> PaymentResult:
         """Buy electricity for a dorm room: the card's cash purse pays the room purse (code 3).
         Card state, PIN and daily limit apply; an unknown room is INVALID_TRANSACTION. Kiosk
-        and POS terminals."""
+        and POS terminals. ``pin_waived``: the holder proved who they are another way (their
+        password, at /self), so no PIN is asked for."""
         return await self._guard(
-            electricity.buy(self._s, term, card_no, room_id, amount, key, pin_block)
+            electricity.buy(self._s, term, card_no, room_id, amount, key, pin_block,
+                            pin_waived=pin_waived)
         )
 
     async def meter_usage(

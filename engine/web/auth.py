@@ -47,3 +47,34 @@ class Verifier(Protocol):
 async def refuse_all(engine: Engine, subject: str, password: str, *, now: float) -> Verdict:
     """The verifier of a portal nobody installed one for."""
     return Verdict(LoginOutcome.WRONG)
+
+
+class ActivationOutcome(enum.StrEnum):
+    """How an activation (``/self/activate``: a one-time code turned into a password) ended."""
+
+    OK = "ok"
+    WRONG = "wrong"  # unknown holder, wrong, used or expired code: the page does not say which
+    LOCKED = "locked"  # too many failures (the login's lockout)
+    SHORT = "short"  # the new password is too short (nothing was tried)
+
+
+class Activation(msgspec.Struct, frozen=True):
+    """An activator's answer; ``retry_after_s`` (LOCKED only) is shown."""
+
+    outcome: ActivationOutcome
+    retry_after_s: int | None = None
+
+
+class Activator(Protocol):
+    """Sets a holder's first password with the activation code, at ``now`` (epoch seconds)."""
+
+    async def __call__(
+        self, engine: Engine, holder_id: str, code: str, password: str, *, now: float
+    ) -> Activation: ...
+
+
+async def refuse_activation(
+    engine: Engine, holder_id: str, code: str, password: str, *, now: float
+) -> Activation:
+    """The activator of a server nobody installed one for."""
+    return Activation(ActivationOutcome.WRONG)

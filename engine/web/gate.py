@@ -98,8 +98,11 @@ async def _session(
     session_id = request.cookies.get(portal.cookie)
     if not session_id:
         return None
-    pool = request.app.state.engine.store.pool
-    found = await sessions.find(pool, portal.kind, session_id, now=now(state))
+    reads = state.session_reads
+    if reads is None:
+        engine = request.app.state.engine
+        reads = state.session_reads = sessions.SessionReads(lambda: engine.store.pool)
+    found = await reads.find(portal.kind, session_id, now=now(state))
     if found is None:  # over or unknown: the browser forgets it
         render.queue_cookie(request, portal.cookie, "", path=portal.prefix, max_age=0)
     return found

@@ -18,7 +18,7 @@ from litestar.handlers import HTTPRouteHandler
 from engine import limits
 from engine.web import render, sessions
 from engine.web.auth import LoginOutcome, Verdict
-from engine.web.gate import ACCESS, Access, current_session, now
+from engine.web.gate import ACCESS, Access, now
 from engine.web.portal import Portal
 from engine.web.state import web_state
 
@@ -101,16 +101,3 @@ def login_handlers(portal: Portal) -> list[HTTPRouteHandler]:
         return await log_out(request, portal)
 
     return [login_form, login_submit, logout]
-
-
-def placeholder_home(portal: Portal) -> HTTPRouteHandler:
-    """``GET {prefix}``: who is logged in, and the logout button. A stand-in, so that a login
-    lands somewhere, until the portal's real home page replaces it."""
-
-    @get("/", name=f"{portal.kind}-home")
-    async def home(request: Request[Any, Any, Any]) -> Response[bytes]:
-        session = current_session(request)
-        assert session is not None  # the gate sent a request without one to the login
-        return render.page(request, "home.html", portal=portal, subject=session.subject)
-
-    return home

@@ -17,6 +17,8 @@ import re
 from decimal import Decimal
 from typing import Final
 
+from markupsafe import Markup, escape
+
 from engine import limits
 from engine.web.i18n import N_
 
@@ -50,6 +52,18 @@ def format_yuan(fen: int) -> str:
     sign = "-" if fen < 0 else ""
     whole, part = divmod(abs(fen), 100)
     return f"{sign}¥{whole}.{part:02d}"
+
+
+def money_html(fen: int, id: str | None = None) -> Markup:
+    """An amount element, as the template macro ``money`` makes it, for pages that show many
+    (a filter costs a fraction of a macro call): ``{{ fen | money }}``,
+    ``{{ fen | money("total-available") }}``."""
+    negative = " negative" if fen < 0 else ""
+    element_id = f' id="{escape(id)}"' if id else ""
+    # every part is an int, a fixed string or escaped
+    return Markup(
+        f'<span class="money{negative}"{element_id} data-fen="{fen}">{format_yuan(fen)}</span>'
+    )
 
 
 def plain_yuan(fen: int) -> str:

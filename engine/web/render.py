@@ -12,18 +12,22 @@ the headers and cookies of every answer in this one module, with no template con
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Final
 from urllib.parse import urlencode
 
 import jinja2
+import jinja2.ext
+import jinja2.lexer
+from babel.support import Translations
 from litestar import Request, Response
 from litestar.datastructures import Cookie
+from markupsafe import Markup
 
 from engine import limits
 from engine.web import i18n
 from engine.web.i18n import Lang
-from engine.web.money import format_yuan
+from engine.web.money import format_yuan, money_html
 from engine.web.portal import Portal, portal_of_path
 from engine.web.state import web_state
 from engine.web.static import stylesheet_url
@@ -51,6 +55,34 @@ _LANG: Final = "web_lang"  # request.state: the negotiated language
 CSRF_TOKEN: Final = "web_csrf"  # request.state: the token this request's forms carry
 
 
+class ConstantGettext(jinja2.ext.Extension):
+    """Translates ``{{ _("a literal") }}`` once, when a template is compiled, instead of at
+    every render: each language has its own environment (and so its own compiled templates),
+    and a page has a few dozen such strings. The text is what the i18n extension's newstyle
+    gettext renders for it (the translation, marked safe, ``%`` applied with no variables);
+    a call with variables, or of a non-literal, is left to it."""
+
+    _CALL: Final = ("variable_begin", "name", "lparen", "string", "rparen", "variable_end")
+
+    def filter_stream(self, stream: jinja2.lexer.TokenStream) -> Iterator[jinja2.lexer.Token]:
+        translations = self.environment.globals["onecard_translations"]
+        assert isinstance(translations, Translations)
+        window: list[jinja2.lexer.Token] = []
+        for token in stream:
+            window.append(token)
+            if len(window) > len(self._CALL):
+                yield window.pop(0)
+            if len(window) == len(self._CALL) and self._folds(window):
+                text = Markup(translations.gettext(window[3].value)) % {}
+                yield jinja2.lexer.Token(window[0].lineno, "data", str(text))
+                window = []
+        yield from window
+
+    def _folds(self, window: list[jinja2.lexer.Token]) -> bool:
+        return (tuple(t.type for t in window) == self._CALL and window[1].value == "_"
+                and isinstance(window[3].value, str))
+
+
 @functools.cache
 def environment(lang: Lang) -> jinja2.Environment:
     """The template environment of one language (made once)."""
@@ -58,13 +90,16 @@ def environment(lang: Lang) -> jinja2.Environment:
         loader=jinja2.PackageLoader("engine.web", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
-        extensions=["jinja2.ext.i18n"],
+        extensions=["jinja2.ext.i18n", ConstantGettext],
         trim_blocks=True,
         lstrip_blocks=True,
+        auto_reload=False,  # package data: never changes under a running process (no stat)
     )
     env.policies["ext.i18n.trimmed"] = True  # must match babel.cfg's trimmed = true
     env.install_gettext_translations(i18n.translations(lang), newstyle=True)  # type: ignore[attr-defined]
+    env.globals["onecard_translations"] = i18n.translations(lang)  # for ConstantGettext
     env.filters["yuan"] = format_yuan
+    env.filters["money"] = money_html
     env.globals["css_url"] = stylesheet_url()
     return env
 

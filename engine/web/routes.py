@@ -10,8 +10,11 @@ from litestar.handlers import HTTPRouteHandler
 from engine.web.console import console_handlers
 from engine.web.errors import html_errors
 from engine.web.gate import PORTAL, after, gate
-from engine.web.login import login_handlers, placeholder_home
+from engine.web.login import login_handlers
 from engine.web.portal import CONSOLE, SELF, Portal
+from engine.web.self_activate import activation_handlers
+from engine.web.self_forms import form_handlers
+from engine.web.self_pages import page_handlers
 from engine.web.static import stylesheet
 
 __all__ = ["html_errors", "portal_router", "route_handlers"]
@@ -33,7 +36,7 @@ def portal_router(portal: Portal, handlers: Sequence[HTTPRouteHandler]) -> Route
 def route_handlers() -> list[Router | HTTPRouteHandler]:
     """Everything the web pages add to the app."""
     return [
-        portal_router(SELF, [placeholder_home(SELF)]),
+        portal_router(SELF, [*activation_handlers(), *page_handlers(), *form_handlers()]),
         portal_router(CONSOLE, console_handlers()),
         stylesheet,
     ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import secrets
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Final
 
@@ -22,6 +23,7 @@ import asyncpg
 import msgspec
 
 from engine import limits
+from engine.db.coalesce import Coalescer, Connection
 
 IDLE: Final = timedelta(seconds=limits.WEB_SESSION_IDLE_S)
 TOUCH: Final = timedelta(seconds=limits.WEB_SESSION_TOUCH_S)
@@ -56,6 +58,12 @@ WHERE id_hash = $1 AND kind = $2 AND last_seen > $3"""
 # Guarded by the same expiry test as the read: a session that expired in between stays over.
 _TOUCH: Final = """
 UPDATE web_sessions SET last_seen = $2 WHERE id_hash = $1 AND last_seen > $3 AND last_seen < $2"""
+# The sessions of concurrent page loads, in one statement (see SessionReads).
+_FIND_MANY: Final = """
+SELECT q.i, s.subject, s.csrf, s.created_at, s.last_seen
+FROM unnest($1::bytea[], $2::text[], $3::timestamptz[])
+     WITH ORDINALITY AS q(id_hash, kind, after, i)
+JOIN web_sessions s ON s.id_hash = q.id_hash AND s.kind = q.kind AND s.last_seen > q.after"""
 _END: Final = "DELETE FROM web_sessions WHERE id_hash = $1"
 _END_SUBJECT: Final = "DELETE FROM web_sessions WHERE kind = $1 AND subject = $2"
 _PURGE: Final = "DELETE FROM web_sessions WHERE last_seen <= $1"
@@ -128,3 +136,50 @@ async def end_all(pool: asyncpg.Pool, kind: SessionKind, subject: str) -> int:
     async with pool.acquire(timeout=limits.DB_ACQUIRE_TIMEOUT_S) as conn:
         status: str = await conn.execute(_END_SUBJECT, kind.value, subject)
     return int(status.rsplit(" ", 1)[-1])
+
+
+class _Ask(msgspec.Struct, frozen=True):
+    id_hash: bytes
+    kind: SessionKind
+    after: datetime  # the session must have been used after this (not idle for too long)
+
+
+class SessionReads:
+    """``find`` for every page load of a process: the session reads of concurrent page loads
+    share one statement (a :class:`Coalescer`, as the terminal path's reads do), so under load
+    a page costs a fraction of a round trip for its session. Same answers as ``find``."""
+
+    def __init__(self, pool: Callable[[], asyncpg.Pool]) -> None:
+        self._pool = pool
+        self._reads: Coalescer[_Ask, Session | None] = Coalescer(
+            pool, self._run, name="onecard-web-sessions")
+
+    @property
+    def statements(self) -> int:
+        """Session reads run so far (each serves a batch of page loads)."""
+        return self._reads.statements
+
+    async def find(
+        self, kind: SessionKind, session_id: str | None, *, now: datetime
+    ) -> Session | None:
+        """The live session of that id and kind, or None; marks it used (at most every
+        ``limits.WEB_SESSION_TOUCH_S``)."""
+        if not session_id or len(session_id) > _MAX_ID_CHARS:
+            return None
+        found = await self._reads.ask(0, _Ask(hash_id(session_id), kind, now - IDLE))
+        if found is not None and now - found.last_seen >= TOUCH:
+            async with self._pool().acquire(timeout=limits.DB_ACQUIRE_TIMEOUT_S) as conn:
+                await conn.execute(_TOUCH, found.id_hash, now, now - IDLE)
+        return found
+
+    @staticmethod
+    async def _run(conn: Connection, _: int, asks: list[_Ask]) -> list[Session | None]:
+        rows = await conn.fetch(_FIND_MANY, [a.id_hash for a in asks],
+                                [a.kind.value for a in asks], [a.after for a in asks])
+        out: list[Session | None] = [None] * len(asks)
+        for r in rows:
+            ask = asks[r["i"] - 1]
+            out[r["i"] - 1] = Session(id_hash=ask.id_hash, kind=ask.kind, subject=r["subject"],
+                                      csrf=r["csrf"], created_at=r["created_at"],
+                                      last_seen=r["last_seen"])
+        return out

@@ -14,9 +14,10 @@ from typing import Any
 
 from litestar import Litestar
 
-from engine.web.auth import Verifier, refuse_all
+from engine.web.auth import Activator, Verifier
 from engine.web.console_login import operator_verifier
-from engine.web.sessions import SessionKind
+from engine.web.holder_access import holder_activator, holder_verifier
+from engine.web.sessions import SessionKind, SessionReads
 
 _KEY = "web"
 
@@ -28,12 +29,16 @@ class WebState:
     clock: Callable[[], float] = time.time  # epoch seconds; sessions and lockout use it
     # ONECARD_COOKIE_SECURE=1 (behind HTTPS): every cookie gets the Secure attribute
     cookie_secure: bool = False
+    # holders log in to /self with their passwords (engine/access/holders.py), operators to
+    # /console with theirs (engine/access/operators.py)
     verifiers: dict[SessionKind, Verifier] = field(
-        # the console's operators log in with their passwords (engine/access/operators.py)
-        default_factory=lambda: {SessionKind.SELF: refuse_all,
+        default_factory=lambda: {SessionKind.SELF: holder_verifier,
                                  SessionKind.CONSOLE: operator_verifier}
     )
     csrf_key: bytes | None = None  # loaded from web_keys by the first request that needs it
+    # turns a holder's activation code into their first password (/self/activate)
+    activator: Activator = holder_activator
+    session_reads: SessionReads | None = None  # made by the first page load (its app's pool)
 
 
 def web_state(app: Litestar) -> WebState:

@@ -126,3 +126,17 @@ def test_clients_use_time_ordered_ids_unless_told_otherwise() -> None:
 
     v4 = random_ids()
     assert all(u.version == 4 for u in v4) and v4 == random_ids()
+
+
+@pytest.mark.slow
+def test_self_result_has_its_fields(admin_dsn: str, tmp_path: Path) -> None:
+    r = _run_bench(admin_dsn, tmp_path, "self", "--duration", "1", "--warmup", "0.2",
+                   "--purses", "40", "--rate", "40", "--concurrency", "4", "--seed", "3")
+    assert r["workload"] == "self" and r["config"]["students"] == 40
+    paced, flat_out = r["phases"]
+    for p in (paced, flat_out):
+        assert p["requests"] > 0 and not p["errors"], p  # every answer was the page itself
+        assert 0 < p["p50_ms"] <= p["p99_ms"] <= p["max_ms"]
+    assert set(r["config"]["db_transactions_per_page"]) == {"paced", "closed"}
+    assert [t["name"] for t in r["targets"]] == [
+        "page p99 at 40 page loads/s offered", "page loads/s (closed loop)"]
