@@ -25,39 +25,11 @@ created, before any caller of that batch is answered, whichever door (HTTP, term
 in-process) the transfers came through; and it hears when a group's outcome is unknown (a
 commit whose connection broke may have committed: its retry answers ``exists``, so its
 transfers are never reported as created).
-**Ledger groups.** One database transaction touches one ledger, so a batch is split in ledger
-groups, committed one after another by the one committer; every caller of the batch waits for
-all of them. So a batch holds at most ``MAX_LEDGER_GROUPS_PER_BATCH`` (the taker stops there),
-a request needing more is refused (``TooManyLedgers``, HTTP 413), and each extra ledger group
-of a request counts ``LEDGER_GROUP_COST`` transfers against the queue's bound. A group whose
-ledger has no clock row (no accounts: every transfer fails) is answered from a few reads shared
-by all such groups of the batch, without a transaction, and writes nothing.
 
-**One transfer id, one transfer.** The id is the key across ledgers (a transfer's reads load
-the ids it names from every ledger), but each ledger group reads before the others commit. So,
-in this process, no read may miss a write of the same id that precedes it in arrival order:
-
-- within a batch, one id never sits in two ledgers' groups of the same round (``_Batch``): a
-  chain naming an id the round already gave another ledger starts the next round, read only
-  after the earlier rounds committed;
-- across batches, a group naming an id that the batch in flight names in another ledger is not
-  prepared on the side: it is read once that batch has committed.
-
-Every transfer therefore gets the status one-at-a-time application in arrival order gives
-(the later occurrence of an id answers ``exists_with_different_*``, or is created if the
-earlier one failed), and an id is stored once.
-
-**Across engine processes** (several committers on one database) nothing orders two ledgers'
-writers: a ledger's clock row serialises that ledger only, and a unique index on ``id`` alone
-cannot exist on a table distributed by ledger (Citus). The same id sent to two ledgers through
-two processes within the window between one batch's read and the other's commit is stored
-twice. Measured (``scripts/id_window.py``: two processes post each id into two ledgers at a
-chosen offset): when idle, 85-95 % of the pairs at ±1 ms, about half at ±5 ms, 2-8 % at
-±20 ms; with both processes also committing 500-transfer batches, 75 % still at ±20 ms. Only
-a client that sends one id for two different ledgers at once, to two processes, meets it (a
-retry names the same ledger), and one ``onecard serve`` (one committer) is exact. Exact across
-processes would take a claim table keyed by id alone: an insert into a second unique index
-per transfer, and on Citus a distributed transaction for every batch.
+How a batch is split in ledger groups and rounds: engine/grouping.py; how its callers are
+answered: engine/delivery.py; the hold expirer: engine/expiry.py. This module stays a little
+over 400 lines: the Batcher is one class (the queue, the committer, the two-batch pipeline)
+whose steps share the pipeline's state.
 """
 
 from __future__ import annotations
@@ -66,46 +38,24 @@ import asyncio
 import logging
 import time
 import weakref
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Final, Protocol, cast
-from uuid import UUID
-
-import asyncpg
-import msgspec
+from typing import Final, Protocol
 
 from engine import limits, metrics
-from engine.store import Prepared, Store, Tip, now_ns
+from engine.delivery import Answers, fail
+from engine.faults import RETRYABLE
+from engine.grouping import Batch, Group, Request, TransferResult, ledger_groups
+from engine.store import Store, Tip
 from ledger.apply import BatchOutcome
-from ledger.status import TransferStatus
 from ledger.transfer import StoredTransfer, Transfer
-from ledger.types import NIL_UUID, TransferFlags, transfer_flag_bits
 
 log = logging.getLogger(__name__)
-
-# A plain int: `int & IntFlag` builds a new enum member per call, on the per-transfer path.
-_LINKED: Final = int(TransferFlags.LINKED)
 
 # Queue depth is read when /metrics is scraped (summed over this process's running batchers),
 # not written on every submit: a gauge update takes a lock, per request.
 _RUNNING: Final[weakref.WeakSet[Batcher]] = weakref.WeakSet()
 metrics.QUEUE_DEPTH.set_function(lambda: sum(b.queued for b in list(_RUNNING)))
-
-# Faults after which the whole batch is safely retried: the transaction either rolled back or
-# committed, and a committed transfer answers `exists` the second time (idempotency).
-RETRYABLE = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,  # protocol state left behind by a terminated backend
-    asyncpg.DeadlockDetectedError,
-    asyncpg.SerializationError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-    asyncpg.TooManyConnectionsError,
-    OSError,
-    TimeoutError,
-)
 
 
 class Overloaded(Exception):
@@ -127,171 +77,8 @@ class CommitObserver(Protocol):
         """Something may have committed on ``ledger`` without being reported."""
 
 
-class TransferResult(msgspec.Struct, frozen=True, omit_defaults=True):
-    """The answer for one transfer: its status and, when recorded, its timestamp."""
-
-    id: str
-    status: TransferStatus
-    timestamp: int | None = None
-
-
 class TooManyLedgers(ValueError):
     """A request needs more ledger groups than one batch may hold (HTTP 413)."""
-
-
-class _Request:
-    __slots__ = ("cost", "future", "ledger", "transfers")
-
-    def __init__(
-        self,
-        transfers: Sequence[Transfer],
-        future: asyncio.Future[list[TransferResult]],
-        *,
-        ledger: int | None,
-        cost: int,
-    ):
-        self.transfers = transfers
-        self.future = future
-        self.ledger = ledger  # the one ledger every transfer names; None when several
-        self.cost = cost  # what it counts against max_queued (see submit)
-
-
-class _Group:
-    """One ledger's share of a batch (in one round), with where each transfer's answer goes."""
-
-    __slots__ = (
-        "based_on", "ends", "ledger", "outcome", "prepared", "round", "spans", "transfers",
-    )
-
-    def __init__(self, ledger: int, round_: int) -> None:
-        self.ledger = ledger
-        # 0, or a later round of the batch: read and committed only after the earlier rounds
-        # committed (never prepared ahead)
-        self.round = round_
-        self.transfers: list[Transfer] = []
-        # runs of consecutive transfers: (request index, first position in the request,
-        # first position in this group, length)
-        self.spans: list[tuple[int, int, int, int]] = []
-        self.ends: list[int] = []
-        self.prepared: Prepared | None = None  # applied ahead of the commit, if it could be
-        self.based_on: Tip | None = None  # the tip it was prepared on (None: the database)
-        self.outcome: BatchOutcome | None = None  # answered with nothing to write (no clock)
-
-
-class _Batch:
-    """The requests the committer took at once, split in ledger groups.
-
-    Each ledger group is its own transaction, its reads made before the others commit, so
-    **one transfer id never sits in two ledgers' groups of the same round** (an id counts where
-    a transfer has it as ``id`` or as ``pending_id``). A linked chain naming an id the round
-    already gave another ledger starts the next round, which is read only once the earlier
-    rounds have committed: the later occurrence then sees the earlier one exactly as if the
-    requests had been applied one at a time (``exists_with_different_ledger`` if it was
-    created, ``pending_transfer_has_different_ledger`` for a hold of another ledger...).
-    Groups commit in the order they were opened, so a ledger's groups keep arrival order.
-    """
-
-    __slots__ = ("_claims", "_names", "_open", "_round", "answers", "groups", "last", "requests")
-
-    def __init__(self) -> None:
-        self.requests: list[_Request] = []
-        self.answers: list[list[TransferResult | None]] = []
-        self.groups: list[_Group] = []  # in commit order
-        self.last: dict[int, _Group] = {}  # per ledger, its last group (the state it leaves)
-        self._open: dict[int, _Group] = {}  # the current round's groups
-        self._round = 0
-        # the current round's ids -> ledger; kept only once the batch names a second ledger
-        # (a one-ledger batch, the usual one, pays nothing per transfer for it)
-        self._claims: dict[UUID, int] | None = None
-        self._names: dict[UUID, int] | None = None  # see clashes()
-
-    @classmethod
-    def of(cls, requests: list[_Request]) -> _Batch:
-        """A batch of exactly these requests (each fits: see ``Batcher.submit``)."""
-        b = cls()
-        for r in requests:
-            b.add(r, max_groups=None)
-        return b
-
-    def add(self, r: _Request, *, max_groups: int | None) -> bool:
-        """Take request ``r``, unless the batch would then hold more than ``max_groups``
-        ledger groups (an empty batch takes any request); False: not taken, nothing changed."""
-        ts = r.transfers
-        ri = len(self.requests)
-        ledger = r.ledger
-        if ledger is not None and self._claims is None and self._open.keys() <= {ledger}:
-            # the common case: the batch so far and this request name one ledger, so no id
-            # can sit in two ledgers: the request joins that ledger's group as it is
-            self.requests.append(r)
-            self.answers.append([None] * len(ts))
-            g = self._open.get(ledger) or self._new_group(ledger)
-            g.transfers.extend(ts)
-            n = len(ts)
-            g.spans.append((ri, 0, len(g.transfers) - n, n))
-            g.ends.append(len(g.transfers))
-            return True
-        if self._claims is None:
-            self._claims = {}
-            for g in self._open.values():
-                self._claims.update(dict.fromkeys(_names(g.transfers), g.ledger))
-        plan, added = _place(ts, self._claims, set(self._open))
-        if max_groups is not None and self.groups and len(self.groups) + added > max_groups:
-            return False
-        self.requests.append(r)
-        answers: list[TransferResult | None] = [None] * len(ts)
-        self.answers.append(answers)
-        touched: dict[int, _Group] = {}
-        for i, j, lg, clash in plan:
-            if lg is None:  # a chain mixing ledgers cannot commit atomically: refused here
-                mixed = next(k for k in range(i, j + 1) if ts[k].ledger != ts[i].ledger)
-                for k in range(i, j + 1):
-                    st = (
-                        TransferStatus.ACCOUNTS_MUST_HAVE_THE_SAME_LEDGER
-                        if k == mixed
-                        else TransferStatus.LINKED_EVENT_FAILED
-                    )
-                    answers[k] = TransferResult(str(ts[k].id), st)
-                continue
-            if clash:
-                self._round += 1
-                self._open = {}
-                self._claims = {}
-            g = self._open.get(lg) or self._new_group(lg)
-            g.spans.append((ri, i, len(g.transfers), j + 1 - i))
-            g.transfers.extend(ts[i : j + 1])
-            self._claims.update(dict.fromkeys(_names(ts[i : j + 1]), lg))
-            touched[id(g)] = g
-        for g in touched.values():
-            g.ends.append(len(g.transfers))
-        return True
-
-    def _new_group(self, ledger: int) -> _Group:
-        g = _Group(ledger, self._round)
-        self._open[ledger] = g
-        self.groups.append(g)
-        self.last[ledger] = g
-        return g
-
-    def clashes(self, g: _Group) -> bool:
-        """Whether ``g`` (a group of the next batch) names an id that this batch names in
-        another ledger: then it must not be read before this batch has committed."""
-        if self.last.keys() <= {g.ledger}:
-            return False  # this batch names no other ledger
-        if self._names is None:
-            names: dict[UUID, int] = {}  # id -> its ledger, -1 when several (ledgers are >= 0)
-            for h in self.groups:
-                for x in _names(h.transfers):
-                    names[x] = h.ledger if names.get(x, h.ledger) == h.ledger else -1
-            self._names = names
-        mine = g.ledger
-        return any(self._names.get(x, mine) != mine for x in _names(g.transfers))
-
-    def keep_prepared_on(self, tips: dict[int, Tip]) -> None:
-        """Drop every preparation whose tip is no longer its ledger's latest: the batch before
-        took the locked path or failed, so what it was prepared on never committed."""
-        for g in self.groups:
-            if g.prepared is not None and tips.get(g.ledger) is not g.based_on:
-                g.prepared = None
 
 
 class _Flight:
@@ -299,7 +86,7 @@ class _Flight:
 
     __slots__ = ("batch", "task")
 
-    def __init__(self, batch: _Batch, task: asyncio.Task[_Answers]) -> None:
+    def __init__(self, batch: Batch, task: asyncio.Task[Answers]) -> None:
         self.batch = batch
         self.task = task
 
@@ -323,7 +110,7 @@ class Batcher:
         self.max_groups = max_groups
         self.max_queued = max_queued
         self.linger_s = linger_s
-        self._queue: deque[_Request] = deque()
+        self._queue: deque[Request] = deque()
         self._queued = 0
         self._cost = 0  # the queued requests' cost (transfers, and their extra ledger groups)
         self._wake = asyncio.Event()
@@ -404,7 +191,7 @@ class Batcher:
             metrics.OVERLOADED.inc()
             raise Overloaded(f"{self._queued} transfers queued")
         fut: asyncio.Future[list[TransferResult]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Request(transfers, fut, ledger=ledger, cost=cost))
+        self._queue.append(Request(transfers, fut, ledger=ledger, cost=cost))
         self._cost += cost
         self._queued += n
         self._wake.set()
@@ -432,7 +219,7 @@ class Batcher:
                 # company; lingering then would only add to every batch's latency.
                 if idle and self.linger_s and self._queued < self.max_batch and not self._closing:
                     await asyncio.sleep(self.linger_s)
-                batch = _Batch()
+                batch = Batch()
                 size = 0
                 while self._queue:
                     r = self._queue[0]
@@ -448,7 +235,7 @@ class Batcher:
                     self._wake.clear()
                 # Apply this batch on the state the one in flight leaves, while it commits.
                 await self._prepare(batch, flight)
-                pending: _Answers | None = None
+                pending: Answers | None = None
                 if flight is not None:
                     pending = await self._land(flight)
                     small = limits.BATCH_ANSWER_DEFER_MIN_TRANSFERS
@@ -474,7 +261,7 @@ class Batcher:
                 if answers is not None:
                     answers.deliver()
 
-    async def _prepare(self, batch: _Batch, flight: _Flight | None) -> None:
+    async def _prepare(self, batch: Batch, flight: _Flight | None) -> None:
         """Prepare every ledger group of ``batch`` on the state its ledger will be in: as the
         batch in flight leaves it if that batch was prepared, else the latest known tip.
         A group naming an id the batch in flight names in another ledger waits for that batch
@@ -509,7 +296,7 @@ class Batcher:
                 self._tips.pop(ledger, None)
                 self._missed.add(ledger)
 
-    async def _answer_unclocked(self, batch: _Batch, flight: _Flight | None) -> None:
+    async def _answer_unclocked(self, batch: Batch, flight: _Flight | None) -> None:
         """Answer, without a transaction, the groups of ledgers that have no clock row (no
         accounts: every transfer fails and nothing is written), all of them from a few reads
         (``Store.answer_unclocked``): a request naming a thousand made-up ledgers costs what
@@ -540,7 +327,7 @@ class Batcher:
             if not isinstance(e, RETRYABLE):
                 log.warning("answering ledgers without accounts failed (%s); locked path", e)
 
-    async def _land(self, flight: _Flight) -> _Answers | None:
+    async def _land(self, flight: _Flight) -> Answers | None:
         """Wait for a batch's commit; its answers (not yet delivered), or None if every caller
         has already been answered (a failure)."""
         try:
@@ -552,7 +339,7 @@ class Batcher:
             taken = flight.batch.requests
             if isinstance(e, Unavailable) or len(taken) == 1:
                 log.exception("batch failed", exc_info=e)
-                _fail(taken, e)
+                fail(taken, e)
                 return None
             # Not a database outage: one request may be poison (an error only it causes).
             # Commit each alone so only the guilty one fails; a request whose ledger did
@@ -560,19 +347,19 @@ class Batcher:
             log.warning("batch of %d requests failed (%s); one by one", len(taken), e)
             for r in taken:
                 try:
-                    (await self._commit_batch(_Batch.of([r]))).deliver()
+                    (await self._commit_batch(Batch.of([r]))).deliver()
                 except Exception as e1:
                     log.exception("request failed")
-                    _fail([r], e1)
+                    fail([r], e1)
             return None
 
-    async def _commit_batch(self, batch: _Batch, *, pending: _Answers | None = None) -> _Answers:
+    async def _commit_batch(self, batch: Batch, *, pending: Answers | None = None) -> Answers:
         """Commit a batch (per ledger, each in its own transaction) and return its answers,
         not yet delivered. ``pending`` (the previous batch's answers) is delivered once the
         first write has been sent, so the callers' work overlaps with PostgreSQL's."""
         hook = None if pending is None else pending.deliver
         try:
-            posted: list[tuple[_Group, BatchOutcome]] = []
+            posted: list[tuple[Group, BatchOutcome]] = []
             for g in batch.groups:
                 ledger = g.ledger
                 if g.outcome is not None:  # a ledger without accounts: nothing to write
@@ -612,13 +399,13 @@ class Batcher:
                 self._committed(ledger, outcome.created)
                 posted.append((g, outcome))
                 hook = None
-            return _Answers(batch.requests, batch.answers, posted)
+            return Answers(batch.requests, batch.answers, posted)
         finally:
             if pending is not None:
                 pending.deliver()  # if nothing was written, the hook never ran
 
     async def _post_with_retry(
-        self, ledger: int, g: _Group, *, on_write: Callable[[], None] | None
+        self, ledger: int, g: Group, *, on_write: Callable[[], None] | None
     ) -> tuple[BatchOutcome, Tip | None]:
         for attempt in range(limits.BATCH_RETRIES + 1):
             t0 = time.perf_counter()
@@ -638,175 +425,3 @@ class Batcher:
             metrics.BATCH_SIZE.observe(len(g.transfers))
             return outcome, tip
         raise AssertionError("unreachable")
-
-
-class _Answers:
-    """A committed batch's answers, delivered once (results built, futures resolved, counted)."""
-
-    __slots__ = ("_answers", "_done", "_posted", "_requests", "_timer")
-
-    def __init__(
-        self,
-        requests: list[_Request],
-        answers: list[list[TransferResult | None]],
-        posted: list[tuple[_Group, BatchOutcome]],
-    ) -> None:
-        self._requests = requests
-        self._answers = answers
-        self._posted = posted
-        self._done = False
-        self._timer: asyncio.TimerHandle | None = None
-
-    @property
-    def size(self) -> int:
-        """Transfers answered."""
-        return sum(len(g.transfers) for g, _ in self._posted)
-
-    def deliver_by(self, delay_s: float) -> None:
-        """Deliver at the latest ``delay_s`` from now (at the next await after it)."""
-        self._timer = asyncio.get_running_loop().call_later(delay_s, self.deliver)
-
-    def deliver(self) -> None:
-        """Answer every caller of the batch (idempotent; never raises: it also runs as a hook
-        inside the next batch's write)."""
-        if self._done:
-            return
-        self._done = True
-        if self._timer is not None:
-            self._timer.cancel()
-        try:
-            self._resolve()
-        except Exception as e:  # a bug here must not leave callers waiting forever
-            log.exception("answering a batch failed")
-            for r in self._requests:
-                if not r.future.done():
-                    r.future.set_exception(e)
-
-    def _resolve(self) -> None:
-        answers = self._answers
-        for g, outcome in self._posted:
-            ids = _id_strings(g.transfers)
-            sts, stamps = outcome.statuses, outcome.timestamps
-            assert len(ids) == len(sts) == len(stamps), "one answer per transfer"
-            for ri, k0, j0, n in g.spans:
-                answers[ri][k0 : k0 + n] = [
-                    TransferResult(i, st, ts or None)
-                    for i, st, ts in zip(
-                        ids[j0 : j0 + n], sts[j0 : j0 + n], stamps[j0 : j0 + n], strict=True
-                    )
-                ]
-        tally: Counter[TransferStatus] = Counter()
-        for r, a in zip(self._requests, answers, strict=True):
-            assert None not in a, "every transfer gets an answer"
-            done = cast(list[TransferResult], a)
-            tally.update([x.status for x in done])
-            if not r.future.done():  # the caller may have gone away
-                r.future.set_result(done)
-        for status, n in tally.items():  # one labelled increment per status, not per transfer
-            metrics.TRANSFERS.labels(status.value).inc(n)
-
-
-_encode_ids = msgspec.json.Encoder().encode
-_decode_strs = msgspec.json.Decoder(list[str]).decode
-
-
-def _id_strings(transfers: list[Transfer]) -> list[str]:
-    """The canonical string of every transfer id: one C round trip through msgspec for the
-    whole batch rather than a Python-level ``UUID.__str__`` per transfer."""
-    return _decode_strs(_encode_ids([t.id for t in transfers]))
-
-
-def _fail(requests: list[_Request], e: BaseException) -> None:
-    for r in requests:
-        if not r.future.done():
-            r.future.set_exception(e)
-
-
-def _names(transfers: Sequence[Transfer]) -> list[UUID]:
-    """Every transfer id the transfers name, as ``id`` or as ``pending_id`` (the nil id, which
-    names nothing, left out)."""
-    out = [t.id for t in transfers if t.id != NIL_UUID]
-    out.extend(t.pending_id for t in transfers if t.pending_id and t.pending_id != NIL_UUID)
-    return out
-
-
-def _place(
-    ts: Sequence[Transfer], claims: dict[UUID, int], open_ledgers: set[int]
-) -> tuple[list[tuple[int, int, int | None, bool]], int]:
-    """Where each linked chain of a request goes, given the current round's ``claims`` (id ->
-    ledger) and ledgers: (first, last, ledger or None for a chain mixing ledgers, whether it
-    starts a new round), and how many ledger groups the request adds. Nothing is changed."""
-    plan: list[tuple[int, int, int | None, bool]] = []
-    local: dict[UUID, int] = {}  # what this request claims in the round it is placed in
-    fresh = False  # this request started a round: the earlier claims no longer apply
-    ledgers = set(open_ledgers)
-    added = 0
-    n = len(ts)
-    i = 0
-    while i < n:
-        j = i
-        while transfer_flag_bits(ts[j].flags) & _LINKED and j + 1 < n:
-            j += 1
-        ledger = ts[i].ledger
-        if any(ts[k].ledger != ledger for k in range(i + 1, j + 1)):
-            plan.append((i, j, None, False))
-            i = j + 1
-            continue
-        names = _names(ts[i : j + 1])
-        clash = any(
-            local.get(x, ledger) != ledger or (not fresh and claims.get(x, ledger) != ledger)
-            for x in names
-        )
-        if clash:
-            fresh = True
-            local = {}
-            ledgers = set()
-        if ledger not in ledgers:
-            ledgers.add(ledger)
-            added += 1
-        local.update(dict.fromkeys(names, ledger))
-        plan.append((i, j, ledger, clash))
-        i = j + 1
-    return plan, added
-
-
-def ledger_groups(transfers: Sequence[Transfer]) -> int:
-    """How many ledger groups (transactions) one request needs on its own: its ledgers, and a
-    ledger again each time a transfer id it already named in another ledger starts a round."""
-    if not transfers:
-        return 0
-    first = transfers[0].ledger
-    if all(t.ledger == first for t in transfers):
-        return 1
-    return _place(transfers, {}, set())[1]
-
-
-async def run_expirer(store: Store, *, interval_s: float = limits.EXPIRER_INTERVAL_S) -> None:
-    """Release holds whose timeout has passed, in every ledger, forever (cancel to stop)."""
-    while True:
-        try:
-            await expire_due_holds(store)
-        except RETRYABLE as e:
-            log.warning("expirer: database unavailable (%s)", e)
-        await asyncio.sleep(interval_s)
-
-
-async def expire_due_holds(store: Store) -> int:
-    """One pass of the expirer; returns how many holds it released.
-
-    One indexed statement asks which ledgers have a pending hold past its timeout, for all
-    ledgers at once (an idle server with 10,000 ledgers asks one question a second, not
-    10,000). Only those ledgers get expiry batches: empty batches with ``expire_due``, the
-    same transaction shape, clock and locks as any batch, so they cannot race the committer
-    or another engine process; an expiry batch takes the ledger's clock, which sends the
-    batch being prepared down the locked path, hence only where there is something to do.
-    """
-    released = 0
-    for ledger in await store.ledgers_with_due_holds(now_ns()):
-        while True:
-            outcome = await store.post_batch(ledger, (), expire_due=True)
-            metrics.HOLDS_EXPIRED.inc(len(outcome.expired))
-            released += len(outcome.expired)
-            if len(outcome.expired) < limits.MAX_EXPIRED_PER_RUN:
-                break
-    return released

@@ -184,6 +184,16 @@ CONSOLE_SEARCH_ROWS: Final = 50
 # Latest transfers shown on a holder's page, and operator log entries per page.
 CONSOLE_HOLDER_TRANSFERS: Final = 20
 CONSOLE_LOG_PAGE: Final = 50
+# Files uploaded at the console are read whole into memory: a provider's statement of one day
+# (~100 bytes a top-up: 160,000 top-ups) and a month's subsidy list (~30 bytes a row, 40,000
+# students in well under 2 MiB; the preview carries it back in a hidden field, base64, so the
+# confirm's body is 4/3 of it and must stay under MAX_BODY_BYTES). A larger statement goes
+# through ``onecard reconcile``.
+CONSOLE_STATEMENT_MAX_BYTES: Final = 16 * 1024 * 1024
+CONSOLE_SUBSIDY_MAX_BYTES: Final = 2 * 1024 * 1024
+# Refused subsidy rows listed in the preview (all are counted): a wrong ledger makes every
+# row refused, and 40,000 rows of the same refusal help nobody.
+CONSOLE_PREVIEW_REFUSED_ROWS: Final = 200
 
 # -- operations: backups and bounded growth ---------------------------------------------------
 # A WAL segment is archived when full (16 MB) or this long after its first write, whichever is

@@ -13,9 +13,10 @@ from typing import Any
 import asyncpg
 
 from engine import limits, metrics
-from engine.batcher import Batcher, run_expirer
+from engine.batcher import Batcher
 from engine.db.migrate import migrate
 from engine.db.pool import create_pool
+from engine.expiry import run_expirer
 from engine.store import Store
 
 log = logging.getLogger(__name__)

@@ -35,12 +35,22 @@ import msgspec
 from asyncpg.pool import PoolAcquireContext, PoolConnectionProxy
 
 from engine import limits
+from engine.loading import SQL_FOREIGN_ACCOUNTS, SQL_LOAD_TRANSFERS, load
+from engine.rows import (
+    ACCOUNT_COLS,
+    TRANSFER_COLS,
+    account_of,
+    check_read,
+    pg_array,
+    state_of,
+    transfer_of,
+)
 from ledger import audit
 from ledger.account import Account, AccountState, create_accounts
 from ledger.apply import BatchOutcome, apply_transfers, timestamps_needed
 from ledger.status import AccountStatus
 from ledger.transfer import Hold, StoredTransfer, Transfer
-from ledger.types import AccountKind, TransferFlags, TransferState
+from ledger.types import TransferFlags, TransferState
 
 # -- named statements --------------------------------------------------------------------------
 
@@ -53,53 +63,6 @@ WHERE l.ledger = $1
 RETURNING last_timestamp - $3 + 1 AS first, chain_head
 """
 
-_TRANSFER_COLS = (
-    "t.id, t.ledger, t.debit_account_id, t.credit_account_id, t.amount, t.code, t.flags, "
-    "t.pending_id, t.timeout_s, t.user_data, t.timestamp"
-)
-_HOLD_COLS = (
-    "h.id AS h_id, h.ledger AS h_ledger, h.debit_account_id AS h_debit, "
-    "h.credit_account_id AS h_credit, h.amount AS h_amount, h.code AS h_code, "
-    "h.expires_at, h.created_at AS h_created, h.state, h.resolved_at"
-)
-# The id lists arrive as array literals (see _pg_array). `ANY(ARRAY(SELECT unnest(..)))`
-# parses the literal once (an init plan) and keeps the index scans `= ANY(array)` gets; a bare
-# `= ANY(text::uuid[])` cannot be folded and would be re-parsed for every row scanned.
-SQL_LOAD_TRANSFERS = f"""
-SELECT {_TRANSFER_COLS}, {_HOLD_COLS}
-FROM transfers t LEFT JOIN holds h ON h.id = t.id AND h.ledger = t.ledger AND h.ledger = $2
-WHERE t.id = ANY(ARRAY(SELECT unnest($1::text::uuid[])))
-"""
-SQL_DUE_HOLDS = f"""
-SELECT {_HOLD_COLS} FROM holds h
-WHERE h.ledger = $1 AND h.state = 'pending' AND h.expires_at > 0 AND h.expires_at <= $2
-ORDER BY h.expires_at LIMIT $3
-"""
-_ACCOUNT_COLS = (
-    "id, ledger, kind, code, flags, debits_posted, credits_posted, debits_pending, "
-    "credits_pending"
-)
-SQL_LOCK_ACCOUNTS = f"""
-SELECT {_ACCOUNT_COLS} FROM accounts
-WHERE ledger = $1 AND id = ANY(ARRAY(SELECT unnest($2::text::bigint[])))
-ORDER BY id FOR UPDATE
-"""
-# A preparation's reads take no lock; each also answers the ledger's clock as of the same
-# snapshot (on every row; one row of NULLs but the clock if nothing matched), so a write that
-# lands between them, or after the tip they extend, is seen and the preparation given up.
-SQL_PEEK_TRANSFERS = f"""
-SELECT x.*, c.last_timestamp AS clock_last, c.chain_head AS clock_head
-FROM ledgers c LEFT JOIN LATERAL ({SQL_LOAD_TRANSFERS}) x ON true
-WHERE c.ledger = $2
-"""
-SQL_PEEK_ACCOUNTS = f"""
-SELECT a.*, c.last_timestamp AS clock_last, c.chain_head AS clock_head
-FROM ledgers c LEFT JOIN LATERAL (
-    SELECT {_ACCOUNT_COLS} FROM accounts
-    WHERE ledger = $1 AND id = ANY(ARRAY(SELECT unnest($2::text::bigint[])))
-) a ON true
-WHERE c.ledger = $1
-"""
 # A prepared batch commits only on the clock it was prepared on. The row lock this takes (or
 # waits for, while the previous batch commits) serialises the ledger's writers as SQL_RESERVE.
 SQL_ADVANCE = """
@@ -107,11 +70,7 @@ UPDATE ledgers SET last_timestamp = $4
 WHERE ledger = $1 AND last_timestamp = $2 AND chain_head = $3
 RETURNING ledger
 """
-# Accounts named by a batch but living in another ledger: read (never written) so the batch
-# can answer accounts_must_have_the_same_ledger rather than *_not_found.
-SQL_FOREIGN_ACCOUNTS = f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE id = ANY($1::bigint[])"
-
-# Array parameters of numbers and UUIDs travel as array literals (text, see _pg_array);
+# Array parameters of numbers and UUIDs travel as array literals (text, see engine.rows.pg_array);
 # only the free-text columns (user_data, hold state) use asyncpg's binary arrays.
 _WRITE_CTES = """
 ins AS (
@@ -165,7 +124,7 @@ SQL_COMMIT_PREPARED = (
     + "SELECT count(*) FROM clk"
 )
 
-SQL_ACCOUNTS_BY_ID = f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE id = ANY($1::bigint[])"
+SQL_ACCOUNTS_BY_ID = f"SELECT {ACCOUNT_COLS} FROM accounts WHERE id = ANY($1::bigint[])"
 SQL_LOCK_ACCOUNT_IDS = (
     "SELECT pg_advisory_xact_lock(x) FROM unnest($1::bigint[]) AS x ORDER BY x"
 )
@@ -184,20 +143,20 @@ RETURNING flags
 """
 
 SQL_GET_TRANSFER = f"""
-SELECT {_TRANSFER_COLS}, h.state FROM transfers t
+SELECT {TRANSFER_COLS}, h.state FROM transfers t
 LEFT JOIN holds h ON h.id = t.id AND h.ledger = t.ledger
 WHERE t.id = $1 ORDER BY t.ledger LIMIT 1
 """
-SQL_GET_ACCOUNT = f"SELECT {_ACCOUNT_COLS}, holder_id, name FROM accounts WHERE id = $1"
+SQL_GET_ACCOUNT = f"SELECT {ACCOUNT_COLS}, holder_id, name FROM accounts WHERE id = $1"
 SQL_LEDGER_CLOCK = "SELECT last_timestamp FROM ledgers WHERE ledger = $1"
 SQL_ACCOUNT_TRANSFERS = f"""
 SELECT * FROM (
-    (SELECT {_TRANSFER_COLS}, h.state FROM transfers t
+    (SELECT {TRANSFER_COLS}, h.state FROM transfers t
      LEFT JOIN holds h ON h.id = t.id AND h.ledger = t.ledger
      WHERE t.ledger = $1 AND t.debit_account_id = $2 AND t.timestamp < $3
      ORDER BY t.timestamp DESC LIMIT $4)
     UNION ALL
-    (SELECT {_TRANSFER_COLS}, h.state FROM transfers t
+    (SELECT {TRANSFER_COLS}, h.state FROM transfers t
      LEFT JOIN holds h ON h.id = t.id AND h.ledger = t.ledger
      WHERE t.ledger = $1 AND t.credit_account_id = $2 AND t.timestamp < $3
      ORDER BY t.timestamp DESC LIMIT $4)
@@ -343,55 +302,6 @@ class BalanceFields(msgspec.Struct, frozen=True):
     credits_pending: int
 
 
-# Enum construction by value costs a microsecond; a batch reads thousands of accounts.
-_KINDS: Final = {k.value: k for k in AccountKind}
-
-
-def _account(r: asyncpg.Record) -> AccountState:
-    # positional: the record's columns are _ACCOUNT_COLS, in AccountState's field order
-    return AccountState(r[0], r[1], _KINDS[r[2]], r[3], r[4], r[5], r[6], r[7], r[8])
-
-
-def _transfer(r: asyncpg.Record) -> StoredTransfer:
-    return StoredTransfer(
-        id=r["id"],
-        ledger=r["ledger"],
-        debit_account_id=r["debit_account_id"],
-        credit_account_id=r["credit_account_id"],
-        amount=r["amount"],
-        code=r["code"],
-        flags=r["flags"],
-        pending_id=r["pending_id"],
-        timeout_s=r["timeout_s"],
-        user_data=r["user_data"],
-        timestamp=r["timestamp"],
-    )
-
-
-def _hold(r: asyncpg.Record) -> Hold:
-    return Hold(
-        id=r["h_id"],
-        ledger=r["h_ledger"],
-        debit_account_id=r["h_debit"],
-        credit_account_id=r["h_credit"],
-        amount=r["h_amount"],
-        code=r["h_code"],
-        expires_at=r["expires_at"],
-        created_at=r["h_created"],
-        state=TransferState(r["state"]),
-        resolved_at=r["resolved_at"],
-    )
-
-
-def _state(r: asyncpg.Record) -> TransferState:
-    s = r["state"]
-    return TransferState.POSTED if s is None else TransferState(s)
-
-
-def _check_read(a: AccountState) -> None:
-    assert min(a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending) >= 0, a
-
-
 def now_ns() -> int:
     """Wall clock in ns: the engine clock never runs behind it (but may run ahead of it)."""
     return time.time_ns()
@@ -416,7 +326,7 @@ class Store:
         async with self._acquire() as conn, conn.transaction():
             # Account ids are unique across ledgers; serialise creators of the same ids.
             await conn.execute(SQL_LOCK_ACCOUNT_IDS, ids)
-            existing = {r["id"]: _account(r) for r in await conn.fetch(SQL_ACCOUNTS_BY_ID, ids)}
+            existing = {r["id"]: account_of(r) for r in await conn.fetch(SQL_ACCOUNTS_BY_ID, ids)}
             statuses, created = create_accounts(list(batch), existing)
             if created:
                 meta = {a.id: a for a in batch}
@@ -449,8 +359,8 @@ class Store:
             r = await conn.fetchrow(SQL_GET_ACCOUNT, account_id)
         if r is None:
             return None
-        a = _account(r)
-        _check_read(a)
+        a = account_of(r)
+        check_read(a)
         return AccountRecord(state=a, holder_id=r["holder_id"], name=r["name"])
 
     # -- the batch -----------------------------------------------------------------------------
@@ -506,7 +416,7 @@ class Store:
             # ledger's first accounts commit between the two reads, the batch would create
             # something: the clock exists by then (same transaction as the accounts), so it
             # is posted the ordinary way.
-            accounts, transfers, _ = await _load(conn, ledger, batch, known=None, due_before=None)
+            accounts, transfers, _ = await load(conn, ledger, batch, known=None, due_before=None)
             outcome = _answer_unclocked(ledger, batch, request_ends, accounts, transfers)
             if outcome is not None:
                 return outcome, None
@@ -514,7 +424,7 @@ class Store:
             assert clock is not None, f"ledger {ledger}: accounts without a clock row"
         first: int = clock["first"]
         prev_head: str = clock["chain_head"]
-        accounts, transfers, holds = await _load(
+        accounts, transfers, holds = await load(
             conn, ledger, batch, known=None, due_before=first if expire_due else None
         )
         outcome, args, head = _apply(
@@ -545,7 +455,7 @@ class Store:
         """
         seen: set[tuple[int, str]] = set()
         async with self._acquire() as conn:
-            accounts, transfers, holds = await _load(
+            accounts, transfers, holds = await load(
                 conn, ledger, batch, known=tip, due_before=None, clocks=seen
             )
         if tip is None:
@@ -597,7 +507,7 @@ class Store:
         """A transfer and its state, or None."""
         async with self._acquire() as conn:
             r = await conn.fetchrow(SQL_GET_TRANSFER, transfer_id)
-        return None if r is None else TransferRecord(transfer=_transfer(r), state=_state(r))
+        return None if r is None else TransferRecord(transfer=transfer_of(r), state=state_of(r))
 
     async def account_transfers(
         self, ledger: int, account_id: int, *, before: int, limit: int
@@ -606,7 +516,7 @@ class Store:
         whether older ones exist."""
         async with self._acquire() as conn:
             rows = await conn.fetch(SQL_ACCOUNT_TRANSFERS, ledger, account_id, before, limit + 1)
-        records = [TransferRecord(transfer=_transfer(r), state=_state(r)) for r in rows]
+        records = [TransferRecord(transfer=transfer_of(r), state=state_of(r)) for r in rows]
         return records[:limit], len(records) > limit
 
     async def balance_at(self, ledger: int, account_id: int, at: int) -> BalanceFields:
@@ -645,11 +555,11 @@ class Store:
         aids.discard(0)
         async with self._acquire() as conn:
             # ledger 0 never exists: no hold joins (a clockless ledger has none of its own)
-            rows = await conn.fetch(SQL_LOAD_TRANSFERS, _pg_array(list(ids)), 0) if ids else []
+            rows = await conn.fetch(SQL_LOAD_TRANSFERS, pg_array(list(ids)), 0) if ids else []
             arows = await conn.fetch(SQL_FOREIGN_ACCOUNTS, list(aids)) if aids else []
         stored: dict[UUID, StoredTransfer] = {}
         for r in rows:
-            st = _transfer(r)
+            st = transfer_of(r)
             stored.setdefault(st.id, st)
         found = {r[0]: r for r in arows}
         out: list[BatchOutcome | None] = []
@@ -657,7 +567,7 @@ class Store:
             # each group gets its own account states (one that would create something mutates
             # them) and transfers: only those it names, so the work is linear in the batch
             accounts = {
-                aid: _account(found[aid])
+                aid: account_of(found[aid])
                 for t in batch
                 for aid in (t.debit_account_id, t.credit_account_id)
                 if aid in found
@@ -686,84 +596,6 @@ class Store:
             ts: int = clock["first"]
             count: int = await conn.fetchval(SQL_SNAPSHOT, ledger, ts)
         return ts, count
-
-
-async def _load(
-    conn: asyncpg.Connection | PoolConnectionProxy,
-    ledger: int,
-    batch: Sequence[Transfer],
-    *,
-    known: Tip | None,
-    due_before: int | None,
-    clocks: set[tuple[int, str]] | None = None,
-) -> tuple[dict[int, AccountState], dict[UUID, StoredTransfer], dict[UUID, Hold]]:
-    """Every account, transfer and hold ``batch`` names (by id, pending_id, account and the
-    holds' accounts). Without ``clocks``: read in the batch's transaction, this ledger's
-    accounts locked in id order. With ``known`` (a previous batch's tip): the transfers and
-    holds it holds are taken from it, the rest read; accounts are all read, with the balances
-    it holds. ``due_before``: also the holds overdue then. ``clocks``: read without
-    locks, collecting the ledger's clock (last timestamp, chain head) as each read saw it."""
-    ids = {t.id for t in batch}
-    ids.update(t.pending_id for t in batch if t.pending_id is not None)
-    transfers: dict[UUID, StoredTransfer] = {}
-    holds: dict[UUID, Hold] = {}
-    if known is not None:
-        for tid in list(ids):
-            st = known.transfers.get(tid)
-            if st is not None:
-                transfers[tid] = st
-                h = known.holds.get(tid)
-                if h is not None:
-                    holds[tid] = h
-                ids.discard(tid)
-    if ids:
-        sql = SQL_LOAD_TRANSFERS if clocks is None else SQL_PEEK_TRANSFERS
-        for r in await conn.fetch(sql, _pg_array(list(ids)), ledger):
-            if clocks is not None:
-                clocks.add((r["clock_last"], r["clock_head"]))
-                if r["id"] is None:
-                    continue  # the clock's row: nothing matched
-            st = _transfer(r)
-            # a uuid collision across ledgers: prefer this ledger's row
-            if st.id not in transfers or st.ledger == ledger:
-                transfers[st.id] = st
-            if r["h_id"] is not None:
-                holds[st.id] = _hold(r)
-    if due_before is not None:
-        for r in await conn.fetch(SQL_DUE_HOLDS, ledger, due_before, limits.MAX_EXPIRED_PER_RUN):
-            h = _hold(r)
-            holds.setdefault(h.id, h)
-
-    account_ids = {t.debit_account_id for t in batch} | {t.credit_account_id for t in batch}
-    for h in holds.values():
-        account_ids.add(h.debit_account_id)
-        account_ids.add(h.credit_account_id)
-    account_ids.discard(0)
-    accounts: dict[int, AccountState] = {}
-    if account_ids or clocks is not None:  # a peek reads the clock even with no accounts
-        sql = SQL_LOCK_ACCOUNTS if clocks is None else SQL_PEEK_ACCOUNTS
-        for r in await conn.fetch(sql, ledger, _pg_array(sorted(account_ids))):
-            if clocks is not None:
-                clocks.add((r["clock_last"], r["clock_head"]))
-                if r[0] is None:
-                    continue  # the clock's row: nothing matched
-            a = _account(r)
-            if known is not None:
-                # Balances as the previous batch left them (it may not have committed yet);
-                # flags as they are now (they change without the clock).
-                k = known.accounts.get(a.id)
-                if k is not None:
-                    a.debits_posted, a.credits_posted = k.debits_posted, k.credits_posted
-                    a.debits_pending, a.credits_pending = k.debits_pending, k.credits_pending
-            _check_read(a)
-            accounts[a.id] = a
-        missing = account_ids - accounts.keys()
-        if missing:
-            for r in await conn.fetch(SQL_FOREIGN_ACCOUNTS, list(missing)):
-                a = _account(r)
-                _check_read(a)
-                accounts[a.id] = a
-    return accounts, transfers, holds
 
 
 def _apply(
@@ -829,9 +661,9 @@ def _write_args(
     rows = [_astuple(t) for t in c]
     head = audit.extend(prev_head, rows) if c else prev_head
     cols = _columns(rows, 11)  # the audit row's order; [1] is the ledger, [9] user_data
-    tcols = [_pg_array(col) if i not in (1, 9) else "" for i, col in enumerate(cols)]
+    tcols = [pg_array(col) if i not in (1, 9) else "" for i, col in enumerate(cols)]
     acols = [
-        _pg_array(col)
+        pg_array(col)
         for col in _columns(
             [
                 (a.id, a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending)
@@ -847,15 +679,15 @@ def _write_args(
         cols[9],
         tcols[10],
         *acols,
-        _pg_array([h.id for h in hc]),
-        _pg_array([h.debit_account_id for h in hc]),
-        _pg_array([h.credit_account_id for h in hc]),
-        _pg_array([h.amount for h in hc]),
-        _pg_array([h.code for h in hc]),
-        _pg_array([h.expires_at for h in hc]),
-        _pg_array([h.created_at for h in hc]),
+        pg_array([h.id for h in hc]),
+        pg_array([h.debit_account_id for h in hc]),
+        pg_array([h.credit_account_id for h in hc]),
+        pg_array([h.amount for h in hc]),
+        pg_array([h.code for h in hc]),
+        pg_array([h.expires_at for h in hc]),
+        pg_array([h.created_at for h in hc]),
         [h.state.value for h in hc],
-        _pg_array([h.resolved_at for h in hc]),
+        pg_array([h.resolved_at for h in hc]),
         c[0].timestamp if c else 0,
         c[-1].timestamp if c else 0,
         len(c),
@@ -902,21 +734,6 @@ def _check_zero_sum(
     """Double entry: a batch moves as much onto debits as onto credits, posted and pending."""
     d = [x - y for x, y in zip(after, before, strict=True)]
     assert d[0] == d[1] and d[2] == d[3], f"ledger {ledger}: batch breaks double entry {d}"
-
-
-_json: Final = msgspec.json.Encoder().encode
-
-
-def _pg_array(values: Sequence[object]) -> str:
-    """A PostgreSQL array literal of integers, UUIDs and NULLs, e.g. ``{1,"0f..-..",null}``.
-
-    Built in C by msgspec (a JSON array with brackets turned into braces: JSON's numbers,
-    quoted UUIDs and ``null`` are all valid array-literal elements) and parsed by the server
-    in C. asyncpg's binary array encoder instead makes several Python-level ``isinstance``
-    checks per element, which was the largest single cost of a batch on the engine's side.
-    Never for free text: JSON string escapes are not array-literal escapes.
-    """
-    return "{" + _json(values).decode()[1:-1] + "}"
 
 
 def _columns(rows: Sequence[tuple[object, ...]], width: int) -> list[Sequence[object]]:

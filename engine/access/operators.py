@@ -3,8 +3,8 @@ and an Argon2id password of at least 10 characters.
 
 ``check_operator_password`` is the console's login: it applies the global attempt bound and the
 per-username lockout (engine/access/lockout.py) and never says whether a username exists. A
-disabled operator cannot log in, and every session of theirs ends at its next request
-(engine/access/sessions.py re-reads the operator on every use).
+disabled operator cannot log in, and every console session of theirs ends at its next page
+(engine/web/console_auth.py re-reads the operator on every page; tests/web/test_console.py).
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ from typing import Final
 import msgspec
 
 from engine import limits
-from engine.batcher import TransferResult
 from engine.campus.model import CardStatus, Outcome, TerminalKind
 from engine.campus.reads import Part
+from engine.grouping import TransferResult
 from ledger.status import TransferStatus
 from ledger.transfer import Transfer
 from ledger.types import TransferFlag, TransferFlags

@@ -18,12 +18,13 @@ from uuid import UUID
 import asyncpg
 
 from engine import limits
-from engine.batcher import RETRYABLE, Overloaded, Unavailable
+from engine.batcher import Overloaded, Unavailable
 from engine.campus.accounts import ALL_PARTS, CASH_PART, SUBSIDY_PART, part_id, reversal_id
 from engine.campus.model import Outcome, PaymentResult, PurseBalances, Terminal
 from engine.campus.posting import chain, outcome_of
 from engine.campus.reads import Part
 from engine.campus.shared import Shared, connection
+from engine.faults import RETRYABLE
 from ledger.transfer import Transfer
 from ledger.types import TransferCode, TransferFlag, TransferFlags
 

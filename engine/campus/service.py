@@ -22,7 +22,7 @@ import engine.campus.reversals as reversals
 import engine.campus.water as water
 from engine import limits
 from engine.access.secretbox import SecretBox, default_box
-from engine.batcher import RETRYABLE, Overloaded, Unavailable
+from engine.batcher import Overloaded, Unavailable
 from engine.calendar import campus_tz
 from engine.campus.model import (
     Card,
@@ -39,6 +39,7 @@ from engine.campus.model import (
     TerminalKind,
 )
 from engine.campus.shared import Shared
+from engine.faults import RETRYABLE
 from engine.service import Engine
 from ledger.transfer import MAX_TIMEOUT_S
 

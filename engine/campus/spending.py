@@ -14,10 +14,11 @@ from typing import Final
 from uuid import UUID
 
 from engine import limits
-from engine.batcher import Batcher, TransferResult
+from engine.batcher import Batcher
 from engine.campus.model import SPENDING_CODES
 from engine.campus.posting import chain
 from engine.campus.reads import CardRef, CardState, Reads
+from engine.grouping import TransferResult
 from engine.service import Engine
 from ledger.transfer import StoredTransfer, Transfer
 from ledger.types import TransferCode, TransferFlags

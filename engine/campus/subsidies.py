@@ -54,9 +54,9 @@ from uuid import UUID, uuid5
 import msgspec
 
 from engine import limits
-from engine.batcher import TransferResult, ledger_groups
 from engine.calendar import campus_tz, month_window, parse_month, to_ns
 from engine.campus.accounts import fund_account_id
+from engine.grouping import TransferResult, ledger_groups
 from engine.service import Engine
 from engine.store import Store
 from ledger.status import TransferStatus

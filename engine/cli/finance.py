@@ -13,7 +13,8 @@ from rich.table import Table
 
 from engine.cli.base import Command, console, day_arg, month_arg, progress
 from engine.db.pool import create_pool
-from engine.finance.export import ExportResult, export_day, fen
+from engine.finance.export import ExportResult, export_day
+from engine.finance.export_files import fen
 from engine.finance.reconcile import (
     ProviderFileError,
     ReconcileError,

@@ -41,10 +41,9 @@ from engine.db.embedded import (
     EmbeddedPostgresError,
     pg_program,
 )
+from engine.db.embedded.layout import SHELL_UNSAFE
 
 STAGED_WAL: Final = "restore-wal"
-# pg_ctl hands the configuration to /bin/sh inside double quotes: these cannot be quoted.
-_SHELL_UNSAFE = re.compile(r'["$`\\\x00-\x1f\x7f]')
 _NOT_REACHED: Final = "recovery ended before configured recovery target was reached"
 _BEFORE_CONSISTENT: Final = "before consistent recovery point"
 _SEGMENT = re.compile(r"[0-9A-F]{24}")
@@ -105,7 +104,7 @@ def _recovery_settings(archive: Path | None, until: datetime | None) -> dict[str
     if archive is None:
         command = "false"  # nothing to fetch: replay the backup's own WAL, then open
     else:
-        if _SHELL_UNSAFE.search(str(archive)):
+        if SHELL_UNSAFE.search(str(archive)):
             raise BackupError(f"the WAL archive path {archive} has characters a shell mangles")
         command = f'test -f "{archive}/%f" && cp "{archive}/%f" "%p"'
     settings = {"restore_command": _conf(command), "recovery_target_action": "'promote'"}

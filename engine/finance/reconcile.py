@@ -67,8 +67,31 @@ class Result(enum.StrEnum):
     AMOUNT_MISMATCH = "amount_mismatch"
 
 
+class StatementProblem(enum.StrEnum):
+    """Why a statement file is unusable (the console shows each in the page's language)."""
+
+    UNREADABLE = "unreadable"  # too large, unreadable, not UTF-8, not CSV
+    HEADER = "header"  # a column of STATEMENT_COLUMNS is missing
+    FIELDS = "fields"  # a row has another number of fields than the header
+    EMPTY_REF = "empty_ref"
+    BAD_AMOUNT = "bad_amount"
+    BAD_TIME = "bad_time"
+
+
 class ProviderFileError(ValueError):
-    """The statement file is unusable; the message says where and why."""
+    """The statement file is unusable; the message says where and why, ``line`` (1-based,
+    None for the whole file) and ``problem`` the same for a page to say in its language."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        line: int | None = None,
+        problem: StatementProblem = StatementProblem.UNREADABLE,
+    ) -> None:
+        super().__init__(message)
+        self.line = line
+        self.problem = problem
 
 
 class ReconcileError(ValueError):
@@ -158,7 +181,9 @@ def _parse(path: Path, text: str) -> list[StatementRow]:
     if missing:
         raise ProviderFileError(
             f"{path} line 1: missing header column(s) {', '.join(missing)}; expected "
-            f"{','.join(STATEMENT_COLUMNS)}"
+            f"{','.join(STATEMENT_COLUMNS)}",
+            line=1,
+            problem=StatementProblem.HEADER,
         )
     ref_i, amount_i, time_i = (names.index(c) for c in STATEMENT_COLUMNS)
     rows = []
@@ -168,19 +193,27 @@ def _parse(path: Path, text: str) -> list[StatementRow]:
             continue
         if len(rec) != len(names):
             raise ProviderFileError(
-                f"{path} line {n}: {len(rec)} fields, the header has {len(names)}"
+                f"{path} line {n}: {len(rec)} fields, the header has {len(names)}",
+                line=n,
+                problem=StatementProblem.FIELDS,
             )
         ref, amount, when = rec[ref_i].strip(), rec[amount_i].strip(), rec[time_i]
         if not ref:
-            raise ProviderFileError(f"{path} line {n}: empty provider_ref")
+            raise ProviderFileError(
+                f"{path} line {n}: empty provider_ref", line=n, problem=StatementProblem.EMPTY_REF
+            )
         if not _AMOUNT.fullmatch(amount) or int(amount) == 0:
             raise ProviderFileError(
-                f"{path} line {n}: bad amount_fen {amount!r} (a positive integer of fen)"
+                f"{path} line {n}: bad amount_fen {amount!r} (a positive integer of fen)",
+                line=n,
+                problem=StatementProblem.BAD_AMOUNT,
             )
         try:
             ts = parse_time(when)
         except ValueError as e:
-            raise ProviderFileError(f"{path} line {n}: bad time: {e}") from None
+            raise ProviderFileError(
+                f"{path} line {n}: bad time: {e}", line=n, problem=StatementProblem.BAD_TIME
+            ) from None
         rows.append(StatementRow(provider_ref=ref, amount=int(amount), time=ts, line=n))
     return rows
 

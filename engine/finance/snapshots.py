@@ -30,6 +30,7 @@ import msgspec
 from engine import limits
 from engine import store as store_sql
 from engine.calendar import campus_tz, local_date, to_ns
+from engine.faults import OUTLIVED
 from engine.store import Store, now_ns
 
 log = logging.getLogger(__name__)
@@ -137,10 +138,6 @@ async def run_due(
     return taken
 
 
-# Faults the scheduler outlives: the database restarting or briefly away.
-_TRANSIENT = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
-
-
 async def run_scheduler(
     store: Store,
     schedule: Schedule | None = None,
@@ -157,7 +154,7 @@ async def run_scheduler(
     while True:
         try:
             await run_due(store, sched, clock=clock)
-        except _TRANSIENT as e:
+        except OUTLIVED as e:  # the database restarting or briefly away
             log.warning(
                 "end-of-day snapshot failed, retrying in %.0fs: %s",
                 limits.SNAPSHOT_SCHEDULER_RETRY_S, e,

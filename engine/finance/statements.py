@@ -33,7 +33,7 @@ import msgspec
 
 from engine.calendar import campus_tz, from_ns, month_window
 from engine.db.stream import stream
-from engine.finance.export import SQL_POSTED_BEFORE
+from engine.finance.day_reads import SQL_POSTED_BEFORE
 from ledger.types import UNPOSTED_FLAGS, AccountKind, TransferCode
 
 if TYPE_CHECKING:

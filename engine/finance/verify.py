@@ -25,34 +25,27 @@ wrong with it.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Final
 
 import asyncpg
-import msgspec
 
 from engine.access import oplog
-from engine.calendar import campus_tz, from_ns
 from engine.db.stream import stream
+from engine.finance.verify_chain import Batch, find_changed_amount, find_inserted
+from engine.finance.verify_report import MAX_PROBLEMS, Problem, Rank, Report, fmt_ts
+from engine.finance.verify_stored import check_accounts, check_open_holds, check_snapshot
 from ledger import audit
 from ledger.types import TransferFlags
 
 if TYPE_CHECKING:
     from engine.db.stream import Conn
 
-MAX_PROBLEMS: Final = 1000  # problems kept per run (the first is the one that matters)
-# An over-full audit batch up to this size is searched for the one inserted row (n hashes of n
-# rows each); larger ones are reported as a whole.
-LOCALISE_MAX_ROWS: Final = 256
-
 _PENDING: Final = int(TransferFlags.PENDING)
 _POST: Final = int(TransferFlags.POST_PENDING)
 _VOID: Final = int(TransferFlags.VOID_PENDING)
 _NS_PER_S: Final = 1_000_000_000
 _NEVER: Final = 2**63  # past every engine timestamp
-_FIELDS: Final = ("debits_posted", "credits_posted", "debits_pending", "credits_pending")
-_ZERO: Final = [0, 0, 0, 0]
 
 SQL_LEDGERS = """
 SELECT ledger, chain_head FROM ledgers
@@ -81,86 +74,6 @@ SELECT id, debit_account_id, credit_account_id, amount, expires_at, resolved_at 
 WHERE ledger = $1 AND state = 'expired' ORDER BY resolved_at
 """
 SQL_RUNS = "SELECT timestamp, accounts FROM snapshot_runs WHERE ledger = $1 ORDER BY timestamp"
-SQL_SNAPSHOT_ROWS = """
-SELECT account_id, debits_posted, credits_posted, debits_pending, credits_pending
-FROM balance_snapshots WHERE ledger = $1 AND timestamp = $2 ORDER BY account_id
-"""
-SQL_ACCOUNTS = """
-SELECT id, debits_posted, credits_posted, debits_pending, credits_pending FROM accounts
-WHERE ledger = $1 ORDER BY id
-"""
-SQL_PENDING_HOLDS = "SELECT id FROM holds WHERE ledger = $1 AND state = 'pending' ORDER BY id"
-SQL_HOLD_STATES = "SELECT id, state FROM holds WHERE ledger = $1 AND id = ANY($2::uuid[])"
-SQL_ORPHAN_HOLDS = """
-SELECT h.id, h.state FROM holds h
-WHERE h.ledger = $1 AND NOT EXISTS (
-    SELECT 1 FROM transfers t WHERE t.id = h.id AND t.ledger = h.ledger AND t.flags & 2 <> 0)
-ORDER BY h.created_at LIMIT $2
-"""
-
-
-class Rank(enum.IntEnum):
-    """Which check found a problem; lower ranks are reported first within a ledger."""
-
-    CHAIN = 0
-    HOLD = 1
-    SNAPSHOT = 2
-    ACCOUNT = 3
-    LEDGER = 4
-    OPERATOR_LOG = 5  # the installation's chain, reported under ledger 0
-
-
-class Problem(msgspec.Struct, frozen=True):
-    """One thing that is wrong: ``subject`` names the transfer, account or batch."""
-
-    ledger: int
-    rank: Rank
-    seq: int
-    subject: str
-    detail: str
-
-    def __str__(self) -> str:
-        if self.rank is Rank.OPERATOR_LOG:
-            return f"{self.subject}: {self.detail}"
-        return f"ledger {self.ledger}: {self.subject}: {self.detail}"
-
-
-class Report(msgspec.Struct, kw_only=True):
-    """What ``verify`` checked and what it found."""
-
-    ledgers: int = 0
-    transfers: int = 0
-    batches: int = 0
-    snapshots: int = 0
-    accounts: int = 0
-    expired_holds: int = 0
-    operator_log: int = 0  # entries of the operator log checked
-    problems: list[Problem] = msgspec.field(default_factory=list)
-    more_problems: int = 0  # found beyond MAX_PROBLEMS
-    found: int = 0  # problems found so far (numbers them in discovery order)
-
-    @property
-    def ok(self) -> bool:
-        """True when nothing is wrong."""
-        return not self.problems
-
-    def first(self) -> Problem | None:
-        """The problem to report: the lowest ledger, then the lowest rank, then the earliest."""
-        return min(self.problems, key=lambda p: (p.ledger, p.rank, p.seq), default=None)
-
-    def ordered(self) -> list[Problem]:
-        """Every kept problem in report order."""
-        return sorted(self.problems, key=lambda p: (p.ledger, p.rank, p.seq))
-
-
-class _Batch(msgspec.Struct, frozen=True):
-    first: int
-    last: int
-    count: int
-    prev_head: str
-    head: str
-
-
 class _Reader:
     """Peekable rows of a chunked server-side cursor."""
 
@@ -180,12 +93,13 @@ class _Reader:
         return r
 
 
-def _fmt_ts(ts: int) -> str:
-    return f"{ts} ({from_ns(ts, campus_tz()).isoformat(timespec='microseconds')})"
-
-
 class _LedgerCheck:
-    """The one-pass check of one ledger."""
+    """The one-pass check of one ledger.
+
+    One class (the module is over 400 lines for it): the audit chain and the replay share the
+    pass's per-row state (the current batch's bounds and rows, the running balances, the open
+    holds); split into objects, every transfer row would pay an extra attribute hop.
+    """
 
     def __init__(self, conn: Conn, ledger: int, chain_head: str, report: Report) -> None:
         self.conn = conn
@@ -196,12 +110,12 @@ class _LedgerCheck:
         self.open: dict[object, tuple[int, int, int]] = {}  # hold id -> (debit, credit, amount)
         # audit chain
         self.batches: _Reader | None = None
-        self.batch: _Batch | None = None
+        self.batch: Batch | None = None
         self.batch_first = _NEVER
         self.batch_last = -1
         self.rows: list[audit.Row] = []
         self.expected_prev = audit.GENESIS
-        self.bad_batches: list[tuple[int, _Batch, list[audit.Row]]] = []
+        self.bad_batches: list[tuple[int, Batch, list[audit.Row]]] = []
         # other timed events: hold expiries and snapshot runs
         self.expiries: _Reader | None = None
         self.next_expiry: asyncpg.Record | None = None
@@ -260,9 +174,11 @@ class _LedgerCheck:
             )
         self.report.transfers += count
         self.report.snapshots += len(self.runs)
-        deltas = await self._check_accounts()
+        deltas = await check_accounts(
+            self.conn, self.ledger, self.bal, self.report, self.problem
+        )
         self._report_bad_batches(deltas)
-        await self._check_open_holds()
+        await check_open_holds(self.conn, self.ledger, self.open, self.problem)
 
     def _set_horizon(self) -> None:
         e = self.next_expiry["resolved_at"] if self.next_expiry is not None else _NEVER
@@ -287,7 +203,8 @@ class _LedgerCheck:
             else:
                 run = self.runs[self.run_i]
                 self.run_i += 1
-                await self._check_snapshot(run["timestamp"], run["accounts"])
+                ts, recorded = run["timestamp"], run["accounts"]
+                await check_snapshot(self.conn, self.ledger, self.bal, ts, recorded, self.problem)
         self._set_horizon()
 
     # -- audit chain -----------------------------------------------------------------------------
@@ -298,7 +215,7 @@ class _LedgerCheck:
         if r is None:
             self.batch, self.batch_first, self.batch_last = None, _NEVER, _NEVER
             return
-        self.batch = _Batch(*r)
+        self.batch = Batch(*r)
         self.batch_first, self.batch_last = self.batch.first, self.batch.last
         self.report.batches += 1
 
@@ -323,7 +240,7 @@ class _LedgerCheck:
                         Rank.CHAIN,
                         f"transfer {rows[0][0]}",
                         f"changed after commit: the audit hash of its batch (timestamp "
-                        f"{_fmt_ts(b.last)}) no longer matches",
+                        f"{fmt_ts(b.last)}) no longer matches",
                     )
                 else:  # which row: decided once the accounts are checked
                     self.bad_batches.append((self.next_seq(), b, rows))
@@ -331,7 +248,7 @@ class _LedgerCheck:
         if n < b.count:
             gone = b.count - n
             if b.count == 1:
-                subject = f"transfer at timestamp {_fmt_ts(b.first)}"
+                subject = f"transfer at timestamp {fmt_ts(b.first)}"
                 detail = "deleted: its audit batch committed 1 transfer and no row remains"
             else:
                 subject = span
@@ -341,7 +258,7 @@ class _LedgerCheck:
                 )
             self.problem(Rank.CHAIN, subject, detail)
             return
-        extra = self._find_inserted(b, rows) if n == b.count + 1 else None
+        extra = find_inserted(b, rows) if n == b.count + 1 else None
         if extra is not None:
             self.problem(
                 Rank.CHAIN,
@@ -357,14 +274,6 @@ class _LedgerCheck:
                 f"({', '.join(str(x[0]) for x in rows[:5])}...)",
             )
 
-    def _find_inserted(self, b: _Batch, rows: list[audit.Row]) -> audit.Row | None:
-        if len(rows) > LOCALISE_MAX_ROWS:
-            return None
-        for i in range(len(rows)):
-            if audit.extend(b.prev_head, rows[:i] + rows[i + 1 :]) == b.head:
-                return rows[i]
-        return None
-
     def _report_bad_batches(self, deltas: dict[int, list[int]]) -> None:
         """Name the changed row of a multi-row batch where the evidence allows.
 
@@ -374,7 +283,7 @@ class _LedgerCheck:
         alone on the mismatched accounts is named; else the batch with its candidate rows.
         """
         for seq, b, rows in self.bad_batches:
-            found = self._find_changed_amount(b, rows, deltas)
+            found = find_changed_amount(b, rows, deltas)
             if found is not None:
                 r, original = found
                 self.problem(
@@ -405,20 +314,6 @@ class _LedgerCheck:
                     seq=seq,
                 )
 
-    def _find_changed_amount(
-        self, b: _Batch, rows: list[audit.Row], deltas: dict[int, list[int]]
-    ) -> tuple[audit.Row, int] | None:
-        if len(rows) > LOCALISE_MAX_ROWS or not deltas:
-            return None
-        for i, r in enumerate(rows):
-            tries = {deltas.get(r[2], _ZERO)[0], deltas.get(r[3], _ZERO)[1]} - {0}
-            for delta in tries:
-                original = r[4] - delta
-                fixed: audit.Row = (*r[:4], original, *r[5:])
-                if audit.extend(b.prev_head, [*rows[:i], fixed, *rows[i + 1 :]]) == b.head:
-                    return r, original
-        return None
-
     # -- replay ----------------------------------------------------------------------------------
 
     def _transfer(self, r: asyncpg.Record) -> None:
@@ -430,7 +325,7 @@ class _LedgerCheck:
             self.problem(
                 Rank.CHAIN,
                 f"transfer {row[0]}",
-                f"its timestamp {_fmt_ts(ts)} lies in no audit batch: written outside the engine",
+                f"its timestamp {fmt_ts(ts)} lies in no audit batch: written outside the engine",
             )
         flags: int = r["flags"]
         amount: int = r["amount"]
@@ -523,102 +418,6 @@ class _LedgerCheck:
                 f"hold {hid}",
                 f"expired at {h['resolved_at']} but its timeout is {h['expires_at']}",
             )
-
-    # -- snapshots, accounts, holds ------------------------------------------------------------
-
-    async def _check_snapshot(self, ts: int, recorded: int) -> None:
-        seen: set[int] = set()
-        async for chunk in stream(self.conn, SQL_SNAPSHOT_ROWS, self.ledger, ts):
-            for r in chunk:
-                aid: int = r["account_id"]
-                seen.add(aid)
-                want = self.bal.get(aid, [0, 0, 0, 0])
-                for i, name in enumerate(_FIELDS):
-                    if r[name] != want[i]:
-                        self.problem(
-                            Rank.SNAPSHOT,
-                            f"account {aid}",
-                            f"the snapshot at {_fmt_ts(ts)} records {name}={r[name]}, its "
-                            f"transfers before it give {want[i]}",
-                        )
-                        break
-        for aid, v in self.bal.items():
-            if aid not in seen and any(v):
-                self.problem(
-                    Rank.SNAPSHOT,
-                    f"account {aid}",
-                    f"missing from the snapshot at {_fmt_ts(ts)} (its transfers give {v})",
-                )
-        if len(seen) != recorded:
-            self.problem(
-                Rank.SNAPSHOT,
-                f"snapshot at {_fmt_ts(ts)}",
-                f"snapshot_runs records {recorded} accounts, {len(seen)} rows remain",
-            )
-
-    async def _check_accounts(self) -> dict[int, list[int]]:
-        """Live fields against the replay, and double entry; returns replay minus live of the
-        accounts that disagree."""
-        seen: set[int] = set()
-        bad: dict[int, list[int]] = {}
-        sums = [0, 0, 0, 0]
-        async for chunk in stream(self.conn, SQL_ACCOUNTS, self.ledger):
-            for r in chunk:
-                aid: int = r["id"]
-                seen.add(aid)
-                want = self.bal.get(aid, [0, 0, 0, 0])
-                for i, name in enumerate(_FIELDS):
-                    sums[i] += r[name]
-                    if r[name] != want[i] and aid not in bad:
-                        bad[aid] = [want[k] - r[f] for k, f in enumerate(_FIELDS)]
-                        self.problem(
-                            Rank.ACCOUNT,
-                            f"account {aid}",
-                            f"live {name}={r[name]}, but its transfers give {want[i]}",
-                        )
-        self.report.accounts += len(seen)
-        for aid in self.bal.keys() - seen:
-            self.problem(Rank.ACCOUNT, f"account {aid}", "has transfers but no accounts row")
-        if sums[0] != sums[1]:
-            self.problem(
-                Rank.LEDGER,
-                f"ledger {self.ledger}",
-                f"double entry broken: debits_posted total {sums[0]} != credits_posted "
-                f"total {sums[1]}",
-            )
-        if sums[2] != sums[3]:
-            self.problem(
-                Rank.LEDGER,
-                f"ledger {self.ledger}",
-                f"double entry broken: debits_pending total {sums[2]} != credits_pending "
-                f"total {sums[3]}",
-            )
-        return bad
-
-    async def _check_open_holds(self) -> None:
-        pending: set[object] = set()
-        async for chunk in stream(self.conn, SQL_PENDING_HOLDS, self.ledger):
-            for r in chunk:
-                pending.add(r["id"])
-                if r["id"] not in self.open:
-                    self.problem(
-                        Rank.HOLD,
-                        f"hold {r['id']}",
-                        "pending in holds, but its transfers resolved it (or never held it)",
-                    )
-        stale = [hid for hid in self.open if hid not in pending][:MAX_PROBLEMS]
-        if stale:
-            for r in await self.conn.fetch(SQL_HOLD_STATES, self.ledger, stale):
-                self.problem(
-                    Rank.HOLD,
-                    f"hold {r['id']}",
-                    f"holds says {r['state']}, but no transfer or expiry resolved it",
-                )
-        for r in await self.conn.fetch(SQL_ORPHAN_HOLDS, self.ledger, MAX_PROBLEMS):
-            self.problem(
-                Rank.HOLD, f"hold {r['id']}", f"{r['state']} hold without its pending transfer"
-            )
-
 
 async def verify(pool: asyncpg.Pool, *, ledgers: Sequence[int] | None = None) -> Report:
     """Check every ledger (or those in ``ledgers``); see the module docstring."""

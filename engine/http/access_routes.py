@@ -18,8 +18,7 @@ from engine.access import oplog
 from engine.access.holders import issue_activation
 from engine.access.refused import Refused
 from engine.access.residents import ResidentStatus, add_resident, remove_resident
-from engine.calendar import utc_from_ns
-from engine.service import Engine
+from engine.http.params import engine_of, rfc3339
 from ledger.account import HolderId
 from ledger.types import INT64_MAX
 
@@ -69,16 +68,6 @@ class LogPageOut(msgspec.Struct, frozen=True):
     next_before: int | None
 
 
-def rfc3339(ns: int) -> str:
-    """Wall-clock nanoseconds as RFC 3339 UTC with microseconds."""
-    return utc_from_ns(ns).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _engine(request: Request[Any, Any, Any]) -> Engine:
-    engine: Engine = request.app.state.engine
-    return engine
-
-
 def _ok(result: T | Refused) -> T:
     if isinstance(result, Refused):
         if result.not_found:
@@ -98,7 +87,7 @@ async def new_activation(request: Request[Any, Any, Any], holder_id: FromPath[st
                          ) -> ActivationOut:
     """A new 8-digit activation code for the holder, valid 72 hours (the old one is void)."""
     hid = _checked(holder_id, "holder id", _HOLDER_ID)
-    a = _ok(await issue_activation(_engine(request).store.pool, hid))
+    a = _ok(await issue_activation(engine_of(request).store.pool, hid))
     return ActivationOut(a.holder_id, a.code, rfc3339(a.expires_at))
 
 
@@ -109,7 +98,7 @@ async def add_room_resident(
     """The holder lives in the room (a holder lives in at most one room)."""
     rid = _checked(room_id, "room id", _ROOM_ID)
     hid = _checked(data.holder_id, "holder id", _HOLDER_ID)
-    async with _engine(request).store.pool.acquire() as conn:
+    async with engine_of(request).store.pool.acquire() as conn:
         status = _ok(await add_resident(conn, rid, hid))
     return ResidentOut(rid, hid, status)
 
@@ -121,7 +110,7 @@ async def remove_room_resident(
     """The holder no longer lives in the room."""
     rid = _checked(room_id, "room id", _ROOM_ID)
     hid = _checked(holder_id, "holder id", _HOLDER_ID)
-    async with _engine(request).store.pool.acquire() as conn:
+    async with engine_of(request).store.pool.acquire() as conn:
         status = _ok(await remove_resident(conn, rid, hid))
     return ResidentOut(rid, hid, status)
 
@@ -143,7 +132,7 @@ async def operator_log(request: Request[Any, Any, Any]) -> LogPageOut:
                        limits.MAX_OPERATOR_LOG_LIMIT)
     before = _int_query(request, "before", None, INT64_MAX)
     assert limit is not None
-    async with _engine(request).store.pool.acquire(timeout=limits.DB_ACQUIRE_TIMEOUT_S) as conn:
+    async with engine_of(request).store.pool.acquire(timeout=limits.DB_ACQUIRE_TIMEOUT_S) as conn:
         entries, next_before = await oplog.page(conn, limit=limit, before=before)
     return LogPageOut(
         [LogEntryOut(e.id, rfc3339(e.at), e.actor, e.role, e.action, e.target, e.outcome)

@@ -26,7 +26,7 @@ from litestar import Request, get, post
 from litestar.params import FromPath, JSONBody
 
 from engine import limits
-from engine.batcher import RETRYABLE, Overloaded, Unavailable
+from engine.batcher import Overloaded, Unavailable
 from engine.campus import (
     Campus,
     Card,
@@ -37,7 +37,8 @@ from engine.campus import (
     TerminalKind,
 )
 from engine.campus.subsidies import MAX_BATCH_ID_LEN, Grant, grant_problem, grant_subsidies
-from engine.http.app import ApiError, ErrorCode
+from engine.faults import RETRYABLE
+from engine.http.errors import ApiError, ErrorCode
 from engine.service import Engine
 from ledger.account import AccountName, HolderId
 from ledger.types import INT32_MAX, INT64_MAX, TEXT_WITHOUT_NUL, AccountKind, whole_match

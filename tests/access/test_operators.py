@@ -1,15 +1,13 @@
-"""Operators (contract §6): adding, listing and disabling them, their logins with the lockout
-of §7/§8 (clock moved, never slept), and sessions that end at once when the operator is
-disabled or after 30 idle minutes."""
+"""Operators (contract §6): adding, listing and disabling them, and their logins with the
+lockout of §7/§8 (clock moved, never slept). Console sessions ending when the operator is
+disabled: tests/web/test_console.py."""
 
 from __future__ import annotations
 
 import secrets
 
-import asyncpg
 import pytest
 
-from engine.access import sessions
 from engine.access.lockout import LoginOutcome, RateLimiter
 from engine.access.operators import (
     AddStatus,
@@ -108,37 +106,3 @@ async def test_the_global_attempt_bound(engine: Engine) -> None:
     assert limiter.allow() and not limiter.allow()
 
 
-async def test_a_disabled_operators_session_ends_at_its_next_request(
-    engine: Engine, dsn: str
-) -> None:
-    pool = engine.store.pool
-    name = username()
-    await add_operator(pool, username=name, role=Role.CARD_OFFICE, password=PASSWORD)
-    login = await check_operator_password(pool, name, PASSWORD, limiter=unlimited())
-    assert login.outcome is LoginOutcome.OK and login.operator is not None
-    async with pool.acquire() as conn:
-        token = await sessions.open_session(conn, sessions.SessionKind.OPERATOR, name)
-        s = await sessions.resolve(conn, token)
-        assert s is not None and s.role is Role.CARD_OFFICE and s.subject == name
-        other = await asyncpg.connect(dsn)  # another engine process disables them
-        try:
-            assert await disable_operator(other, name) is DisableStatus.DISABLED
-        finally:
-            await other.close()
-        assert await sessions.resolve(conn, token) is None
-        assert await sessions.resolve(conn, token) is None  # and it stays gone
-
-
-async def test_sessions_end_after_30_idle_minutes(engine: Engine) -> None:
-    async with engine.store.pool.acquire() as conn:
-        token = await sessions.open_session(conn, sessions.SessionKind.HOLDER, "S1", ledger=7,
-                                            now=T0)
-        s = await sessions.resolve(conn, token, now=T0 + 29 * MIN)
-        assert s == sessions.Session(sessions.SessionKind.HOLDER, 7, "S1")
-        # each use restarts the idle time
-        assert await sessions.resolve(conn, token, now=T0 + 58 * MIN) is not None
-        assert await sessions.resolve(conn, token, now=T0 + 88 * MIN + 1) is None
-        assert await sessions.resolve(conn, "forged-token") is None
-        other = await sessions.open_session(conn, sessions.SessionKind.HOLDER, "S2", ledger=7)
-        await sessions.close_session(conn, other)
-        assert await sessions.resolve(conn, other) is None

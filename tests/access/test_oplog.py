@@ -16,7 +16,8 @@ from engine.access import oplog
 from engine.access.oplog import Entry, OperatorLog
 from engine.db.migrate import migrate
 from engine.db.pool import create_pool
-from engine.finance.verify import Rank, verify
+from engine.finance.verify import verify
+from engine.finance.verify_report import Rank
 from tests.databases import scratch_database
 from tests.faults.harness import REPO_ROOT
 

@@ -38,7 +38,7 @@ from engine.campus import (
     TerminalKind,
 )
 from engine.campus.pin import pin_block
-from engine.db.embedded import _wheel_install
+from engine.db.embedded.programs import wheel_install
 from engine.service import Engine
 from ledger.account import Account
 from ledger.types import AccountKind
@@ -115,7 +115,7 @@ async def scratch(admin_dsn: str) -> AsyncIterator[str]:
 
 def dump(dsn: str, *tables: str) -> str:
     """pg_dump (the embedded wheel's) of the data of ``tables``."""
-    args = [str(_wheel_install().bin("pg_dump")), "--data-only", "--no-owner"]
+    args = [str(wheel_install().bin("pg_dump")), "--data-only", "--no-owner"]
     for t in tables:
         args += ["-t", t]
     out = subprocess.run([*args, dsn], capture_output=True, text=True, timeout=120, check=True)

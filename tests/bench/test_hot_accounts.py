@@ -22,8 +22,9 @@ import msgspec
 import pytest
 import uvicorn
 
-from engine.batcher import Batcher, Overloaded, TransferResult
+from engine.batcher import Batcher, Overloaded
 from engine.finance.verify import verify
+from engine.grouping import TransferResult
 from engine.http.app import create_app
 from engine.service import Engine
 from ledger.account import Account
@@ -248,7 +249,7 @@ async def test_two_engines_on_one_hot_merchant_stay_verifiable(
 
 async def test_array_literals_round_trip(engine: Engine) -> None:
     """The store sends id and amount arrays as array literals: every value survives."""
-    from engine.store import _pg_array
+    from engine.rows import pg_array as _pg_array
 
     ids = [uuid.uuid4() for _ in range(50)] + [uuid.UUID(int=0), uuid.UUID(int=2**128 - 1)]
     ints = [0, 1, -1, 2**63 - 1, -(2**63), 42]

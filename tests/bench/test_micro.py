@@ -14,9 +14,10 @@ from typing import Any, Final
 import msgspec
 import pytest
 
-from engine.batcher import TransferResult
 from engine.campus.spending import SpendMemory
-from engine.store import _astuple, _columns, _pg_array
+from engine.grouping import TransferResult
+from engine.rows import pg_array as _pg_array
+from engine.store import _astuple, _columns
 from ledger import audit
 from ledger.account import AccountState
 from ledger.apply import apply_transfers

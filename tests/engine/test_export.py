@@ -27,7 +27,8 @@ from beancount.core import data
 from bench.export_day import LoadAccount, LoadTransfer, load_ledger, run, transfer_rows
 from engine import limits
 from engine.calendar import day_window, local_date, to_ns
-from engine.finance.export import ExportResult, export_day, fen
+from engine.finance.export import ExportResult, export_day
+from engine.finance.export_files import fen
 from engine.finance.verify import verify
 from engine.service import Engine
 from ledger.account import Account

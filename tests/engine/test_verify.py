@@ -19,7 +19,8 @@ import msgspec
 import pytest
 
 from engine import limits
-from engine.finance.verify import Rank, Report, verify
+from engine.finance.verify import verify
+from engine.finance.verify_report import Rank, Report
 from engine.service import Engine
 from ledger.account import Account
 from ledger.transfer import Transfer

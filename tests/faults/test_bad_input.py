@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from engine.campus import Campus, Outcome
 from engine.campus.accounts import holder_account_ids
-from engine.http.app import rfc3339
+from engine.http.params import rfc3339
 from engine.service import Engine
 from ledger.transfer import MAX_TIMEOUT_S, USER_DATA_MAX_BYTES, Transfer
 from ledger.types import TransferFlag

@@ -125,6 +125,6 @@ async def test_expirer_survives_an_unexpected_database_error(admin_dsn: str) -> 
 @pytest.mark.parametrize("kind", list(DATABASE_AWAY))
 def test_the_batcher_retries_every_connection_loss(kind: str) -> None:
     """A batch whose connection died must be retried, whatever asyncpg calls the death."""
-    from engine.batcher import RETRYABLE
+    from engine.faults import RETRYABLE
 
     assert isinstance(DATABASE_AWAY[kind], RETRYABLE)

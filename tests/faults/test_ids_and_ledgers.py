@@ -19,11 +19,11 @@ import asyncpg
 import httpx
 import msgspec
 
-from engine.batcher import TransferResult
 from engine.campus import Campus, HolderKind, HolderResult
 from engine.campus.accounts import fund_account_id, holder_account_ids
 from engine.db.migrate import migrate, migration_files
 from engine.finance.verify import verify
+from engine.grouping import TransferResult
 from engine.service import Engine
 from engine.store import Store
 from ledger.account import Account
@@ -274,25 +274,25 @@ async def test_a_request_naming_too_many_ledgers_is_refused(
 async def test_ledger_groups_bound_a_batch() -> None:
     """The taker stops adding requests at MAX_LEDGER_GROUPS_PER_BATCH (transactions)."""
     from engine import limits
-    from engine.batcher import _Batch, _Request, ledger_groups
+    from engine.grouping import Batch, Request, ledger_groups
 
     def request(ledgers: range, tid: uuid.UUID | None = None) -> Any:
         ts = [Transfer(id=tid or uuid.uuid4(), ledger=g, debit_account_id=1,
                        credit_account_id=2, amount=1, code=1) for g in ledgers]
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         one = ts[0].ledger if len(ledgers) == 1 else None
-        return _Request(ts, fut, ledger=one, cost=len(ts))
+        return Request(ts, fut, ledger=one, cost=len(ts))
 
     bound = limits.MAX_LEDGER_GROUPS_PER_BATCH
     assert bound == 64
-    b = _Batch()
+    b = Batch()
     assert b.add(request(range(1, 41)), max_groups=bound)
     assert not b.add(request(range(100, 140)), max_groups=bound)  # 80 > 64: next batch
     assert b.add(request(range(1, 25)), max_groups=bound)  # the same ledgers: no new groups
     assert b.add(request(range(200, 224)), max_groups=bound)  # 64 groups
     assert not b.add(request(range(300, 301)), max_groups=bound)
     assert len(b.groups) == bound
-    big = _Batch()
+    big = Batch()
     assert big.add(request(range(1, 1000)), max_groups=bound)  # an empty batch takes any
     # one id named in ledgers 1, 2, 1, 2...: a new round (and groups) at each step
     x = uuid.uuid4()
@@ -364,7 +364,7 @@ async def test_the_expirer_asks_one_question_for_all_ledgers(admin_dsn: str) -> 
                 assert set(await store.create_accounts(accounts[k : k + 1000])) == {"created"}
             assert len(await store.ledgers()) == 10_000
 
-            from engine.batcher import run_expirer
+            from engine.expiry import run_expirer
 
             statements.clear()
             task = asyncio.create_task(run_expirer(store, interval_s=60))
@@ -382,7 +382,7 @@ async def test_the_expirer_asks_one_question_for_all_ledgers(admin_dsn: str) -> 
                 code=2, flags=(TransferFlag.PENDING,), timeout_s=1)])
             assert out.statuses == [S.CREATED]
             await asyncio.sleep(1.1)
-            from engine.batcher import expire_due_holds
+            from engine.expiry import expire_due_holds
 
             statements.clear()
             assert await expire_due_holds(store) == 1

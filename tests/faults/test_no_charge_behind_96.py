@@ -36,9 +36,11 @@ from engine.db.embedded import EmbeddedPostgres
 from engine.finance.verify import verify
 from engine.limits import GATEWAY_REQUEST_TIMEOUT_S
 from engine.service import Engine
+from terminals.answers import AnswerMemory
 from terminals.client import TerminalClient
-from terminals.gateway import AnswerMemory, Gateway, message_key, request_digest
+from terminals.gateway import Gateway
 from terminals.iso8583 import Message, ResponseCode, decode_message, encode_message
+from terminals.operations import message_key, request_digest
 from tests.conftest import Ids
 from tests.faults.harness import check_books
 from tests.terminals.test_gateway_flows import World
@@ -109,7 +111,7 @@ async def wd(engine: Engine, ids: Ids) -> AsyncIterator[World]:
 async def landed(w: World, key: UUID) -> None:
     """Wait until the gateway's work on ``key`` has landed (posted and undone what it did)."""
     t0 = time.monotonic()
-    while key in w.gateway._flights:
+    while key in w.gateway._flights.by_key:
         assert time.monotonic() - t0 < SETTLE_TIMEOUT_S, "the late work never landed"
         await asyncio.sleep(0.005)
 
@@ -117,7 +119,7 @@ async def landed(w: World, key: UUID) -> None:
 async def taken_back(w: World, key: UUID) -> None:
     """Wait until the gateway is done with ``key``: its 96 stored, its postings taken back."""
     await landed(w, key)
-    settling = w.gateway._settling.get(key)
+    settling = w.gateway._giveups.settling.get(key)
     if settling is not None:
         await asyncio.wait([settling], timeout=SETTLE_TIMEOUT_S)
         assert settling.done(), "the postings behind the 96 were never taken back"
@@ -155,7 +157,7 @@ async def assert_96_is_final(w: World, dsn: str, client: TerminalClient, req: Me
     byte for byte, and moves nothing."""
     assert got.answer.response_code == "96", got.answer
     assert got.answer.rrn is not None  # stored: it is the answer from now on
-    settling = list(w.gateway._settling.values())  # the give-up's last look, after landing
+    settling = list(w.gateway._giveups.settling.values())  # the give-up's last look, after landing
     if settling:
         await asyncio.wait(settling)
     key = message_key(client.terminal_id, req.stan or "", req.transmission_dt or "")

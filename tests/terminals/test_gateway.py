@@ -21,18 +21,10 @@ import msgspec
 import pytest
 
 from engine.service import Engine
+from terminals.answers import AnswerMemory
 from terminals.client import TerminalClient
 from terminals.framing import frame, read_frame
-from terminals.gateway import (
-    AnswerMemory,
-    Gateway,
-    Operation,
-    auth_id_for,
-    classify,
-    message_key,
-    request_digest,
-    rrn_for,
-)
+from terminals.gateway import Gateway
 from terminals.iso8583 import (
     FormatError,
     Message,
@@ -40,6 +32,14 @@ from terminals.iso8583 import (
     encode_message,
     encode_message_unmac,
     encode_original,
+)
+from terminals.operations import (
+    Operation,
+    auth_id_for,
+    classify,
+    message_key,
+    request_digest,
+    rrn_for,
 )
 
 KEY = bytes(range(32))

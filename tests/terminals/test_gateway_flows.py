@@ -31,13 +31,14 @@ from ledger.status import AccountStatus, TransferStatus
 from ledger.transfer import Transfer
 from ledger.types import AccountKind, TransferCode
 from terminals.client import ConnectionClosedError, TerminalClient
-from terminals.gateway import Gateway, message_key, response_code_for
+from terminals.gateway import Gateway
 from terminals.iso8583 import (
     Message,
     decode_message,
     encode_message,
     parse_amounts,
 )
+from terminals.operations import message_key, response_code_for
 from tests.conftest import Ids
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")

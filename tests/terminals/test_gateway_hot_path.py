@@ -15,7 +15,8 @@ import pytest
 from engine.campus import Campus, PaymentResult, Terminal, TerminalKind
 from engine.service import Engine
 from terminals.client import TerminalClient
-from terminals.gateway import Gateway, _base36, auth_id_for, rrn_for
+from terminals.gateway import Gateway
+from terminals.operations import _base36, auth_id_for, rrn_for
 from tests.conftest import Ids
 from tests.terminals.test_gateway_flows import World
 
@@ -103,9 +104,9 @@ async def test_late_answer_is_96_and_the_work_moves_nothing(engine: Engine, ids:
         assert first.response_code == "96" and first.rrn is not None  # stored: the answer
         for _ in range(50):  # the flight goes on without its caller
             await asyncio.sleep(0.05)
-            if not gw._flights:
+            if not gw._flights.by_key:
                 break
-        assert not gw._flights
+        assert not gw._flights.by_key
         assert await w.purses(p) == (1_000, 0)  # and moved nothing
         again = await w.pos.request(req)  # the retransmission
         assert again == first

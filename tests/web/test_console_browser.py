@@ -1,0 +1,85 @@
+"""The subsidy month and the reconciliation in a real headless Chromium (no JavaScript on the
+pages): a card_office operator uploads a file, sees the preview, confirms and uploads it again
+(nothing twice); a finance operator reconciles a statement with a mismatch. Screenshots go to
+test-artifacts/screenshots/."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from engine.access.roles import Role
+from engine.calendar import campus_tz
+from engine.web.portal import CONSOLE
+from tests.web.conftest import WebServer, screenshot
+from tests.web.test_browser import _by_id, _follow
+from tests.web.test_console import (  # noqa: F401  (fixtures)
+    PASSWORD,
+    new_holder,
+    operator,
+    operators_login,
+    pool,
+)
+from tests.web.test_console_finance import _top_ups
+
+pytestmark = pytest.mark.browser
+
+
+def _log_in(browser: Any, web: WebServer, username: str) -> None:
+    browser.get(web.base_url + CONSOLE.login)
+    _by_id(browser, CONSOLE.subject_field).send_keys(username)
+    _by_id(browser, "password").send_keys(PASSWORD)
+    _follow(browser, "login")
+
+
+def _rows(browser: Any, css: str) -> list[Any]:
+    from selenium.webdriver.common.by import By
+
+    return list(browser.find_elements(By.CSS_SELECTOR, css))
+
+
+async def test_the_subsidy_month_in_a_browser(
+    browser: Any, web: WebServer, pool: asyncpg.Pool, operators_login: None, tmp_path: Path  # noqa: F811
+) -> None:
+    (l1, h1), (l2, h2) = await new_holder(web), await new_holder(web)
+    csv = tmp_path / "subsidies.csv"
+    csv.write_text(f"ledger,holder_id,amount_fen\n{l1},{h1},800\n{l2},{h2},200\n"
+                   f"{l1},nobody-{h1},100\n", encoding="utf-8")
+    _log_in(browser, web, await operator(pool, Role.CARD_OFFICE))
+    for round_ in (1, 2):
+        browser.get(web.base_url + "/console/subsidies")
+        _by_id(browser, "file").send_keys(str(csv))
+        _follow(browser, "preview-submit")
+        assert _by_id(browser, "preview-total").get_attribute("data-fen") == "1000"
+        assert len(_rows(browser, 'table#refused tr[data-reason="holder_not_found"]')) == 1
+        assert _by_id(browser, "preview-already").text == ("0" if round_ == 1 else "2")
+        screenshot(browser, f"console-subsidy-preview-{round_}")
+        _follow(browser, "confirm")
+        credited = _by_id(browser, "granted-total").get_attribute("data-fen")
+        assert credited == ("1000" if round_ == 1 else "0")  # nothing twice
+    screenshot(browser, "console-subsidy-done")
+
+
+async def test_a_reconciliation_in_a_browser(
+    browser: Any, web: WebServer, pool: asyncpg.Pool, operators_login: None, tmp_path: Path  # noqa: F811
+) -> None:
+    clearing, tag = await _top_ups(web)
+    now = datetime.now(campus_tz())
+    statement = tmp_path / "statement.csv"
+    statement.write_text(f"provider_ref,amount_fen,time\n{tag}-r1,10000,{now.isoformat()}\n"
+                         f"{tag}-r2,1999,{now.isoformat()}\n", encoding="utf-8")
+    _log_in(browser, web, await operator(pool, Role.FINANCE))
+    browser.get(f"{web.base_url}/console/finance?date={now.date().isoformat()}&lang=en")
+    assert len(_rows(browser, "a[data-file]")) == 4
+    assert _rows(browser, "table#trial-balance tr[data-kind]")
+    _by_id(browser, "clearing").send_keys(str(clearing))
+    _by_id(browser, "statement").send_keys(str(statement))
+    _follow(browser, "reconcile-submit")
+    results = {r.get_attribute("data-provider-ref"): r.get_attribute("data-result")
+               for r in _rows(browser, "table#reconcile tr[data-result]")}
+    assert results == {f"{tag}-r1": "matched", f"{tag}-r2": "amount_mismatch"}
+    screenshot(browser, "console-reconcile-en")
