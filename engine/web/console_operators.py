@@ -9,6 +9,7 @@ every engine process at once (the credentials channel).
 
 from __future__ import annotations
 
+import hmac
 from typing import Any, Final
 
 from litestar import Request, Response, get, post
@@ -89,7 +90,7 @@ async def _add(request: Request[Any, Any, Any], op: Operator) -> str:
         return INVALID_ROLE
     if password is None or len(password) < limits.MIN_OPERATOR_PASSWORD:
         return WEAK_PASSWORD
-    if password2 is not None and password2 != password:
+    if password2 is not None and not hmac.compare_digest(password2.encode(), password.encode()):
         return PASSWORDS_DIFFER
     try:
         status = await operators.add_operator(
