@@ -14,33 +14,17 @@ from typing import Any
 import pytest
 
 from tests.selfservice.conftest import SelfWeb, Student, World
+from tests.web.browsing import by_id, follow, lang
 from tests.web.conftest import screenshot
 
 pytestmark = pytest.mark.browser
 READ = {"Authorization": "Bearer read-token"}
 
 
-def by_id(driver: Any, element_id: str) -> Any:
-    from selenium.webdriver.common.by import By
-
-    return driver.find_element(By.ID, element_id)
-
-
 def has(driver: Any, element_id: str) -> bool:
     from selenium.webdriver.common.by import By
 
     return bool(driver.find_elements(By.ID, element_id))
-
-
-def follow(driver: Any, element_id: str) -> None:
-    """Click a link or a button; wait until the next page has replaced this one."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
-    from selenium.webdriver.support.wait import WebDriverWait
-
-    old = driver.find_element(By.TAG_NAME, "html")
-    by_id(driver, element_id).click()
-    WebDriverWait(driver, 10).until(expected_conditions.staleness_of(old))
 
 
 def fill(driver: Any, **fields: str) -> None:
@@ -58,12 +42,6 @@ def rows(driver: Any, table: str) -> list[Any]:
     from selenium.webdriver.common.by import By
 
     return list(driver.find_elements(By.CSS_SELECTOR, f"table#{table} tbody tr"))
-
-
-def lang(driver: Any) -> str:
-    from selenium.webdriver.common.by import By
-
-    return str(driver.find_element(By.TAG_NAME, "html").get_attribute("lang"))
 
 
 async def _student(world: World) -> Student:

@@ -9,32 +9,10 @@ from typing import Any
 import pytest
 
 from engine.web.portal import CONSOLE, SELF
+from tests.web.browsing import by_id, follow, lang
 from tests.web.conftest import PHONE, WebServer, new_user, screenshot
 
 pytestmark = pytest.mark.browser
-
-
-def _by_id(driver: Any, element_id: str) -> Any:
-    from selenium.webdriver.common.by import By
-
-    return driver.find_element(By.ID, element_id)
-
-
-def _lang(driver: Any) -> str:
-    from selenium.webdriver.common.by import By
-
-    return str(driver.find_element(By.TAG_NAME, "html").get_attribute("lang"))
-
-
-def _follow(driver: Any, element_id: str) -> None:
-    """Click a link or a button and wait until the next page has replaced this one."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
-    from selenium.webdriver.support.wait import WebDriverWait
-
-    old = driver.find_element(By.TAG_NAME, "html")
-    _by_id(driver, element_id).click()
-    WebDriverWait(driver, 10).until(expected_conditions.staleness_of(old))
 
 
 def _wait_for_url(driver: Any, url: str) -> None:
@@ -54,19 +32,19 @@ def _csp_violations(driver: Any) -> list[str]:
 
 def test_the_language_switch(browser: Any, web: WebServer) -> None:
     browser.get(web.base_url + SELF.login)
-    assert _lang(browser) == "zh-CN"
-    assert _by_id(browser, "login").text == "登录"
+    assert lang(browser) == "zh-CN"
+    assert by_id(browser, "login").text == "登录"
     screenshot(browser, "self-login-zh")
-    _follow(browser, "lang-switch")
-    assert _lang(browser) == "en"
-    assert _by_id(browser, "login").text == "Log in"
+    follow(browser, "lang-switch")
+    assert lang(browser) == "en"
+    assert by_id(browser, "login").text == "Log in"
     assert browser.current_url.endswith("/self/login?lang=en")
     screenshot(browser, "self-login-en")
     browser.get(web.base_url + CONSOLE.login)  # remembered, on the other portal too
-    assert _lang(browser) == "en" and _by_id(browser, "username")
+    assert lang(browser) == "en" and by_id(browser, "username")
     screenshot(browser, "console-login-en")
-    _follow(browser, "lang-switch")
-    assert _lang(browser) == "zh-CN" and _by_id(browser, "login").text == "登录"
+    follow(browser, "lang-switch")
+    assert lang(browser) == "zh-CN" and by_id(browser, "login").text == "登录"
     screenshot(browser, "console-login-zh")
 
 
@@ -75,25 +53,25 @@ def test_the_stylesheet_loads_under_the_csp(browser: Any, web: WebServer) -> Non
     browser.get(web.base_url + SELF.login)
     bar = browser.find_element("css selector", "header.bar")
     assert bar.value_of_css_property("background-color") == "rgba(11, 92, 173, 1)"
-    button = _by_id(browser, "login")
+    button = by_id(browser, "login")
     assert float(button.value_of_css_property("min-height").removesuffix("px")) >= 48
     assert _csp_violations(browser) == []
     # one column on a phone: the field spans the main column
     assert browser.execute_script("return window.innerWidth") == PHONE[0]
-    field = _by_id(browser, "holder_id")
+    field = by_id(browser, "holder_id")
     assert field.size["width"] == PHONE[0] - 2 * 16  # the viewport less main's padding
-    assert _by_id(browser, "login").size["width"] == PHONE[0] - 2 * 16
+    assert by_id(browser, "login").size["width"] == PHONE[0] - 2 * 16
 
 
 def test_a_form_without_its_token_is_refused(browser: Any, web: WebServer) -> None:
     user = new_user(web)
     browser.get(web.base_url + SELF.login)
-    _by_id(browser, "holder_id").send_keys(user)
-    _by_id(browser, "password").send_keys("correct horse 1")
+    by_id(browser, "holder_id").send_keys(user)
+    by_id(browser, "password").send_keys("correct horse 1")
     # the driver (not the page: no script may run there) takes the token out of the form
     browser.execute_script("document.querySelector('input[name=csrf]').remove()")
-    _follow(browser, "login")
-    page = _by_id(browser, "error-page")
+    follow(browser, "login")
+    page = by_id(browser, "error-page")
     assert page.get_attribute("data-status") == "403"
     assert page.get_attribute("data-reason") == "csrf"
     assert browser.get_cookie(SELF.cookie) is None  # no session
@@ -103,19 +81,19 @@ def test_a_form_without_its_token_is_refused(browser: Any, web: WebServer) -> No
 def test_log_in_and_out(browser: Any, web: WebServer) -> None:
     user = new_user(web)
     browser.get(web.base_url + SELF.login)
-    _by_id(browser, "holder_id").send_keys(user)
-    _by_id(browser, "password").send_keys("wrong password")
-    _follow(browser, "login")
-    assert _by_id(browser, "error").get_attribute("data-error") == "wrong"
-    assert _by_id(browser, "holder_id").get_attribute("value") == user
+    by_id(browser, "holder_id").send_keys(user)
+    by_id(browser, "password").send_keys("wrong password")
+    follow(browser, "login")
+    assert by_id(browser, "error").get_attribute("data-error") == "wrong"
+    assert by_id(browser, "holder_id").get_attribute("value") == user
     screenshot(browser, "self-login-error-zh")
-    _by_id(browser, "password").send_keys("correct horse 1")
-    _follow(browser, "login")
+    by_id(browser, "password").send_keys("correct horse 1")
+    follow(browser, "login")
     _wait_for_url(browser, web.base_url + SELF.home)
-    assert user in _by_id(browser, "subject").text
+    assert user in by_id(browser, "subject").text
     cookie = browser.get_cookie(SELF.cookie)
     assert cookie and cookie["httpOnly"] and cookie["sameSite"] == "Lax"
-    _follow(browser, "logout")
+    follow(browser, "logout")
     _wait_for_url(browser, web.base_url + SELF.login)
     browser.get(web.base_url + SELF.home)
     assert browser.current_url == web.base_url + SELF.login  # the session is over
