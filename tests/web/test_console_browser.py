@@ -15,8 +15,8 @@ import pytest
 from engine.access.roles import Role
 from engine.calendar import campus_tz
 from engine.web.portal import CONSOLE
+from tests.web.browsing import by_id, follow
 from tests.web.conftest import WebServer, screenshot
-from tests.web.test_browser import _by_id, _follow
 from tests.web.test_console import (  # noqa: F401  (fixtures)
     PASSWORD,
     new_holder,
@@ -31,9 +31,9 @@ pytestmark = pytest.mark.browser
 
 def _log_in(browser: Any, web: WebServer, username: str) -> None:
     browser.get(web.base_url + CONSOLE.login)
-    _by_id(browser, CONSOLE.subject_field).send_keys(username)
-    _by_id(browser, "password").send_keys(PASSWORD)
-    _follow(browser, "login")
+    by_id(browser, CONSOLE.subject_field).send_keys(username)
+    by_id(browser, "password").send_keys(PASSWORD)
+    follow(browser, "login")
 
 
 def _rows(browser: Any, css: str) -> list[Any]:
@@ -52,14 +52,14 @@ async def test_the_subsidy_month_in_a_browser(
     _log_in(browser, web, await operator(pool, Role.CARD_OFFICE))
     for round_ in (1, 2):
         browser.get(web.base_url + "/console/subsidies")
-        _by_id(browser, "file").send_keys(str(csv))
-        _follow(browser, "preview-submit")
-        assert _by_id(browser, "preview-total").get_attribute("data-fen") == "1000"
+        by_id(browser, "file").send_keys(str(csv))
+        follow(browser, "preview-submit")
+        assert by_id(browser, "preview-total").get_attribute("data-fen") == "1000"
         assert len(_rows(browser, 'table#refused tr[data-reason="holder_not_found"]')) == 1
-        assert _by_id(browser, "preview-already").text == ("0" if round_ == 1 else "2")
+        assert by_id(browser, "preview-already").text == ("0" if round_ == 1 else "2")
         screenshot(browser, f"console-subsidy-preview-{round_}")
-        _follow(browser, "confirm")
-        credited = _by_id(browser, "granted-total").get_attribute("data-fen")
+        follow(browser, "confirm")
+        credited = by_id(browser, "granted-total").get_attribute("data-fen")
         assert credited == ("1000" if round_ == 1 else "0")  # nothing twice
     screenshot(browser, "console-subsidy-done")
 
@@ -76,9 +76,9 @@ async def test_a_reconciliation_in_a_browser(
     browser.get(f"{web.base_url}/console/finance?date={now.date().isoformat()}&lang=en")
     assert len(_rows(browser, "a[data-file]")) == 4
     assert _rows(browser, "table#trial-balance tr[data-kind]")
-    _by_id(browser, "clearing").send_keys(str(clearing))
-    _by_id(browser, "statement").send_keys(str(statement))
-    _follow(browser, "reconcile-submit")
+    by_id(browser, "clearing").send_keys(str(clearing))
+    by_id(browser, "statement").send_keys(str(statement))
+    follow(browser, "reconcile-submit")
     results = {r.get_attribute("data-provider-ref"): r.get_attribute("data-result")
                for r in _rows(browser, "table#reconcile tr[data-result]")}
     assert results == {f"{tag}-r1": "matched", f"{tag}-r2": "amount_mismatch"}
