@@ -336,14 +336,9 @@ class FileError(ValueError):
     """The subsidy file is malformed; nothing was posted."""
 
 
-def read_grants(
-    data: bytes, *, ledger: int | None, batch_id: str | None
-) -> tuple[str, list[Grant]]:
-    """Parse a subsidy file (see the module docstring); returns (batch id, grants)."""
-    batch = batch_id or "file-" + hashlib.sha256(data).hexdigest()[:16]
-    problem = batch_id_problem(batch)
-    if problem is not None:
-        raise FileError(problem)
+def open_file(data: bytes) -> tuple[csv.DictReader[str], set[str]]:
+    """The file's rows and its header's columns; FileError when the file as a whole is
+    unreadable (not UTF-8, a header without ``holder_id`` and ``amount_fen``)."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -353,6 +348,18 @@ def read_grants(
     missing = {"holder_id", "amount_fen"} - columns
     if missing:
         raise FileError(f"the header lacks {', '.join(sorted(missing))}")
+    return reader, columns
+
+
+def read_grants(
+    data: bytes, *, ledger: int | None, batch_id: str | None
+) -> tuple[str, list[Grant]]:
+    """Parse a subsidy file (see the module docstring); returns (batch id, grants)."""
+    batch = batch_id or "file-" + hashlib.sha256(data).hexdigest()[:16]
+    problem = batch_id_problem(batch)
+    if problem is not None:
+        raise FileError(problem)
+    reader, columns = open_file(data)
     if "ledger" not in columns and ledger is None:
         raise FileError("no ledger column: give --ledger")
     grants: list[Grant] = []

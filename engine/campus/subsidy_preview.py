@@ -14,9 +14,7 @@ Reads only; posts nothing.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import itertools
 from typing import Final
 
@@ -28,9 +26,9 @@ from engine.campus.subsidies import (
     MAX_HOLDER_ID_LEN,
     SQL_EXISTING,
     SQL_SUBSIDY_PURSES,
-    FileError,
     funded,
     grant_transfer_id,
+    open_file,
 )
 from engine.store import Store
 from ledger.types import INT32_MAX, INT64_MAX
@@ -98,15 +96,7 @@ def _number(raw: str, top: int) -> int | None:
 def read_rows(data: bytes, *, ledger: int | None) -> list[Row]:
     """Every data row with the reason the file's own rules refuse it, if any. FileError when
     the file as a whole is unreadable (not UTF-8, a header without the columns)."""
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise FileError(f"not UTF-8: {e}") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    columns = set(reader.fieldnames or ())
-    missing = {"holder_id", "amount_fen"} - columns
-    if missing:
-        raise FileError(f"the header lacks {', '.join(sorted(missing))}")
+    reader, _ = open_file(data)
     rows: list[Row] = []
     seen: set[tuple[int, str]] = set()
     for n, rec in enumerate(reader, start=2):
