@@ -5,19 +5,26 @@ test-artifacts/screenshots/."""
 
 from __future__ import annotations
 
+import os
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
+from engine.access.holders import check_holder_password
+from engine.access.lockout import LoginOutcome
 from engine.access.roles import Role
 from engine.calendar import campus_tz
+from engine.campus.accounts import holder_account_ids
 from engine.web.portal import CONSOLE
 from tests.web.browsing import by_id, follow
 from tests.web.conftest import WebServer, screenshot
 from tests.web.test_console import (  # noqa: F401  (fixtures)
+    ADMIN,
     PASSWORD,
     new_holder,
     operator,
@@ -83,3 +90,63 @@ async def test_a_reconciliation_in_a_browser(
                for r in _rows(browser, "table#reconcile tr[data-result]")}
     assert results == {f"{tag}-r1": "matched", f"{tag}-r2": "amount_mismatch"}
     screenshot(browser, "console-reconcile-en")
+
+
+async def _funded_holder(web: WebServer, fen: int) -> tuple[int, str]:
+    """A new holder whose cash purse holds ``fen`` (a top-up from a clearing account)."""
+    ledger, hid = await new_holder(web)
+    purse, _ = holder_account_ids(ledger, hid)
+    clearing = 900_000_000 + ledger
+    async with httpx.AsyncClient(base_url=web.base_url, timeout=30, headers=ADMIN) as api:
+        r = await api.post("/v1/accounts", json=[{"id": clearing, "ledger": ledger,
+                                                   "kind": "clearing", "code": 1}])
+        assert r.status_code == 200, r.text
+        r = await api.post("/v1/transfers", json=[{
+            "id": str(uuid.uuid4()), "ledger": ledger, "debit_account_id": clearing,
+            "credit_account_id": purse, "amount": fen, "code": 4, "user_data": f"wx-{hid}"}])
+        assert r.json()[0]["status"] == "created", r.text
+    return ledger, hid
+
+
+def _card_status(browser: Any, card_no: str) -> str:
+    [row] = _rows(browser, f'tr[data-card-no="{card_no}"]')
+    return str(row.get_attribute("data-status"))
+
+
+async def test_the_card_counter_in_a_browser(
+    browser: Any, web: WebServer, pool: asyncpg.Pool, operators_login: None  # noqa: F811
+) -> None:
+    """Find a holder, issue a card, report it lost, replace it (the balance stays), and give a
+    new activation code that then works on /self/activate."""
+    _, hid = await _funded_holder(web, 12_345)
+    card, new_card = (f"62{os.getpid() % 10_000:04d}{n}{uuid.uuid4().int % 10**9:09d}"
+                      for n in (1, 2))
+    _log_in(browser, web, await operator(pool, Role.CARD_OFFICE))
+    browser.get(f"{web.base_url}/console/holders?q={hid}")
+    assert _rows(browser, f'table#holders tr[data-holder-id="{hid}"]')
+    browser.get(f"{web.base_url}/console/holders/{hid}")
+    by_id(browser, "card_no").send_keys(card)
+    follow(browser, "issue")
+    assert _card_status(browser, card) == "active"
+    follow(browser, f"report-lost-{card}")
+    assert _card_status(browser, card) == "lost"
+    by_id(browser, f"new-card-no-{card}").send_keys(new_card)
+    screenshot(browser, "console-holder-lost-zh")
+    follow(browser, f"replace-{card}")
+    assert (_card_status(browser, card), _card_status(browser, new_card)) == ("replaced",
+                                                                              "active")
+    screenshot(browser, "console-holder-replaced-zh")
+    async with httpx.AsyncClient(base_url=web.base_url, timeout=30, headers=ADMIN) as api:
+        balance = (await api.get(f"/v1/cards/{new_card}/balance")).json()
+    assert balance["total_available"] == 12_345  # the new card took over the same purses
+    follow(browser, "new-activation")
+    code = by_id(browser, "activation-code").text.strip()
+    assert code.isdigit() and len(code) == 8
+    browser.get(web.base_url + "/self/activate")
+    for field, value in (("holder_id", hid), ("code", code), ("password", "a new pw 123"),
+                         ("password2", "a new pw 123")):
+        by_id(browser, field).send_keys(value)
+    follow(browser, "activate")
+    assert browser.current_url.startswith(web.base_url + "/self/login")
+    login = await check_holder_password(pool, hid, "a new pw 123")
+    assert login.outcome is LoginOutcome.OK
