@@ -582,6 +582,13 @@ CREATE TRIGGER onecard_test_hang AFTER INSERT ON transfers
     FOR EACH STATEMENT EXECUTE FUNCTION onecard_test_hang();
 """
 SQL_ARM = "INSERT INTO onecard_test_hang VALUES (true)"
+SQL_THIS_SESSION_LOCALLY = "SET synchronous_commit = 'local'"
+# Commits start waiting for a standby as soon as the checkpointer has read the new
+# synchronous_standby_names (shared state), while a backend applies a reload only when it next
+# takes a command: 'local' is therefore made every session's setting first, given time to
+# land, and set on this session itself, before any standby is named. (Naming both in one
+# reload hung this test's own CREATE TRIGGER, now and then, forever.)
+RELOAD_SETTLE_S = 0.5
 SQL_COMMIT_WAITING = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
 
 
@@ -590,8 +597,10 @@ async def commit_waiting(dsn: str, *, arm: bool = False) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         if arm:
-            for sql in (SQL_NO_STANDBY, SQL_COMMIT_LOCALLY, SQL_RELOAD, SQL_HANG_NEXT_COMMIT,
-                        SQL_ARM):
+            for sql in (SQL_THIS_SESSION_LOCALLY, SQL_COMMIT_LOCALLY, SQL_RELOAD):
+                await conn.execute(sql)
+            await asyncio.sleep(RELOAD_SETTLE_S)
+            for sql in (SQL_NO_STANDBY, SQL_RELOAD, SQL_HANG_NEXT_COMMIT, SQL_ARM):
                 await conn.execute(sql)
             return
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
