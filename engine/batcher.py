@@ -46,7 +46,8 @@ from engine import limits, metrics
 from engine.delivery import Answers, fail
 from engine.faults import RETRYABLE
 from engine.grouping import Batch, Group, Request, TransferResult, ledger_groups
-from engine.store import Store, Tip
+from engine.store import Store
+from engine.writing import Tip
 from ledger.apply import BatchOutcome
 from ledger.transfer import StoredTransfer, Transfer
 

@@ -44,7 +44,7 @@ from uuid import UUID
 
 import msgspec
 
-from engine.store import Prepared, Tip
+from engine.writing import Prepared, Tip
 from ledger.apply import BatchOutcome
 from ledger.status import TransferStatus
 from ledger.transfer import Transfer

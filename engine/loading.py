@@ -1,4 +1,4 @@
-"""Reading what a batch names: its accounts, transfers and holds (engine/store.py writes).
+"""Reading what a batch names: its accounts, transfers and holds (engine/writing.py writes).
 
 In the batch's transaction the accounts are locked in id order; a preparation (``clocks``)
 reads without locks and collects the ledger's clock as each read saw it.
@@ -31,7 +31,7 @@ __all__ = ["SQL_DUE_HOLDS", "SQL_FOREIGN_ACCOUNTS", "SQL_LOAD_TRANSFERS", "Known
 
 
 class Known(Protocol):
-    """What a previous batch of the ledger left (``engine.store.Tip``), as ``load`` reads it."""
+    """What a previous batch of the ledger left (``engine.writing.Tip``), as ``load`` reads it."""
 
     accounts: dict[int, AccountState]
     transfers: dict[UUID, StoredTransfer]

@@ -1,5 +1,6 @@
 """How the engine reads rows: the column lists its statements select, the decoders of those
-rows into ledger objects, and the array literals its id lists travel as (engine/store.py)."""
+rows into ledger objects, and the array literals its id lists travel as (engine/store.py,
+engine/writing.py)."""
 
 from __future__ import annotations
 

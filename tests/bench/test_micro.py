@@ -17,7 +17,7 @@ import pytest
 from engine.campus.spending import SpendMemory
 from engine.grouping import TransferResult
 from engine.rows import pg_array as _pg_array
-from engine.store import _astuple, _columns
+from engine.writing import _astuple, _columns
 from ledger import audit
 from ledger.account import AccountState
 from ledger.apply import apply_transfers

@@ -44,7 +44,8 @@ from hypothesis.stateful import (
 from msgspec.structs import replace
 
 from engine.service import Engine
-from engine.store import SQL_SET_FLAGS, Prepared, Store, Tip
+from engine.store import SQL_SET_FLAGS, Store
+from engine.writing import Prepared, Tip
 from ledger.account import Account
 from ledger.apply import BatchOutcome
 from ledger.status import TransferStatus
