@@ -100,7 +100,6 @@ LEFT JOIN holds h ON h.id = t.id AND h.ledger = t.ledger
 WHERE t.id = $1 ORDER BY t.ledger LIMIT 1
 """
 SQL_GET_ACCOUNT = f"SELECT {ACCOUNT_COLS}, holder_id, name FROM accounts WHERE id = $1"
-SQL_LEDGER_CLOCK = "SELECT last_timestamp FROM ledgers WHERE ledger = $1"
 SQL_ACCOUNT_TRANSFERS = f"""
 SELECT * FROM (
     (SELECT {TRANSFER_COLS}, h.state FROM transfers t
