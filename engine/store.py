@@ -1,4 +1,6 @@
-"""PostgreSQL access: the one place that reads and writes ledger rows.
+"""PostgreSQL access to the ledger: :class:`Store` creates accounts, posts batches and takes
+snapshots (what a batch reads is in ``engine.loading``, how it is written in
+``engine.writing``, the HTTP API's reads in ``engine.lookups``).
 
 A batch is one transaction: reserve timestamps on the ledger's clock row (which also serialises
 every writer of that ledger, across engine processes), load and lock what the batch touches
@@ -11,16 +13,16 @@ read and writes nothing (:meth:`Store.answer_unclocked` answers many such ledger
 
 Under load the batcher also *prepares* the next batch while the previous one is still being
 written (:meth:`Store.prepare`): it reads, without locks, what the batch needs and is not
-already known from the previous batch's :class:`Tip`, applies the batch to that state, and
-builds the write. :meth:`Store.commit_prepared` then advances the ledger's clock only if it
-still reads exactly what the preparation assumed (the previous batch's last timestamp and
-chain head) and sends the prepared write. Every change to balances, holds and transfers takes
-and advances the ledger's clock (batches, the expirer), so an unchanged clock proves the
-balances the batch was applied to are the ones it commits on; a changed one sends the batch
-down the locked path instead. Account flags change without the clock (an operator may flip
-them in SQL), so a preparation always reads them afresh, after its requests arrived: a flag
-change committed before a transfer was submitted is always seen, and one committing while the
-batch is prepared is ordered after it (the two were concurrent).
+already known from the previous batch's :class:`~engine.writing.Tip`, applies the batch to that
+state, and builds the write. :meth:`Store.commit_prepared` then advances the ledger's clock
+only if it still reads exactly what the preparation assumed (the previous batch's last
+timestamp and chain head) and sends the prepared write. Every change to balances, holds and
+transfers takes and advances the ledger's clock (batches, the expirer), so an unchanged clock
+proves the balances the batch was applied to are the ones it commits on; a changed one sends
+the batch down the locked path instead. Account flags change without the clock (an operator may
+flip them in SQL), so a preparation always reads them afresh, after its requests arrived: a
+flag change committed before a transfer was submitted is always seen, and one committing while
+the batch is prepared is ordered after it (the two were concurrent).
 """
 
 from __future__ import annotations
@@ -30,33 +32,16 @@ from collections.abc import Callable, Iterable, Sequence
 from uuid import UUID
 
 import asyncpg
-import msgspec
-from asyncpg.pool import PoolAcquireContext, PoolConnectionProxy
+from asyncpg.pool import PoolConnectionProxy
 
-from engine import limits
 from engine.loading import SQL_FOREIGN_ACCOUNTS, SQL_LOAD_TRANSFERS, load
-from engine.rows import (
-    ACCOUNT_COLS,
-    TRANSFER_COLS,
-    account_of,
-    check_read,
-    pg_array,
-    state_of,
-    transfer_of,
-)
-from engine.writing import (
-    SQL_COMMIT_PREPARED,
-    SQL_WRITE_BATCH,
-    Prepared,
-    Tip,
-    apply_loaded,
-    send,
-)
+from engine.lookups import Lookups
+from engine.rows import ACCOUNT_COLS, account_of, pg_array, transfer_of
+from engine.writing import SQL_COMMIT_PREPARED, SQL_WRITE_BATCH, Prepared, Tip, apply_loaded, send
 from ledger.account import Account, AccountState, create_accounts
 from ledger.apply import BatchOutcome, apply_transfers, timestamps_needed
 from ledger.status import AccountStatus
 from ledger.transfer import StoredTransfer, Transfer
-from ledger.types import TransferFlags, TransferState
 
 # -- named statements --------------------------------------------------------------------------
 
@@ -94,69 +79,6 @@ UPDATE accounts SET flags = (flags | $3::int) & ~$4::int WHERE ledger = $1 AND i
 RETURNING flags
 """
 
-SQL_GET_TRANSFER = f"""
-SELECT {TRANSFER_COLS}, h.state FROM transfers t
-LEFT JOIN holds h ON h.id = t.id AND h.ledger = t.ledger
-WHERE t.id = $1 ORDER BY t.ledger LIMIT 1
-"""
-SQL_GET_ACCOUNT = f"SELECT {ACCOUNT_COLS}, holder_id, name FROM accounts WHERE id = $1"
-SQL_ACCOUNT_TRANSFERS = f"""
-SELECT * FROM (
-    (SELECT {TRANSFER_COLS}, h.state FROM transfers t
-     LEFT JOIN holds h ON h.id = t.id AND h.ledger = t.ledger
-     WHERE t.ledger = $1 AND t.debit_account_id = $2 AND t.timestamp < $3
-     ORDER BY t.timestamp DESC LIMIT $4)
-    UNION ALL
-    (SELECT {TRANSFER_COLS}, h.state FROM transfers t
-     LEFT JOIN holds h ON h.id = t.id AND h.ledger = t.ledger
-     WHERE t.ledger = $1 AND t.credit_account_id = $2 AND t.timestamp < $3
-     ORDER BY t.timestamp DESC LIMIT $4)
-) x ORDER BY timestamp DESC LIMIT $4
-"""
-
-# Balance as of $3: the latest snapshot at or before it plus what happened since. Posted
-# amounts come from plain and post_pending transfers; pending from holds created minus holds
-# released in the window. Every range is an index range scan bounded by the window: the lower
-# bound is a scalar subquery (an InitPlan parameter the index condition can use; joining `w`
-# only filters after scanning from the start of history), and `resolved_at > 0` repeats the
-# holds indexes' partial predicate so the planner may use them. The sums are numeric (sum of
-# bigint): holds created and released in the window may add up far past the bigint range
-# (two voided holds of 6e18 fen) although each field at any instant fits; the result, a field
-# as it was at $3, is cast back to bigint, which also checks that it fits.
-_PENDING_FLAG = int(TransferFlags.PENDING)
-_VOID_FLAG = int(TransferFlags.VOID_PENDING)
-SQL_BALANCE_AT = f"""
-WITH s AS (
-    SELECT timestamp, debits_posted, credits_posted, debits_pending, credits_pending
-    FROM balance_snapshots WHERE ledger = $1 AND account_id = $2 AND timestamp <= $3
-    ORDER BY timestamp DESC LIMIT 1
-), w AS (SELECT coalesce((SELECT timestamp FROM s), 0) AS lo)
-SELECT
-  (coalesce((SELECT debits_posted FROM s), 0)
-    + coalesce((SELECT sum(amount) FROM transfers t
-    WHERE t.ledger = $1 AND t.debit_account_id = $2 AND t.timestamp > (SELECT lo FROM w)
-      AND t.timestamp <= $3 AND t.flags & {_PENDING_FLAG | _VOID_FLAG} = 0), 0))::bigint AS dp,
-  (coalesce((SELECT credits_posted FROM s), 0)
-    + coalesce((SELECT sum(amount) FROM transfers t
-    WHERE t.ledger = $1 AND t.credit_account_id = $2 AND t.timestamp > (SELECT lo FROM w)
-      AND t.timestamp <= $3 AND t.flags & {_PENDING_FLAG | _VOID_FLAG} = 0), 0))::bigint AS cp,
-  (coalesce((SELECT debits_pending FROM s), 0)
-    + coalesce((SELECT sum(amount) FROM transfers t
-        WHERE t.ledger = $1 AND t.debit_account_id = $2 AND t.timestamp > (SELECT lo FROM w)
-          AND t.timestamp <= $3 AND t.flags & {_PENDING_FLAG} <> 0), 0)
-    - coalesce((SELECT sum(amount) FROM holds h
-        WHERE h.ledger = $1 AND h.debit_account_id = $2 AND h.resolved_at > 0
-          AND h.resolved_at > (SELECT lo FROM w)
-          AND h.resolved_at <= $3), 0))::bigint AS dq,
-  (coalesce((SELECT credits_pending FROM s), 0)
-    + coalesce((SELECT sum(amount) FROM transfers t
-        WHERE t.ledger = $1 AND t.credit_account_id = $2 AND t.timestamp > (SELECT lo FROM w)
-          AND t.timestamp <= $3 AND t.flags & {_PENDING_FLAG} <> 0), 0)
-    - coalesce((SELECT sum(amount) FROM holds h
-        WHERE h.ledger = $1 AND h.credit_account_id = $2 AND h.resolved_at > 0
-          AND h.resolved_at > (SELECT lo FROM w)
-          AND h.resolved_at <= $3), 0))::bigint AS cq
-"""
 SQL_SNAPSHOT = """
 WITH snap AS (
     INSERT INTO balance_snapshots (ledger, account_id, timestamp, debits_posted, credits_posted,
@@ -180,45 +102,14 @@ ORDER BY ledger
 """
 
 
-class AccountRecord(msgspec.Struct, frozen=True):
-    """An account with its live fields, as read."""
-
-    state: AccountState
-    holder_id: str | None
-    name: str | None
-
-
-class TransferRecord(msgspec.Struct, frozen=True):
-    """A stored transfer with its lifecycle state."""
-
-    transfer: StoredTransfer
-    state: TransferState
-
-
-class BalanceFields(msgspec.Struct, frozen=True):
-    """The four balance fields of an account at some instant."""
-
-    debits_posted: int
-    credits_posted: int
-    debits_pending: int
-    credits_pending: int
-
-
 def now_ns() -> int:
     """Wall clock in ns: the engine clock never runs behind it (but may run ahead of it)."""
     return time.time_ns()
 
 
-class Store:
-    """The ledger's PostgreSQL store over an asyncpg pool."""
-
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self.pool = pool
-
-    def _acquire(self) -> PoolAcquireContext:
-        # Every wait is bounded: a pool exhausted for this long answers 503 (or, for a batch,
-        # counts as a retryable fault) instead of queueing without end.
-        return self.pool.acquire(timeout=limits.DB_ACQUIRE_TIMEOUT_S)
+class Store(Lookups):
+    """The ledger's PostgreSQL store over an asyncpg pool: accounts, batches, snapshots, and
+    (from :class:`~engine.lookups.Lookups`) the reads the HTTP API answers with."""
 
     # -- accounts ------------------------------------------------------------------------------
 
@@ -254,16 +145,6 @@ class Store:
         async with self._acquire() as conn:
             flags: int | None = await conn.fetchval(SQL_SET_FLAGS, ledger, account_id, add, remove)
         return flags
-
-    async def get_account(self, account_id: int) -> AccountRecord | None:
-        """The live account, or None."""
-        async with self._acquire() as conn:
-            r = await conn.fetchrow(SQL_GET_ACCOUNT, account_id)
-        if r is None:
-            return None
-        a = account_of(r)
-        check_read(a)
-        return AccountRecord(state=a, holder_id=r["holder_id"], name=r["name"])
 
     # -- the batch -----------------------------------------------------------------------------
 
@@ -403,32 +284,7 @@ class Store:
         assert n in (0, 1), n
         return n == 1
 
-    # -- reads ---------------------------------------------------------------------------------
-
-    async def get_transfer(self, transfer_id: UUID) -> TransferRecord | None:
-        """A transfer and its state, or None."""
-        async with self._acquire() as conn:
-            r = await conn.fetchrow(SQL_GET_TRANSFER, transfer_id)
-        return None if r is None else TransferRecord(transfer=transfer_of(r), state=state_of(r))
-
-    async def account_transfers(
-        self, ledger: int, account_id: int, *, before: int, limit: int
-    ) -> tuple[list[TransferRecord], bool]:
-        """Up to ``limit`` transfers of an account older than ``before``, newest first, and
-        whether older ones exist."""
-        async with self._acquire() as conn:
-            rows = await conn.fetch(SQL_ACCOUNT_TRANSFERS, ledger, account_id, before, limit + 1)
-        records = [TransferRecord(transfer=transfer_of(r), state=state_of(r)) for r in rows]
-        return records[:limit], len(records) > limit
-
-    async def balance_at(self, ledger: int, account_id: int, at: int) -> BalanceFields:
-        """The account's four balance fields as of engine timestamp ``at`` (inclusive)."""
-        async with self._acquire() as conn:
-            r = await conn.fetchrow(SQL_BALANCE_AT, ledger, account_id, at)
-        assert r is not None, "an aggregate query answers one row"
-        b = BalanceFields(r["dp"], r["cp"], r["dq"], r["cq"])
-        assert min(b.debits_posted, b.credits_posted, b.debits_pending, b.credits_pending) >= 0
-        return b
+    # -- what the batcher and the expirer ask ------------------------------------------------
 
     async def ledgers_with_due_holds(self, at: int) -> list[int]:
         """The ledgers that have a pending hold past its timeout at ``at``: one indexed

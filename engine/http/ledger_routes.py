@@ -24,8 +24,8 @@ from engine.http.params import (
     parse_transfer_id,
     rfc3339,
 )
+from engine.lookups import TransferRecord
 from engine.service import Engine
-from engine.store import TransferRecord
 from ledger.account import Account
 from ledger.status import AccountStatus
 from ledger.transfer import Transfer, user_data_fits

@@ -31,8 +31,9 @@ from engine.finance.snapshots import (
     run_scheduler,
     snapshot_if_missing,
 )
+from engine.lookups import SQL_BALANCE_AT
 from engine.service import Engine
-from engine.store import SQL_BALANCE_AT, Store, now_ns
+from engine.store import Store, now_ns
 from ledger.account import Account
 from ledger.transfer import Transfer
 from ledger.types import AccountFlag, AccountKind, TransferFlag
