@@ -34,12 +34,13 @@ or closure takes effect at once, from any process. Today's spending is remembere
 after a first read and kept up to date from every commit the batcher reports, whatever its
 door (see engine/campus/spending.py).
 
-Layout, bottom up: ``model`` (vocabulary), ``accounts`` (derived ids), ``reads`` (the
-coalesced hot-path reads and their caches), ``posting`` (pure decisions), ``spending`` (today's
-spending per holder), ``pin`` (PIN blocks and tries), ``locks`` (per-holder turns), ``shared``
-(what one Campus's operations share), the operations ``reversals``, ``payments``, ``water``
-and ``electricity``, ``registry`` (holders, cards, terminals, rooms), ``subsidies``, and
-``service`` (:class:`Campus`, the facade). This module only names the public API.
+Layout, bottom up: ``model`` (vocabulary), ``accounts`` (derived ids), ``reads`` (the coalesced
+hot-path reads and their caches), ``posting`` (pure decisions), ``spending`` (today's spending
+per holder), ``pin`` (PIN blocks and tries), ``locks`` (per-holder turns), ``shared`` (what one
+Campus's operations share), the operations ``reversals``, ``payments``, ``water`` and
+``electricity``, ``registry`` (holders, terminals, rooms), ``cards`` (the card office's cards
+and their state machine), ``subsidies``, and ``service`` (:class:`Campus`, the facade). This
+module only names the public API.
 """
 
 from engine.campus.model import (
