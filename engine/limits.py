@@ -256,6 +256,9 @@ DEFAULT_HOLD_TIMEOUT_S: Final = 1800  # a shower is paid or released within half
 MAX_CACHED_TERMINALS: Final = 65_536  # terminals never change once registered
 MAX_CACHED_CARDS: Final = 262_144  # card -> holder never changes either
 UNDO_ATTEMPTS: Final = 3  # a reversal racing a completion re-reads and tries again
+# A payment refused for funds its read had seen (another engine process spent from the purses
+# in between: the holder lock is per process) reads again and tries again this often in all.
+PAYMENT_ATTEMPTS: Final = 3
 # Today's spending of a holder is re-read from the ledger at least this often, so spending
 # through another engine process (whose commits this one does not hear) counts within this long.
 SPEND_MEMORY_TTL_S: Final = 5.0
