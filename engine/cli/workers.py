@@ -163,9 +163,10 @@ class GatewayWorkers:
             async with asyncio.timeout(limits.GATEWAY_WORKER_START_TIMEOUT_S):
                 line = await proc.stdout.readline()
         except TimeoutError:
-            line = b""
+            line = b"hung"
         if line != READY_LINE:
-            await self._end(index, proc)
+            # at EOF it is exiting by itself: a signal now would only blur its exit code
+            await self._end(index, proc, ask=line != b"")
             raise RuntimeError(f"gateway worker {index} did not start (exit {proc.returncode})")
         log.info("gateway worker %d (pid %d) listening on %s:%d", index, proc.pid,
                  self.spec.host, self.spec.port)
@@ -187,10 +188,13 @@ class GatewayWorkers:
             with contextlib.suppress(RuntimeError):  # it died again: the next round counts it
                 await self._spawn(index)
 
-    async def _end(self, index: int, proc: asyncio.subprocess.Process) -> None:
+    async def _end(self, index: int, proc: asyncio.subprocess.Process, *, ask: bool = True
+                   ) -> None:
+        """SIGTERM (unless not ``ask``), wait for the exit, SIGKILL past the timeout."""
         if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
+            if ask:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
             try:
                 async with asyncio.timeout(limits.GATEWAY_WORKER_STOP_TIMEOUT_S):
                     await proc.wait()
