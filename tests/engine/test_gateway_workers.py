@@ -385,3 +385,20 @@ async def test_a_worker_stops_when_serve_is_gone(dsn: str, tmp_path: Path) -> No
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--no-iso", "--gateway-workers", "2"], "--gateway-workers needs the terminal gateway"),
+    (["--gateway-workers", str(limits.GATEWAY_MAX_WORKERS + 1)], "gateway workers, got"),
+])
+async def test_serve_refuses_workers_it_cannot_run(
+    flags: list[str], says: str, tmp_path: Path
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "engine.cli", "serve", "--dsn", "postgresql://nobody@127.0.0.1:1/x",
+        "--data-dir", str(tmp_path), *flags, cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    async with asyncio.timeout(60):
+        _, err = await proc.communicate()
+    assert proc.returncode == 2 and says in err.decode(), err.decode()
