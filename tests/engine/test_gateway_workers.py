@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -34,12 +33,11 @@ from engine.cli.workers import (
 )
 from terminals.client import TerminalClient
 from terminals.iso8583 import decode_message, encode_message
+from tests.faults.conftest import IsoTarget
 from tests.faults.harness import (
     REPO_ROOT,
-    Campus,
     Holder,
     Pos,
-    ServerProcess,
     check_books,
     open_campus,
     running_server,
@@ -122,19 +120,8 @@ def served_by(client: TerminalClient, port: int, pids: list[int]) -> int | None:
 # -- a server with two gateway processes -------------------------------------------------------
 
 
-@dataclass
-class TwoWorkers:
+class TwoWorkers(IsoTarget):
     """A live ``serve --gateway-workers 2`` and a campus in it."""
-
-    server: ServerProcess
-    dsn: str
-    campus: Campus
-
-    @property
-    def port(self) -> int:
-        """The gateway port both workers listen on."""
-        assert self.server.iso_port is not None
-        return self.server.iso_port
 
     @property
     def pids(self) -> list[int]:
