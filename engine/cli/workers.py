@@ -10,9 +10,9 @@ worker gets the same bytes), reversals find their original in the database, and 
 exact across engines. Only the daily limits count other processes' spending late (see
 ``engine.campus.Campus``: within ``SPEND_MEMORY_TTL_S``).
 
-A child is ``python -m engine.cli.gateway_worker``: a subprocess rather than multiprocessing, so its
-argv and environment are explicit, nothing is pickled and the parent's ``__main__`` is never
-imported again. The DSN travels in ``ONECARD_DSN`` (the environment, not argv, which ``ps``
+A child is ``python -m engine.cli.gateway_worker``: a subprocess rather than multiprocessing,
+so its argv and environment are explicit, nothing is pickled and the parent's ``__main__`` is
+never imported again. The DSN travels in ``ONECARD_DSN`` (the environment, not argv, which ``ps``
 shows to everyone). A child prints ``ready`` on its standard output once it listens; it stops
 (answering what it has read, draining its committer) on SIGTERM or SIGINT, or when its
 standard input ends: the parent holds the other end, so even a parent killed outright does
@@ -123,11 +123,6 @@ class GatewayWorkers:
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._watchers: list[asyncio.Task[None]] = []
         self._stopping = False
-
-    @property
-    def pids(self) -> list[int]:
-        """The workers' process ids now, by index."""
-        return [p.pid for _, p in sorted(self._procs.items())]
 
     async def start(self) -> None:
         """Start every worker and wait until each listens; on any failure stop those started

@@ -135,8 +135,9 @@ class _Echo:
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
             while True:
                 head = await r.readuntil(b"\r\n\r\n")
-                size = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
-                body = msgspec.json.decode(await r.readexactly(size))
+                size = re.search(rb"(?i)content-length: *(\d+)", head)
+                assert size is not None, head
+                body = msgspec.json.decode(await r.readexactly(int(size[1])))
                 self.bodies.append(body)
                 self.ids += [t["id"] for t in body]
                 out = msgspec.json.encode([{"id": t["id"], "status": "created"} for t in body])
