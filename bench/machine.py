@@ -25,9 +25,29 @@ def _proc_cpu_s(pid: int) -> float:
 _CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 
 
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and of every process below it (serve's gateway workers)."""
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat", encoding="ascii") as f:
+                    ppid = int(f.read().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += _proc_cpu_s(p)
+        todo += kids.get(p, [])
+    return total
+
+
 class CpuProbe:
-    """CPU seconds used so far by this process, by named other processes, and by the
-    PostgreSQL backends connected to one database (found by their process title)."""
+    """CPU seconds used so far by this process, by named other processes (each with the
+    processes below it), and by the PostgreSQL backends connected to one database (found by
+    their process title)."""
 
     def __init__(self, *, database: str | None, pids: dict[str, int] | None = None,
                  own: str = "bench process") -> None:
@@ -55,7 +75,7 @@ class CpuProbe:
     def snapshot(self) -> tuple[float, dict[str, float], dict[int, float]]:
         """The counters now."""
         r = resource.getrusage(resource.RUSAGE_SELF)
-        return (r.ru_utime + r.ru_stime, {k: _proc_cpu_s(p) for k, p in self.pids.items()},
+        return (r.ru_utime + r.ru_stime, {k: _tree_cpu_s(p) for k, p in self.pids.items()},
                 self._backends())
 
     def delta(

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 from typing import Final
 
 import msgspec
 
+from engine import limits
+
 WORKLOADS: Final = ("core", "http", "terminals", "query", "scale", "export", "self")
+CLIENTS: Final = ("python", "wrk")  # what drives the HTTP one-transfer phase of `terminals`
 
 DEFAULT_DURATION_S: Final = 10.0
 DEFAULT_WARMUP_S: Final = 1.0
@@ -64,6 +68,8 @@ class Options(msgspec.Struct, kw_only=True):
     keep: bool
     random_ids: bool
     credentials: bool = False
+    client: str = "python"
+    gateway_workers: int = 1
 
     @property
     def transfer_ids(self) -> str:
@@ -142,6 +148,13 @@ def add_arguments(p: argparse.ArgumentParser, *, with_dsn: bool) -> None:
     p.add_argument("--credentials", action="store_true",
                    help="http: also compare the admin token with an API key (role admin, its "
                    "writes in the operator log): single-transfer phases with each, interleaved")
+    p.add_argument("--client", choices=CLIENTS, default="python",
+                   help="terminals: what drives the HTTP one-transfer phase: the bench's own "
+                   "Python clients (default), or wrk (a C client: the load generator costs "
+                   "little; needs wrk on PATH)")
+    p.add_argument("--gateway-workers", type=int, default=1, metavar="N",
+                   help="terminals: the server's terminal gateway processes "
+                   "(onecard serve --gateway-workers N; default 1)")
     p.add_argument("--random-ids", action="store_true",
                    help="clients use random UUIDv4 transfer ids (default: time-ordered UUIDv7, "
                    "as the README advises)")
@@ -158,6 +171,7 @@ def options(args: argparse.Namespace, dsn: str) -> Options:
             DEFAULT_SCALE_TRANSFERS)
     if conc <= 0 or size <= 0 or args.duration <= 0:
         raise SystemExit("bench: --concurrency, --request-size and --duration must be positive")
+    _check_terminal_options(args)
     return Options(
         workload=args.workload,
         dsn=dsn,
@@ -186,4 +200,17 @@ def options(args: argparse.Namespace, dsn: str) -> Options:
         keep=args.keep,
         random_ids=args.random_ids,
         credentials=args.credentials,
+        client=args.client,
+        gateway_workers=args.gateway_workers,
     )
+
+
+def _check_terminal_options(args: argparse.Namespace) -> None:
+    """--client and --gateway-workers shape the terminals workload only; wrk must be there
+    before any database is built."""
+    if args.workload != "terminals" and (args.client != "python" or args.gateway_workers != 1):
+        raise SystemExit("bench: --client and --gateway-workers apply to the terminals workload")
+    if not 1 <= args.gateway_workers <= limits.GATEWAY_MAX_WORKERS:
+        raise SystemExit(f"bench: --gateway-workers must be 1..{limits.GATEWAY_MAX_WORKERS}")
+    if args.client == "wrk" and shutil.which("wrk") is None:
+        raise SystemExit("bench: --client wrk: wrk is not on PATH (apt-get install wrk)")

@@ -158,17 +158,23 @@ class Server(msgspec.Struct, kw_only=True):
 
 
 @contextlib.asynccontextmanager
-async def serve(dsn: str, *, iso: bool = False) -> AsyncIterator[Server]:
-    """Run ``onecard serve`` on free ports against ``dsn`` until the block ends, then stop it
-    with SIGTERM (it drains its queue) and reap it."""
+async def serve(dsn: str, *, iso: bool = False, gateway_workers: int = 1
+                ) -> AsyncIterator[Server]:
+    """Run ``onecard serve`` on free ports against ``dsn`` (``gateway_workers``: its terminal
+    gateway processes) until the block ends, then stop it with SIGTERM (it drains its queue,
+    and stops its workers) and reap it."""
     http_port = free_port()
-    iso_port = free_port() if iso else None
+    iso_port = None
+    while iso and iso_port in (None, http_port):  # two calls may give one port
+        iso_port = free_port()
     with tempfile.TemporaryDirectory(prefix="onecard-bench-") as data_dir:
         argv = [
             sys.executable, "-c", "import sys; from engine.cli import main; sys.exit(main())",
             "serve", "--dsn", dsn, "--data-dir", data_dir, "--http", f"127.0.0.1:{http_port}",
         ]
         argv += ["--iso", f"127.0.0.1:{iso_port}"] if iso_port else ["--no-iso"]
+        if gateway_workers > 1:
+            argv += ["--gateway-workers", str(gateway_workers)]
         env = {
             **os.environ,
             # the server runs the code this bench was loaded from, whatever the working

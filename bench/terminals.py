@@ -22,6 +22,7 @@ from bench.options import Options
 from bench.report import Result, now_stamp, target
 from bench.server import Http, HttpError, Server, rss_mb
 from bench.web import campus_server, close_all, probe, server_cpu, transfer_worker
+from bench.wrk import wrk_phase
 from ledger.transfer import Transfer
 from ledger.types import TransferCode
 
@@ -146,7 +147,15 @@ def iso_worker(server: Server, card: str, term: tuple[str, str, bytes], seed: in
 
 
 async def _http_phase(o: Options, bar: Bar, dsn: str, campus: Campus, server: Server) -> Stats:
-    """Every terminal POSTs one meal at a time over its own keep-alive connection."""
+    """Every terminal POSTs one transfer at a time over its own keep-alive connection: the
+    bench's mix from Python clients, or one meal per request from wrk (``--client wrk``)."""
+    if o.client == "wrk":
+        return await wrk_phase(
+            f"terminals over HTTP c={o.terminals} (wrk)",
+            f"http://{server.host}:{server.http_port}/v1/transfers", campus,
+            connections=o.terminals, duration=o.duration, warmup=o.warmup, seed=o.seed,
+            bar=bar, cpu=server_cpu(dsn, server), batch_probe=probe(server),
+        )
     conns: list[Http] = []
     try:
         workers = [
@@ -189,7 +198,7 @@ async def run(o: Options, bar: Bar) -> Result:
     """HTTP phase, then (when the gateway exists) the ISO 8583 phase."""
     m = await machine(o.dsn)
     cpu = CpuMeter()
-    notes: list[str] = []
+    notes: list[str] = _notes(o)
     phases: list[Stats] = []
     iso_stats: Stats | None = None
     has_iso = _gateway_available()
@@ -212,6 +221,7 @@ async def run(o: Options, bar: Bar) -> Result:
         seed=o.seed,
         config={"duration_s": o.duration, "terminals": o.terminals, "purses": o.purses,
                 "http": "one transfer per POST, keep-alive connection per terminal",
+                "http_client": o.client, "gateway_workers": o.gateway_workers,
                 "iso": "0200 purchase per request, one card per terminal"},
         machine=m,
         transfers_per_s=http_stats.transfers_per_s,
@@ -230,3 +240,15 @@ async def run(o: Options, bar: Bar) -> Result:
         ],
         notes=notes,
     )
+
+
+def _notes(o: Options) -> list[str]:
+    """What a reader must know about this run's shape."""
+    notes = []
+    if o.client == "wrk":
+        notes.append("HTTP phase driven by wrk: meals only (the Python clients send the bench's "
+                     "mix); its CPU is 'load generator (wrk)'")
+    if o.gateway_workers > 1:
+        notes.append(f"{o.gateway_workers} gateway processes: 'server (python)' CPU counts them "
+                     "all; the mean batch is the first process's committer only")
+    return notes

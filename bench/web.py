@@ -69,7 +69,8 @@ async def campus_server(
             await load_campus(Store(pool), campus, seed=o.seed)
         finally:
             await pool.close()
-        async with serve(dsn, iso=iso) as server:
+        workers = o.gateway_workers if iso else 1
+        async with serve(dsn, iso=iso, gateway_workers=workers) as server:
             yield dsn, campus, server
 
 

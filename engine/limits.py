@@ -140,6 +140,23 @@ GATEWAY_GIVE_UP_WAIT_S: Final = 2.0
 GATEWAY_SWEEP_WINDOW_S: Final = 86_400.0
 GATEWAY_SWEEP_MAX: Final = 100_000
 
+# -- gateway worker processes (onecard serve --gateway-workers N) -------------------------------
+# Each worker is a whole engine on the same database: its own pool (DB_POOL_MAX), answer
+# memory pool (GATEWAY_DB_POOL_MAX) and committer, and its own copy of the per-gateway caps
+# above. 16 workers may hold ~210 PostgreSQL connections (serve warns when the server's
+# max_connections has no room for them); more processes than cores only add commits.
+GATEWAY_MAX_WORKERS: Final = 16
+GATEWAY_WORKER_START_TIMEOUT_S: Final = 60.0  # a worker not listening by then fails the start
+# A stopping worker answers what it has read (GATEWAY_STOP_GRACE_S), lets its flights land (the
+# same again) and drains its committer: past this it is killed.
+GATEWAY_WORKER_STOP_TIMEOUT_S: Final = 3 * GATEWAY_STOP_GRACE_S
+# A worker that dies is started again after this pause (its successor's sweep finishes the
+# undo of whatever it had given up); more than GATEWAY_WORKER_RESTARTS deaths within
+# GATEWAY_WORKER_RESTART_WINDOW_S is a crash loop: serve stops and exits non-zero.
+GATEWAY_WORKER_RESTART_S: Final = 1.0
+GATEWAY_WORKER_RESTARTS: Final = 5
+GATEWAY_WORKER_RESTART_WINDOW_S: Final = 60.0
+
 # -- terminal amounts and PINs (contract §5) ----------------------------------------------------
 # Fields 4 and 54 carry 12 digits of fen. A purse or room whose balance after an operation lies
 # beyond this could not be shown in the answer: such an operation is refused (13) before
@@ -239,6 +256,9 @@ DEFAULT_HOLD_TIMEOUT_S: Final = 1800  # a shower is paid or released within half
 MAX_CACHED_TERMINALS: Final = 65_536  # terminals never change once registered
 MAX_CACHED_CARDS: Final = 262_144  # card -> holder never changes either
 UNDO_ATTEMPTS: Final = 3  # a reversal racing a completion re-reads and tries again
+# A payment refused for funds its read had seen (another engine process spent from the purses
+# in between: the holder lock is per process) reads again and tries again this often in all.
+PAYMENT_ATTEMPTS: Final = 3
 # Today's spending of a holder is re-read from the ledger at least this often, so spending
 # through another engine process (whose commits this one does not hear) counts within this long.
 SPEND_MEMORY_TTL_S: Final = 5.0

@@ -146,18 +146,26 @@ class Gateway:
     # -- life cycle ------------------------------------------------------------------------
 
     async def start(
-        self, host: str = "127.0.0.1", port: int = 8583, *, sweep: bool = False
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8583,
+        *,
+        sweep: bool = False,
+        reuse_port: bool = False,
     ) -> None:
         """Open the answer memory's pool and start listening on ``host:port`` (0: any).
 
         ``sweep`` (``onecard serve`` sets it): also take back, in the background, whatever the
-        requests given up lately may still have posted (see ``sweep``)."""
+        requests given up lately may still have posted (see ``sweep``). ``reuse_port``: bind
+        with SO_REUSEPORT, so that the gateways of several processes share the port and the
+        kernel spreads the connections among them (``onecard serve --gateway-workers``)."""
         self._pool = await create_pool(self.engine.dsn, max_size=limits.GATEWAY_DB_POOL_MAX)
         self._memory = AnswerMemory(self._pool)
         self._giveups.memory = self._flights.memory = self._memory
         self._stopping = False
         self._server = await asyncio.start_server(
-            self._on_connect, host, port, backlog=limits.GATEWAY_LISTEN_BACKLOG
+            self._on_connect, host, port, backlog=limits.GATEWAY_LISTEN_BACKLOG,
+            reuse_port=reuse_port,
         )
         if sweep:
             self._sweeper = asyncio.create_task(self.sweep(), name="onecard-gateway-sweep")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Final
 from uuid import UUID
 
+from engine import limits
 from engine.campus.accounts import CASH_PART, SUBSIDY_PART, part_id
 from engine.campus.model import Outcome, PaymentResult, PurseBalances, Terminal
 from engine.campus.posting import (
@@ -46,8 +47,11 @@ async def spend(
     *,
     force: bool,
     hold: bool,
+    attempts: int = limits.PAYMENT_ATTEMPTS,
 ) -> PaymentResult:
-    """A purchase (``force``: its offline advice) or, with ``hold``, a hot-water hold."""
+    """A purchase (``force``: its offline advice) or, with ``hold``, a hot-water hold;
+    ``attempts``: how often in all it is decided, should other processes keep spending from
+    the purses between its read and its posting."""
     if term.kind not in (HOLD_KINDS if hold else PURCHASE_KINDS):
         return PaymentResult(Outcome.INVALID_TRANSACTION)
     if not s.amount_ok(amount):
@@ -89,6 +93,12 @@ async def spend(
             flags=(TransferFlag.PENDING,) if hold else (TransferFlag.FORCE,) if force else (),
             timeout=s.hold_timeout_s if hold else None)
         outcome, ts = outcome_of(await s.spending.post(ref.ledger, transfers))
+    if outcome is Outcome.INSUFFICIENT_FUNDS and st.cash + st.subsidy >= amount and attempts > 1:
+        # The holder lock is this process's only: another engine process (or a raw transfer)
+        # spent from the purses after the read, and the split made on it was refused. The
+        # money was there: read again and split again.
+        return await spend(s, term, card_no, amount, key, pin_block, force=force, hold=hold,
+                           attempts=attempts - 1)
     return await finish(s, ref.ledger, key, outcome, ts, purses=purses)
 
 

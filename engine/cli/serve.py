@@ -15,13 +15,13 @@ from typing import Final
 from engine.access import sealing, secretbox
 from engine.campus import Campus
 from engine.cli.base import Command, hostport_arg
+from engine.cli.workers import Gateways, workers_arg
 from engine.config import DEFAULT_HTTP, DEFAULT_ISO, tokens_from_env
 from engine.db.retention import run_pruner, windows_from_env
 from engine.finance.snapshots import run_alongside
 from engine.http.app import create_app
 from engine.http.server import http_server
 from engine.service import Engine, supervise
-from terminals.gateway import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +30,23 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http", default=DEFAULT_HTTP, type=hostport_arg, help="HOST:PORT for HTTP")
     p.add_argument("--iso", default=DEFAULT_ISO, type=hostport_arg, help="HOST:PORT for ISO 8583")
     p.add_argument("--no-iso", action="store_true", help="do not start the terminal gateway")
+    p.add_argument(
+        "--gateway-workers", default=1, type=workers_arg, metavar="N",
+        help="terminal gateway processes sharing the ISO port (SO_REUSEPORT), each with its "
+        "own engine on the database (default 1: the gateway runs in this process only)",
+    )
 
 
 async def _serve(args: argparse.Namespace, dsn: str) -> int:
-    await serve(dsn, args)
-    return 0
+    return await serve(dsn, args)
 
 
-async def serve(dsn: str, args: argparse.Namespace) -> None:
-    """Run until SIGINT/SIGTERM; then stop accepting, drain the queue, answer it, exit."""
+async def serve(dsn: str, args: argparse.Namespace) -> int:
+    """Run until SIGINT/SIGTERM; then stop accepting, drain the queue, answer it, exit 0.
+    Exit 1 when the gateway workers crash-loop (engine/cli/workers.py)."""
+    workers: int = args.gateway_workers
+    if args.no_iso and workers > 1:
+        raise ValueError("--gateway-workers needs the terminal gateway (drop --no-iso)")
     admin, read = tokens_from_env(args.data_dir)
     windows = windows_from_env()  # a bad retention variable stops us before anything starts
     box = secretbox.box_for(args.data_dir)  # before anything starts: no key, no engine
@@ -65,24 +73,27 @@ async def serve(dsn: str, args: argparse.Namespace) -> None:
     app.state.campus = campus
     host, port = args.http
     server = http_server(app, host, port)
-    gateway = None
-    if not args.no_iso:
-        gateway = Gateway(engine, campus=campus)
-        await gateway.start(*args.iso, sweep=True)
-        log.info("terminal gateway on %s:%d", *args.iso)
-    log.info("HTTP API on http://%s:%d (OpenAPI at /openapi.json)", host, port)
-    # Both doors close at once on a signal: the gateway stops accepting and answers what it
-    # has read while uvicorn does the same; the engine drains its queue after both.
+    # Both doors close at once on a signal (or when the gateway workers crash-loop): the
+    # gateways stop accepting and answer what they have read while uvicorn does the same; the
+    # engine drains its queue after both.
     stopping: list[asyncio.Task[None]] = []
 
-    def on_signal() -> None:
+    def on_stop() -> None:
         server.request_exit()
-        if gateway is not None and not stopping:
-            stopping.append(asyncio.create_task(gateway.stop(), name="onecard-gateway-stop"))
+        if gateways is not None and not stopping:
+            stopping.append(asyncio.create_task(gateways.stop(), name="onecard-gateway-stop"))
 
+    gateways = None
+    if not args.no_iso:
+        gateways = Gateways(engine, campus, workers=workers, data_dir=args.data_dir,
+                            on_failure=on_stop)
+        await gateways.start(*args.iso)
+        log.info("terminal gateway on %s:%d (%d processes)", args.iso[0], gateways.own.port,
+                 workers)
+    log.info("HTTP API on http://%s:%d (OpenAPI at /openapi.json)", host, port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(sig, on_stop)
     try:
         await run_alongside(server.serve(), engine.store)  # + end-of-day snapshots
     finally:
@@ -91,11 +102,12 @@ async def serve(dsn: str, args: argparse.Namespace) -> None:
             await pruner
         if stopping:
             await stopping[0]
-        elif gateway is not None:
-            await gateway.stop()
+        elif gateways is not None:
+            await gateways.stop()
         await app.state.access.close()
         await engine.stop()
         await asyncio.sleep(0)
+    return 1 if gateways is not None and gateways.failed else 0
 
 
 SERVE: Final = Command("serve", "run the HTTP API and terminal gateway", _arguments, _serve)

@@ -137,6 +137,31 @@ async def test_spending_elsewhere_counts_once_the_memory_ages_out(engine: Engine
     assert await w.balances() == (9_000, 0)
 
 
+async def test_a_split_made_stale_by_another_process_is_decided_again(
+    engine: Engine, ids: Ids
+) -> None:
+    """Two processes paying for one holder at once both read the subsidy before either posts
+    (the holder lock is per process): the one whose subsidy part the other spent first must
+    not answer 51 while the cash purse can pay; it reads again and splits again."""
+    here = Campus(engine)
+    w = await make_world(engine, here, ids)
+    await w.top_up(100_000)
+    await w.grant(500)
+    other = Engine(engine.dsn)
+    await other.start(run_migrations=False)
+    try:
+        elsewhere = Campus(other)
+        for _ in range(4):  # rounds of two at once: 500, 300, 100 (both read it), then cash
+            both = await asyncio.gather(
+                here.purchase(w.pos, card_no=w.card, amount=100, key=key()),
+                elsewhere.purchase(w.pos, card_no=w.card, amount=100, key=key()),
+            )
+            assert [r.outcome for r in both] == [Outcome.APPROVED] * 2
+    finally:
+        await other.stop()
+    assert await w.balances() == (100_000 - 300, 0)  # 800 spent: the 500 of subsidy first
+
+
 async def test_completion_and_reversal_lower_the_remembered_spending(w_limit: World) -> None:
     w = w_limit
     h = key()

@@ -112,13 +112,17 @@ class ServerProcess:
         iso: bool = False,
         env: dict[str, str] | None = None,
         verbose: bool = False,
+        args: Sequence[str] = (),
     ) -> None:
         self.dsn = dsn
         self.log_path = log_path
         self.http_port = free_port()
-        self.iso_port = free_port() if iso else None
+        self.iso_port = None
+        while iso and self.iso_port in (None, self.http_port):  # two calls may give one port
+            self.iso_port = free_port()
         self.env = env or {}
         self.verbose = verbose
+        self.args = list(args)  # more serve flags (--gateway-workers N)
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -137,7 +141,7 @@ class ServerProcess:
             args += ["--iso", f"127.0.0.1:{self.iso_port}"]
         if self.verbose:
             args.append("-v")
-        return args
+        return [*args, *self.args]
 
     def start(self) -> None:
         """Launch (or relaunch, on the same ports) the server; returns at once."""
@@ -243,10 +247,15 @@ async def _wait_port(port: int, deadline: float) -> None:
 
 @contextlib.asynccontextmanager
 async def running_server(
-    dsn: str, log_path: Path, *, iso: bool = False, env: dict[str, str] | None = None
+    dsn: str,
+    log_path: Path,
+    *,
+    iso: bool = False,
+    env: dict[str, str] | None = None,
+    args: Sequence[str] = (),
 ) -> AsyncIterator[ServerProcess]:
     """A started, ready server that is stopped (and, if need be, killed) afterwards."""
-    server = ServerProcess(dsn, log_path, iso=iso, env=env)
+    server = ServerProcess(dsn, log_path, iso=iso, env=env, args=args)
     server.start()
     try:
         await server.wait_ready()
