@@ -6,13 +6,13 @@ last. The library does the field-level encoding; this package adds what it does 
 the profile's field set, character classes, date shapes and the MAC position.
 
 ``message`` holds the vocabulary (message types, codes, Message), ``profile`` the field table
-and the library spec, ``codec`` encoding, decoding and salvage, ``amounts`` field 54 and
-``original`` field 90. This module is the package's public face: what the gateway, the
-terminal client and the simulator use; the modules inside import each other directly.
+and the library spec, ``header`` the MTI and bitmaps, ``reference`` encoding and decoding,
+``salvage`` what can be read of a refused frame, ``amounts`` field 54 and ``original`` field
+90. This module is the package's public face: what the gateway, the terminal client and the
+simulator use; the modules inside import each other directly.
 """
 
 from terminals.iso8583.amounts import AmountBlock, encode_amounts, parse_amounts
-from terminals.iso8583.codec import decode_message, encode_message, encode_message_unmac, salvage
 from terminals.iso8583.message import (
     AccountType,
     DecodedFrame,
@@ -26,6 +26,8 @@ from terminals.iso8583.message import (
 )
 from terminals.iso8583.original import OriginalData, encode_original, parse_original
 from terminals.iso8583.profile import SPEC
+from terminals.iso8583.reference import decode_message, encode_message, encode_message_unmac
+from terminals.iso8583.salvage import salvage
 
 __all__ = [
     "SPEC",
