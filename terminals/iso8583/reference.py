@@ -1,6 +1,11 @@
-"""The codec of the profile, on top of the pinned ``pyiso8583``: encoding (the MAC always the
-last field, 64 or 128) and decoding (the profile's field set, character classes, date shapes,
-length digits and the MAC position, which the library does not check)."""
+"""The reference codec of the profile, on top of the pinned ``pyiso8583``: encoding (the MAC
+always the last field, 64 or 128) and decoding (the profile's field set, character classes,
+date shapes and the MAC position, which the library does not check).
+
+The gateway and the terminal client use the specialised codec (codec.py); this one is the
+yardstick it is held to: tests/terminals/test_codec_equivalence.py checks that both encode
+every message of the profile to the same bytes and refuse the same frames. It also explains,
+for the specialised codec, why a frame or message is refused (``FormatError.reason``)."""
 
 from __future__ import annotations
 
