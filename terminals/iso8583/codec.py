@@ -22,7 +22,7 @@ from typing import Any, Final, NamedTuple, NoReturn
 from msgspec.structs import astuple
 
 from engine.limits import ISO8583_CACHED_PLANS, TERMINAL_FIELD_MAX_FEN
-from terminals.iso8583.header import SECONDARY_END, check_mti, read_header
+from terminals.iso8583.header import SECONDARY_END, as_bytes, check_mti, read_header
 from terminals.iso8583.message import DecodedFrame, FormatError, Message, is_digits, is_int
 from terminals.iso8583.profile import BITMAP_LEN, FIELDS, MAC_PRIMARY, MAC_SECONDARY, MTI_LEN
 from terminals.iso8583.profile import Field as _Field
@@ -119,9 +119,7 @@ def decode_message(raw: bytes | bytearray) -> DecodedFrame:
     Returns the Message, its MAC (None if absent) and the bytes the MAC covers. Raises
     FormatError for anything malformed, including a MAC that is not the last field.
     """
-    if not isinstance(raw, bytes | bytearray):
-        raise FormatError("message must be bytes")
-    raw = bytes(raw)
+    raw = as_bytes(raw)
     plan = _plan_of(raw)
     size, pos = len(raw), plan.start
     values: dict[str, Any] = {}

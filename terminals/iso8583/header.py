@@ -12,6 +12,14 @@ from terminals.iso8583.profile import BITMAP_LEN, MAC_PRIMARY, MTI_LEN, PROFILE
 SECONDARY_END: Final = MTI_LEN + 2 * BITMAP_LEN
 
 
+def as_bytes(raw: object) -> bytes:
+    """A message's payload as bytes (a bytearray copied); raises FormatError for anything
+    else."""
+    if not isinstance(raw, bytes | bytearray):
+        raise FormatError("message must be bytes")
+    return bytes(raw)
+
+
 def check_mti(raw: bytes) -> None:
     """Raise FormatError unless ``raw`` starts with four ASCII digits, the first a 0 (1987)."""
     if not raw[:MTI_LEN].isdigit() or raw[:1] != b"0":

@@ -14,7 +14,7 @@ from typing import Any, Final
 import iso8583
 
 from engine.limits import TERMINAL_FIELD_MAX_FEN
-from terminals.iso8583.header import read_header
+from terminals.iso8583.header import as_bytes, read_header
 from terminals.iso8583.message import DecodedFrame, FormatError, Message, is_digits, is_int
 from terminals.iso8583.profile import CHECKS, HIGH_ATTRS, MAC_KEYS, SPEC, Field, check_field
 from terminals.mac import MAC_LEN, compute_mac
@@ -27,10 +27,7 @@ _MAC_HEX_PLACEHOLDER: Final = "00" * MAC_LEN
 
 
 def encode_message(msg: Message, mac_key: bytes) -> bytes:
-    """Encode ``msg`` and append its MAC as the last field (64, or 128 past field 64).
-
-    Raises FormatError if a field breaks the profile.
-    """
+    """``codec.encode_message`` on top of the library."""
     doc = _to_doc(msg)
     # Encoding with a placeholder sets the MAC bit in the bitmap; the MAC, fixed-length and
     # last, then replaces the placeholder's final 8 bytes. Past field 64 it goes in 128.
@@ -41,7 +38,7 @@ def encode_message(msg: Message, mac_key: bytes) -> bytes:
 
 
 def encode_message_unmac(msg: Message) -> bytes:
-    """Encode ``msg`` without a MAC (only for the unknown-terminal ``63`` answer)."""
+    """``codec.encode_message_unmac`` on top of the library."""
     return _lib_encode(_to_doc(msg))
 
 
@@ -85,14 +82,8 @@ def _lib_encode(doc: dict[str, str]) -> bytes:
 
 
 def decode_message(raw: bytes | bytearray) -> DecodedFrame:
-    """Decode one message (frame payload) of the profile.
-
-    Returns the Message, its MAC (None if absent) and the bytes the MAC covers. Raises
-    FormatError for anything malformed, including a MAC that is not the last field.
-    """
-    if not isinstance(raw, bytes | bytearray):
-        raise FormatError("message must be bytes")
-    raw = bytes(raw)
+    """``codec.decode_message`` on top of the library."""
+    raw = as_bytes(raw)
     secondary, _ = read_header(raw)  # first: the library would trip on fields off the profile
     try:
         doc, enc = iso8583.decode(raw, SPEC)
