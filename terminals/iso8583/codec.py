@@ -134,7 +134,8 @@ def decode_message(raw: bytes | bytearray) -> DecodedFrame:
             _refuse(raw)
         values[attr] = value(raw[pos:end])
         pos = end
-    if pos + (MAC_LEN if plan.mac else 0) != size:
+    fields_end = size - MAC_LEN if plan.mac else size  # the MAC, if any, is all that is left
+    if pos != fields_end:
         _refuse(raw)
     message = Message(mti=raw[:MTI_LEN].decode(), **values)
     if not plan.mac:
