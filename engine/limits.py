@@ -114,6 +114,9 @@ GATEWAY_FIRST_FRAME_TIMEOUT_S: Final = 10.0
 # connects a short queue drops a terminal's handshake, which it then retries only after 1 s.
 GATEWAY_LISTEN_BACKLOG: Final = 4096
 GATEWAY_MAX_FRAME_BYTES: Final = 1024  # the largest message of the profile is < 400 bytes
+# The terminal codec remembers how to read each pair of bitmaps it has seen (a few dozen in
+# real traffic: one per message shape); past this many it reads new ones without remembering.
+ISO8583_CACHED_PLANS: Final = 1024
 GATEWAY_IDLE_TIMEOUT_S: Final = 300.0  # no complete frame for this long: the connection closes
 GATEWAY_WRITE_TIMEOUT_S: Final = 10.0  # a peer that does not read its answers is dropped
 GATEWAY_MAX_INFLIGHT_PER_CONNECTION: Final = 16  # pipelined requests; then reading pauses

@@ -1,93 +1,116 @@
-"""The codec of the profile, on top of the pinned ``pyiso8583``: encoding (the MAC always the
-last field, 64 or 128), decoding (the profile's field set, character classes, date shapes and
-the MAC position, which the library does not check), and salvage (what can still be read of a
-frame the decoder refused, so that its ``30`` answer can be MACed and paired)."""
+"""The codec the gateway and the terminal client use: the profile's fixed layout (contract §5)
+compiled into one step per field, so that a message costs a few microseconds each way.
+
+Decoding looks the bitmaps up in a bounded cache of plans (the fields they flag, in wire
+order, each with its length and one compiled rule for its content: character class, length,
+and the dates, field 54 and field 90 rules), then walks the bytes once. Encoding renders each
+present field and assembles the bitmaps from the fields' bits. The MAC goes last, in 64, or
+in 128 when a field above 64 is present, as in reference.py.
+
+reference.py (on ``pyiso8583``) is the yardstick: the two encode every message of the profile
+to the same bytes and refuse the same frames (tests/terminals/test_codec_equivalence.py). A
+refusal found here is explained by the reference (``FormatError.reason``): it only runs for
+frames that are refused anyway.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Final
+import re
+from collections.abc import Callable
+from typing import Any, Final, NamedTuple, NoReturn
 
-import iso8583
+from msgspec.structs import astuple
 
-from engine.limits import TERMINAL_FIELD_MAX_FEN
+from engine.limits import ISO8583_CACHED_PLANS, TERMINAL_FIELD_MAX_FEN
+from terminals.iso8583.header import SECONDARY_END, as_bytes, check_mti, read_header
 from terminals.iso8583.message import DecodedFrame, FormatError, Message, is_digits, is_int
-from terminals.iso8583.profile import (
-    BITMAP_LEN,
-    CHECKS,
-    HIGH_ATTRS,
-    MAC_KEYS,
-    MAC_PRIMARY,
-    MTI_LEN,
-    PROFILE,
-    SPEC,
-    Field,
-    check_field,
-)
+from terminals.iso8583.profile import BITMAP_LEN, FIELDS, MAC_PRIMARY, MAC_SECONDARY, MTI_LEN
+from terminals.iso8583.profile import Field as _Field
+from terminals.iso8583.reference import decode_message as _reference_decode
+from terminals.iso8583.reference import encode_message_unmac as _reference_encode
 from terminals.mac import MAC_LEN, compute_mac
 
-_MAX_AMOUNT: Final = TERMINAL_FIELD_MAX_FEN  # field 4: 12 digits of fen
-_MAC_HEX_PLACEHOLDER: Final = "00" * MAC_LEN
+__all__ = ["decode_message", "encode_message", "encode_message_unmac"]
 
-# ---------------------------------------------------------------------------------------
-# Encoding
-
-
-def encode_message(msg: Message, mac_key: bytes) -> bytes:
-    """Encode ``msg`` and append its MAC as the last field (64, or 128 past field 64).
-
-    Raises FormatError if a field breaks the profile.
-    """
-    doc = _to_doc(msg)
-    # Encoding with a placeholder sets the MAC bit in the bitmap; the MAC, fixed-length and
-    # last, then replaces the placeholder's final 8 bytes. Past field 64 it goes in 128.
-    high = any(getattr(msg, attr) is not None for attr in HIGH_ATTRS)
-    doc[MAC_KEYS[high]] = _MAC_HEX_PLACEHOLDER
-    body = _lib_encode(doc)[:-MAC_LEN]
-    return body + compute_mac(mac_key, body)
-
-
-def encode_message_unmac(msg: Message) -> bytes:
-    """Encode ``msg`` without a MAC (only for the unknown-terminal ``63`` answer)."""
-    return _lib_encode(_to_doc(msg))
+# The value rules past class and length, as expressions (reference.py checks them in Python:
+# profile.py's date checks, parse_amounts, parse_original; the equivalence tests hold the two
+# together). Dates: month 01-12 with its days (Feb 29 allowed), hh < 24, mm and ss < 60.
+_MMDD: Final = (
+    "(?:(?:0[13578]|1[02])(?:0[1-9]|[12][0-9]|3[01])"
+    "|(?:0[469]|11)(?:0[1-9]|[12][0-9]|30)"
+    "|02(?:0[1-9]|[12][0-9]))"
+)
+_HHMMSS: Final = "(?:[01][0-9]|2[0-3])[0-5][0-9][0-5][0-9]"
+_VALUE_RULES: Final = {
+    7: _MMDD + _HHMMSS,
+    12: _HHMMSS,
+    13: _MMDD,
+    54: "(?:[0-9]{7}[CD][0-9]{12}){1,6}",  # type (2), amount type (2), currency (3), sign, fen
+    90: "[0-9]{20}0{22}",  # MTI, STAN, field 7, then zeros
+}
 
 
-def _to_doc(msg: Message) -> dict[str, str]:
-    if not isinstance(msg.mti, str) or not is_digits(msg.mti, 4) or msg.mti[0] != "0":
-        raise FormatError("bad MTI")
-    doc = {"t": msg.mti}
-    for f, key, pattern in CHECKS:
-        value = getattr(msg, f.attr)
-        if value is not None:
-            wire = _to_wire(f, value)
-            check_field(f, pattern, wire)
-            doc[key] = wire
-    return doc
-
-
-def _to_wire(f: Field, value: object) -> str:
-    if f.attr == "amount":
-        if not is_int(value) or not 0 <= value <= _MAX_AMOUNT:
-            raise FormatError("field 4: amount must be an int in 0..999999999999")
-        return f"{value:012d}"
+def _rule(f: _Field) -> re.Pattern[bytes]:
+    """The whole content of field ``f`` in one expression (a binary field: any 8 bytes)."""
     if f.kind == "b":
-        if not isinstance(value, bytes):
-            raise FormatError(f"field {f.number}: expected bytes")
-        return value.hex().upper()
-    if not isinstance(value, str):
-        raise FormatError(f"field {f.number}: expected str")
-    return value
-
-
-def _lib_encode(doc: dict[str, str]) -> bytes:
-    try:
-        raw, _ = iso8583.encode(doc, SPEC)
-    except iso8583.EncodeError as exc:  # pragma: no cover - check_field runs first
-        raise FormatError(f"encode: {exc}") from None
-    return bytes(raw)
+        return re.compile(b"(?s).{%d}" % f.max_len)
+    return re.compile(_VALUE_RULES.get(f.number, f.pattern().pattern).encode())
 
 
 # ---------------------------------------------------------------------------------------
 # Decoding
+
+
+class _Step(NamedTuple):
+    """How to read one field: its Message attribute, length digits (0: fixed), its length
+    or maximum, its rule, and how its bytes become the attribute's value."""
+
+    attr: str
+    len_type: int
+    size: int
+    match: Callable[[bytes, int, int], re.Match[bytes] | None]
+    value: Callable[[bytes], object]
+
+
+def _step(f: _Field) -> _Step:
+    value: Callable[[bytes], object] = bytes if f.kind == "b" else bytes.decode
+    if f.attr == "amount":
+        value = int
+    return _Step(f.attr, f.len_type, f.max_len, _rule(f).fullmatch, value)
+
+
+_STEPS: Final = {f.number: _step(f) for f in FIELDS}
+
+
+class _Plan(NamedTuple):
+    """How to read the fields of one pair of bitmaps: where they start, each field's step in
+    wire order, and whether a MAC (always last) follows them."""
+
+    start: int
+    steps: tuple[_Step, ...]
+    mac: bool
+
+
+_plans: dict[bytes, _Plan] = {}
+
+
+def _plan_of(raw: bytes) -> _Plan:
+    """The plan of ``raw``'s bitmaps, after the header's checks; raises FormatError."""
+    secondary = len(raw) > MTI_LEN and raw[MTI_LEN] & 0x80
+    bitmaps = raw[MTI_LEN : SECONDARY_END if secondary else MTI_LEN + BITMAP_LEN]
+    plan = _plans.get(bitmaps)  # only a complete, valid pair of bitmaps is ever stored
+    if plan is not None:
+        check_mti(raw)
+        return plan
+    has_secondary, fields = read_header(raw)
+    plan = _Plan(
+        start=SECONDARY_END if has_secondary else MTI_LEN + BITMAP_LEN,
+        steps=tuple(_STEPS[n] for n in fields if n not in (MAC_PRIMARY, MAC_SECONDARY)),
+        mac=bool(fields) and fields[-1] in (MAC_PRIMARY, MAC_SECONDARY),
+    )
+    if len(_plans) < ISO8583_CACHED_PLANS:  # a peer sending ever new bitmaps fills no memory
+        _plans[bitmaps] = plan
+    return plan
 
 
 def decode_message(raw: bytes | bytearray) -> DecodedFrame:
@@ -96,147 +119,119 @@ def decode_message(raw: bytes | bytearray) -> DecodedFrame:
     Returns the Message, its MAC (None if absent) and the bytes the MAC covers. Raises
     FormatError for anything malformed, including a MAC that is not the last field.
     """
-    if not isinstance(raw, bytes | bytearray):
-        raise FormatError("message must be bytes")
-    raw = bytes(raw)
-    secondary = _check_header(raw)
-    try:
-        doc, _ = iso8583.decode(raw, SPEC)
-    except iso8583.DecodeError as exc:
-        # The library blames the last field it decoded for trailing bytes; say what it is.
-        if exc.msg.startswith("Extra data"):
-            raise FormatError("trailing bytes after the last field") from None
-        raise FormatError(f"field {exc.field}: {exc.msg}") from None
+    raw = as_bytes(raw)
+    plan = _plan_of(raw)
+    size, pos = len(raw), plan.start
     values: dict[str, Any] = {}
-    for f, key, pattern in CHECKS:
-        wire = doc.get(key)
-        if wire is not None:
-            check_field(f, pattern, wire)
-            values[f.attr] = _from_wire(f, wire)
-    message = Message(mti=doc["t"], **values)
-    mac_key = MAC_KEYS[secondary]
-    if mac_key not in doc:
+    for attr, len_type, length, match, value in plan.steps:
+        if len_type:
+            digits = raw[pos : pos + len_type]
+            if not digits.isdigit():
+                _refuse(raw)
+            pos, length = pos + len_type, int(digits)
+        end = pos + length
+        if end > size or match(raw, pos, end) is None:
+            _refuse(raw)
+        values[attr] = value(raw[pos:end])
+        pos = end
+    fields_end = size - MAC_LEN if plan.mac else size  # the MAC, if any, is all that is left
+    if pos != fields_end:
+        _refuse(raw)
+    message = Message(mti=raw[:MTI_LEN].decode(), **values)
+    if not plan.mac:
         return DecodedFrame(message, None, b"")
-    return DecodedFrame(message, bytes.fromhex(doc[mac_key]), raw[:-MAC_LEN])
+    return DecodedFrame(message, raw[pos:], raw[:pos])
 
 
-def _check_header(raw: bytes) -> bool:
-    """Validate MTI and bitmaps against the profile; return whether a secondary is present.
-
-    Done before the library runs because it looks up every flagged field in the spec (a
-    field outside the profile would be a KeyError) and reads field 65 as a tertiary bitmap.
-    """
-    if len(raw) < MTI_LEN + BITMAP_LEN:
-        raise FormatError("truncated before the end of the primary bitmap")
-    if not raw[:MTI_LEN].isdigit() or raw[0:1] != b"0":
-        raise FormatError("bad MTI")
-    fields = _bits(raw[MTI_LEN : MTI_LEN + BITMAP_LEN], 0)
-    secondary = 1 in fields
-    if secondary:
-        start = MTI_LEN + BITMAP_LEN
-        if len(raw) < start + BITMAP_LEN:
-            raise FormatError("truncated inside the secondary bitmap")
-        high = _bits(raw[start : start + BITMAP_LEN], 64)
-        if not high:
-            raise FormatError("secondary bitmap present without fields above 64")
-        fields = (fields - {1}) | high
-    unknown = fields - PROFILE
-    if unknown:
-        raise FormatError(f"field {min(unknown)} is not in the profile")
-    if secondary and MAC_PRIMARY in fields:
-        raise FormatError("MAC in field 64 with a secondary bitmap: MAC is not the last field")
-    return secondary
-
-
-def _bits(bitmap: bytes, offset: int) -> set[int]:
-    out: set[int] = set()
-    for i, byte in enumerate(bitmap):
-        if byte:
-            out.update(_BYTE_BITS[offset + i * 8][byte])
-    return out
-
-
-# _BYTE_BITS[base][byte]: the field numbers a bitmap byte flags, the byte's first bit being
-# field base + 1 (bases 0, 8, .., 120).
-_BYTE_BITS: Final = {
-    base: tuple(
-        tuple(base + bit + 1 for bit in range(8) if byte & (0x80 >> bit)) for byte in range(256)
-    )
-    for base in range(0, 128, 8)
-}
-
-
-def _from_wire(f: Field, wire: str) -> object:
-    if f.attr == "amount":
-        return int(wire)
-    if f.kind == "b":
-        return bytes.fromhex(wire)
-    return wire
+def _refuse(raw: bytes) -> NoReturn:
+    """Raise the FormatError refusing ``raw``, with the reference's reason."""
+    _reference_decode(raw)
+    raise FormatError("refused by the profile")  # pragma: no cover - the codecs agree
 
 
 # ---------------------------------------------------------------------------------------
-# Salvage: what can be read of a frame decode_message refused
+# Encoding
 
-# The fields an answer to a malformed frame echoes: 41 says whose key MACs it, 11 and 7 pair
-# it with the request. 41 is the last of them, so the walk never goes past it.
-_SALVAGED: Final = frozenset({"transmission_dt", "stan", "terminal_id"})
-_SALVAGE_LAST: Final = 41
-_BY_NUMBER: Final = {f.number: (f, pattern) for f, _, pattern in CHECKS}
-
-
-def salvage(raw: bytes | bytearray) -> Message | None:
-    """The MTI and whichever of fields 7, 11 and 41 are well-formed in a frame that
-    ``decode_message`` refused (a bad value elsewhere, the MAC misplaced or missing, trailing
-    bytes, a truncated field, a flag outside the profile), or None without a digit MTI.
-
-    So that the ``30`` answering it can echo them and carry the MAC of the terminal field 41
-    names (contract §5: every answer to a known terminal carries one). Best effort: it walks
-    the bitmap field by field with the profile's lengths and stops at the first field it
-    cannot delimit (outside the profile, a bad length prefix, truncated); a field's content
-    never stops the walk, only its shape.
-    """
-    raw = bytes(raw)
-    if len(raw) < MTI_LEN or not raw[:MTI_LEN].isdigit():
-        return None
-    found: dict[str, str] = {}  # the salvaged fields are all text: their wire form is the value
-    pos = MTI_LEN + BITMAP_LEN
-    primary = _bits(raw[MTI_LEN:pos], 0) if len(raw) >= pos else set()
-    if 1 in primary:
-        pos += BITMAP_LEN  # a truncated secondary bitmap leaves nothing to read below
-    for number in sorted(primary - {1}):
-        entry = _BY_NUMBER.get(number)
-        if number > _SALVAGE_LAST or entry is None:
-            break
-        f, pattern = entry
-        delimited = _delimit(f, raw, pos)
-        if delimited is None:
-            break
-        wire, pos = delimited
-        if f.attr in _SALVAGED:
-            try:
-                check_field(f, pattern, wire)
-            except FormatError:
-                continue  # malformed itself: not echoed, but the walk goes on
-            found[f.attr] = wire
-    return Message(
-        mti=raw[:MTI_LEN].decode(),
-        transmission_dt=found.get("transmission_dt"),
-        stan=found.get("stan"),
-        terminal_id=found.get("terminal_id"),
-    )
+# Each field's bit in the bitmaps read as one 128-bit number (field 1 the highest bit).
+_BIT: Final = tuple(1 << (128 - n) if n else 0 for n in range(129))
+_HIGH: Final = (1 << 64) - 1  # the bits of fields 65..128
+_Wire = Callable[[object], "bytes | None"]
 
 
-def _delimit(f: Field, raw: bytes, pos: int) -> tuple[str, int] | None:
-    """Field ``f`` at ``pos`` (its wire text, in the library's form) and where the next field
-    starts, or None when its length prefix or its data cannot be read."""
-    size = f.max_len
-    if f.len_type:
-        prefix = raw[pos : pos + f.len_type]
-        if len(prefix) != f.len_type or not prefix.isdigit() or int(prefix) > f.max_len:
+def _text_wire(f: _Field) -> _Wire:
+    match, prefix = _rule(f).fullmatch, b"%%0%dd" % f.len_type if f.len_type else b""
+
+    def wire(value: object) -> bytes | None:
+        if not isinstance(value, str) or not value.isascii():
             return None
-        size, pos = int(prefix), pos + f.len_type
-    data = raw[pos : pos + size]
-    if len(data) != size:
+        data = value.encode()
+        if match(data) is None:
+            return None
+        return prefix % len(data) + data if prefix else data
+
+    return wire
+
+
+def _amount_wire(value: object) -> bytes | None:
+    if not is_int(value) or not 0 <= value <= TERMINAL_FIELD_MAX_FEN:
         return None
-    # latin-1 maps every byte to one character; the field's pattern then refuses non-ASCII
-    return (data.hex().upper() if f.kind == "b" else data.decode("latin-1")), pos + size
+    return b"%012d" % value
+
+
+def _binary_wire(f: _Field) -> _Wire:
+    def wire(value: object) -> bytes | None:
+        return value if isinstance(value, bytes) and len(value) == f.max_len else None
+
+    return wire
+
+
+def _wire_of(f: _Field) -> _Wire:
+    if f.attr == "amount":
+        return _amount_wire
+    return _binary_wire(f) if f.kind == "b" else _text_wire(f)
+
+
+# Message's fields after the MTI, in order: their bits and renderers (the table's order)
+_PUTS: Final = tuple((_BIT[f.number], _wire_of(f)) for f in FIELDS)
+assert tuple(f.attr for f in FIELDS) == Message.__struct_fields__[1:]
+
+
+def encode_message(msg: Message, mac_key: bytes) -> bytes:
+    """Encode ``msg`` and append its MAC as the last field (64, or 128 past field 64).
+
+    Raises FormatError if a field breaks the profile.
+    """
+    body = _encode(msg, mac=True)
+    return body + compute_mac(mac_key, body)
+
+
+def encode_message_unmac(msg: Message) -> bytes:
+    """Encode ``msg`` without a MAC (only for the unknown-terminal ``63`` answer)."""
+    return _encode(msg, mac=False)
+
+
+def _encode(msg: Message, *, mac: bool) -> bytes:
+    mti, *values = astuple(msg)
+    if not is_digits(mti, 4) or mti[0] != "0":
+        _refuse_message(msg)
+    bitmap, parts = 0, [mti.encode()]
+    for (bit, wire), value in zip(_PUTS, values, strict=True):
+        if value is not None:
+            data = wire(value)
+            if data is None:
+                _refuse_message(msg)
+            parts.append(data)
+            bitmap |= bit
+    if bitmap & _HIGH:
+        bitmap |= _BIT[1] | (_BIT[MAC_SECONDARY] if mac else 0)
+        parts.insert(1, bitmap.to_bytes(2 * BITMAP_LEN, "big"))
+    else:
+        bitmap |= _BIT[MAC_PRIMARY] if mac else 0
+        parts.insert(1, (bitmap >> 64).to_bytes(BITMAP_LEN, "big"))
+    return b"".join(parts)
+
+
+def _refuse_message(msg: Message) -> NoReturn:
+    """Raise the FormatError refusing ``msg``, with the reference's reason."""
+    _reference_encode(msg)
+    raise FormatError("refused by the profile")  # pragma: no cover - the codecs agree

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import uuid
 from typing import Any, Final
+from zoneinfo import ZoneInfo
 
 import msgspec
 import pytest
@@ -25,7 +26,8 @@ from ledger.status import TransferStatus
 from ledger.transfer import Transfer
 from ledger.types import AccountKind, TransferCode
 from terminals.client import TerminalClient
-from terminals.iso8583 import decode_message, encode_message
+from terminals.iso8583 import AmountBlock, Message, ResponseCode, codec, encode_amounts, reference
+from terminals.replies import Replier
 
 BATCH: Final = 8190
 PURSES: Final = 2000
@@ -141,18 +143,38 @@ def pos() -> TerminalClient:
     )
 
 
-def test_iso8583_purchase_roundtrip(benchmark: Any, pos: TerminalClient) -> None:
-    """A 0200 purchase: encode with its MAC, decode, verify the MAC."""
-    msg = pos.purchase("6210000000000001", 1234)
+_CODECS: Final = {"specialised": codec, "pyiso8583": reference}
+
+
+def _purchase_answer(request: Message) -> Message:
+    """The gateway's approval of ``request``: RRN, auth id, campus time and field 54."""
+    answer = Replier(ZoneInfo("Asia/Shanghai")).reply(
+        request, ResponseCode.APPROVED, auth_id="A1B2C3", amounts=encode_amounts(
+            [AmountBlock(account_type=t, amount=8_766) for t in ("00", "10", "20")]))
+    return msgspec.structs.replace(answer, rrn="0A1B2C3D4E5F")
+
+
+@pytest.mark.parametrize("engine", _CODECS)
+@pytest.mark.parametrize("kind", ["request", "answer"])
+def test_iso8583_purchase_roundtrip(
+    benchmark: Any, pos: TerminalClient, engine: str, kind: str
+) -> None:
+    """A 0200 purchase or its 0210 approval: encode with its MAC, then decode, by the codec
+    the gateway and the client use and by its pyiso8583 reference (compare within a kind)."""
+    benchmark.group = f"iso8583 purchase {kind}: encode + decode"
+    impl = _CODECS[engine]
     key = b"k" * 32
+    msg = pos.purchase("6210000000000001", 1234)
+    if kind == "answer":
+        msg = _purchase_answer(msg)
 
     def roundtrip() -> Any:
-        return decode_message(encode_message(msg, key))
+        return impl.decode_message(impl.encode_message(msg, key))
 
     decoded = benchmark(roundtrip)
     assert decoded.verify(key) and not decoded.verify(b"x" * 32)
-    assert decoded.message.amount == 1234 and decoded.message.card_no == "6210000000000001"
-    assert decoded.message.stan == msg.stan
+    assert decoded.message == msg
+    assert impl.encode_message(msg, key) == reference.encode_message(msg, key)
 
 
 def test_spend_memory_hears_a_batch(benchmark: Any) -> None:

@@ -84,12 +84,28 @@ def _cut_in_field_42(raw: bytes) -> bytes:
     return raw[: raw.index(MID.encode()) + 5]
 
 
+def _flag_high(raw: bytes, field: int) -> bytes:
+    """``raw`` (with a secondary bitmap) with the secondary bit of ``field`` set as well."""
+    out = bytearray(raw)
+    out[12 + (field - 65) // 8] |= 0x80 >> ((field - 65) % 8)
+    return bytes(out)
+
+
+# field 90 of a reversal of the purchase of fields(): original MTI, STAN, field 7, zeros
+ORIGINAL = f"0200{STAN}{DT}" + "0" * 22
+
+
 # (case, frame from a given terminal id, expected response MTI and field 39)
 CASES = [
     ("bad field value: field 12 = 250000",
      lambda tid: forged(fields(tid=tid, **{"12": "250000"})), "0210", "30"),
     ("MAC in 64 with a secondary bitmap, no 128",
      lambda tid: forged(fields(tid=tid, **{"102": "A-101"})), "0210", "30"),
+    ("a 0400 with field 90 and its MAC in 64, no 128 (issue 15)",
+     lambda tid: forged(fields(tid=tid, mti="0400", **{"90": ORIGINAL})), "0410", "30"),
+    ("bad bitmap: the secondary flags field 100, outside the profile",
+     lambda tid: _flag_high(forged(fields(tid=tid, **{"102": "A-101"}), mac="128"), 100),
+     "0210", "30"),
     ("a field after the MAC (64, then 102, then 128)",
      lambda tid: forged(fields(tid=tid, **{"64": "00" * 8, "102": "A-101"}), mac="128"),
      "0210", "30"),
@@ -126,7 +142,7 @@ async def test_known_terminal_gets_a_maced_answer_echoing_11_and_41(
     assert verify_mac(KEY, answer.mac_data, answer.mac), f"{case}: the answer's MAC is wrong"
 
 
-@pytest.mark.parametrize(("case", "make", "mti", "code"), CASES[:9], ids=IDS[:9])
+@pytest.mark.parametrize(("case", "make", "mti", "code"), CASES[:11], ids=IDS[:11])
 async def test_unknown_terminal_gets_30_without_mac(
     make_gateway: GatewayFactory, case: str, make: object, mti: str, code: str
 ) -> None:
@@ -138,6 +154,18 @@ async def test_unknown_terminal_gets_30_without_mac(
     answer = decode_message(payload)
     assert (answer.message.response_code, answer.mac) == ("30", None), case
     assert answer.message.terminal_id == "NOBODY01"
+
+
+@pytest.mark.parametrize("mti", ["0210", "0810", "1200", "2200"])
+async def test_a_frame_without_an_answer_mti_is_never_answered(
+    make_gateway: GatewayFactory, mti: str
+) -> None:
+    """An answer MTI (a response is never answered) or another version of ISO 8583 (whose
+    answer the 1987 profile cannot carry): no answer at all, so none without a MAC either,
+    even with field 41 readable and known."""
+    gw, _ = await make_gateway()
+    assert await raw_exchange(gw.port, frame(forged(fields(mti=mti)))) is None
+    assert await raw_exchange(gw.port, frame(forged(fields(mti=mti, **{"12": "250000"})))) is None
 
 
 async def test_unreadable_field_41_gets_30_without_mac(make_gateway: GatewayFactory) -> None:

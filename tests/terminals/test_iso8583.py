@@ -302,6 +302,11 @@ def test_llvar_length_errors() -> None:
         decode_message(good[:12] + b"1A" + CARD.encode())
     with pytest.raises(FormatError):
         decode_message(good[:12] + b"16" + CARD.encode()[:10])
+    # the library reads the length with int(), which takes a sign or a space: the profile's
+    # length is ASCII digits
+    for prefix in (b"+9", b" 9", b"9 "):
+        with pytest.raises(FormatError, match="length prefix"):
+            decode_message(good[:12] + prefix + CARD.encode()[:9])
 
 
 @pytest.mark.parametrize(
