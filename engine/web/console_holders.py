@@ -1,5 +1,6 @@
-"""The card counter (contract §8): the console's home, the holder search and a holder's page
-with the card forms (issue, report lost, found, replace, close, a new activation code).
+"""The card counter (contract §8): the console's home and a holder's page (the search that finds
+them is console_search), with the card forms (issue, report lost, found, replace, close, a new
+activation code).
 
 Each form is the same operation as its JSON API route (``Campus`` for cards,
 ``issue_activation`` for codes) and is recorded in the operator log with the operator's
@@ -13,12 +14,10 @@ from __future__ import annotations
 import re
 from typing import Any, Final
 
-import asyncpg
-import msgspec
 from litestar import Request, Response, get, post
 from litestar.datastructures import FormMultiDict
 from litestar.handlers import HTTPRouteHandler
-from litestar.params import FromPath, FromQuery
+from litestar.params import FromPath
 
 from engine import limits
 from engine.access.holders import issue_activation, resolve_holder
@@ -35,22 +34,6 @@ from engine.web.i18n import N_
 from engine.web.login import form_field
 from engine.web.money import AMOUNT_MESSAGES, parse_yuan
 
-# A prefix range in byte order: [$1, $2) over the "C"-collated indexes of migration 0025.
-SQL_SEARCH_ID: Final = """
-SELECT ledger, id, name, kind FROM holders
-WHERE id COLLATE "C" >= $1 AND id COLLATE "C" < $2 ORDER BY id COLLATE "C", ledger LIMIT $3
-"""
-SQL_SEARCH_NAME: Final = """
-SELECT ledger, id, name, kind FROM holders
-WHERE lower(name) COLLATE "C" >= $1 AND lower(name) COLLATE "C" < $2
-ORDER BY lower(name) COLLATE "C", ledger, id LIMIT $3
-"""
-SQL_SEARCH_CARD: Final = """
-SELECT h.ledger, h.id, h.name, h.kind FROM cards c
-JOIN holders h ON h.ledger = c.ledger AND h.id = c.holder_id
-WHERE c.card_no COLLATE "C" >= $1 AND c.card_no COLLATE "C" < $2
-ORDER BY c.card_no COLLATE "C", c.ledger LIMIT $3
-"""
 SQL_HOLDER: Final = "SELECT ledger, id, name, kind FROM holders WHERE ledger = $1 AND id = $2"
 SQL_PURSES: Final = """
 SELECT a.id, a.kind, a.credits_posted - a.debits_posted AS balance,
@@ -86,38 +69,6 @@ SHOWN_WORDS: Final = (
     N_("replaced"),
     N_("closed"),
 )
-
-
-class Found(msgspec.Struct, frozen=True):
-    """A holder in the search's answer."""
-
-    ledger: int
-    id: str
-    name: str
-    kind: str
-
-
-def prefix_range(prefix: str) -> tuple[str, str]:
-    """The byte-order range [low, high) of every text starting with ``prefix`` (non-empty)."""
-    head = prefix.rstrip("\U0010ffff")
-    if not head:  # only the last code point: no upper bound short of everything
-        return prefix, "\U0010ffff" * (len(prefix) + 1)
-    return prefix, head[:-1] + chr(ord(head[-1]) + 1)
-
-
-async def search_holders(conn: asyncpg.Connection[Any] | Any, text: str) -> list[Found]:
-    """Holders whose id, name (any case) or card number starts with ``text``."""
-    q = text.strip()
-    if not q:
-        return []
-    rows_limit = limits.CONSOLE_SEARCH_ROWS
-    found: dict[tuple[int, str], Found] = {}
-    lowered = q.lower()
-    for sql, key in ((SQL_SEARCH_ID, q), (SQL_SEARCH_CARD, q), (SQL_SEARCH_NAME, lowered)):
-        low, high = prefix_range(key)
-        for r in await conn.fetch(sql, low, high, rows_limit):
-            found.setdefault((r["ledger"], r["id"]), Found(*r))
-    return list(found.values())[:rows_limit]
 
 
 def campus(request: Request[Any, Any, Any]) -> Campus:
@@ -191,18 +142,6 @@ async def home(request: Request[Any, Any, Any]) -> Response[bytes]:
         "operators": may(op, Right.OPERATORS),
     }
     return render.page(request, "console/home.html", operator=op, links=links)
-
-
-@get("/holders", name="console-holders")
-async def holders(request: Request[Any, Any, Any], q: FromQuery[str] = "") -> Response[bytes]:
-    """The holder search (by id, name or card number)."""
-    await require(request, Right.READ)
-    q = q[: limits.WEB_MAX_FIELD_CHARS].replace("\x00", "")
-    async with request.app.state.engine.store.pool.acquire(
-        timeout=limits.DB_ACQUIRE_TIMEOUT_S
-    ) as conn:
-        found = await search_holders(conn, q)
-    return render.page(request, "console/holders.html", q=q, found=found)
 
 
 @get("/holders/{holder_id:str}", name="console-holder")
@@ -333,7 +272,6 @@ async def activation(request: Request[Any, Any, Any], holder_id: FromPath[str]) 
 
 HANDLERS: Final[list[HTTPRouteHandler]] = [
     home,
-    holders,
     holder,
     issue_card,
     card_action,

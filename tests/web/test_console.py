@@ -17,8 +17,8 @@ import pytest
 from engine.access import oplog
 from engine.access.operators import add_operator
 from engine.access.roles import Role
-from engine.web.console_holders import SQL_SEARCH_CARD, SQL_SEARCH_ID, SQL_SEARCH_NAME, prefix_range
 from engine.web.console_login import operator_verifier
+from engine.web.console_search import SQL_SEARCH_CARD, SQL_SEARCH_ID, SQL_SEARCH_NAME, prefix_range
 from engine.web.portal import CONSOLE
 from engine.web.sessions import SessionKind
 from engine.web.state import web_state
