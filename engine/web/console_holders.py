@@ -20,15 +20,17 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath
 
 from engine import limits
-from engine.access.holders import issue_activation, resolve_holder
+from engine.access.holders import Activation, issue_activation, resolve_holder
 from engine.access.operators import Operator
 from engine.access.refused import Refused as AccessRefused
 from engine.access.roles import Right
 from engine.calendar import campus_tz, from_ns
 from engine.campus import Campus
-from engine.campus.model import Card, Refused
+from engine.campus.model import Card, CardStatus, Refused
+from engine.campus.model import Refusal as CampusRefusal
 from engine.web import render
 from engine.web.console_auth import may, record, require
+from engine.web.console_results import Answer, Form, FormRefusal, carried_out, refused
 from engine.web.errors import Refusal, WebError
 from engine.web.i18n import N_
 from engine.web.login import form_field
@@ -57,7 +59,13 @@ SELECT * FROM (
    WHERE ledger = $1 AND credit_account_id = ANY($2::bigint[]) ORDER BY timestamp DESC LIMIT $3)
 ) t ORDER BY timestamp DESC LIMIT $3
 """
-CARD_ACTIONS: Final = ("report-lost", "found", "replace", "close")
+# The card forms, and the status each leaves the card in (so already: nothing changed).
+CARD_FORMS: Final = {
+    Form.REPORT_LOST: CardStatus.LOST,
+    Form.FOUND: CardStatus.ACTIVE,
+    Form.REPLACE: CardStatus.REPLACED,
+    Form.CLOSE: CardStatus.CLOSED,
+}
 # Stored words the pages show translated (the templates translate them by value).
 SHOWN_WORDS: Final = (
     N_("student"),
@@ -97,7 +105,8 @@ async def _holder_page(
     holder_id: str,
     *,
     status: int = 200,
-    **result: Any,
+    answer: Answer | None = None,
+    activation: Activation | None = None,
 ) -> Response[bytes]:
     ledger = await _holder_ledger(request, holder_id)
     pool = request.app.state.engine.store.pool
@@ -115,7 +124,6 @@ async def _holder_page(
         {**dict(t), "at": from_ns(t["timestamp"], tz).strftime("%Y-%m-%d %H:%M:%S")}
         for t in transfers
     ]
-    context = {"result": None, "message": None, "activation": None, **result}
     return render.page(
         request,
         "console/holder.html",
@@ -126,7 +134,8 @@ async def _holder_page(
         transfers=shown,
         can_write=may(op, Right.CAMPUS_WRITE),
         total=sum(p["available"] for p in purses),
-        **context,
+        answer=answer,
+        activation=activation,
     )
 
 
@@ -162,10 +171,6 @@ def _amount(form: FormMultiDict, name: str) -> int | str | None:
 
 CARD_NO: Final = re.compile(r"[0-9]{8,19}", re.ASCII)  # the cards table's CHECK
 PIN: Final = re.compile(r"[0-9]{4,6}", re.ASCII)
-# The form's own refusals (shown with #result data-status), beside the registry's reasons.
-INVALID_CARD_NO: Final = "invalid_card_no"
-INVALID_PIN: Final = "invalid_pin"
-INVALID_AMOUNT: Final = "invalid_amount"
 
 
 def _card_no(form: FormMultiDict, name: str) -> str | None:
@@ -180,16 +185,19 @@ async def _issue(
     card_no = _card_no(form, "card_no")
     pin = (form_field(form, "pin") or "").strip() or None
     limit, threshold = _amount(form, "daily_limit_yuan"), _amount(form, "pin_threshold_yuan")
+    detail = next((a for a in (limit, threshold) if isinstance(a, str)), None)
+    bad: Answer | None = None
     if card_no is None:
-        return await _holder_page(request, op, holder_id, status=400, result=INVALID_CARD_NO)
-    if pin is not None and not PIN.fullmatch(pin):
-        return await _holder_page(request, op, holder_id, status=400, result=INVALID_PIN)
-    if isinstance(limit, str) or isinstance(threshold, str):
-        message = limit if isinstance(limit, str) else threshold
-        return await _holder_page(
-            request, op, holder_id, status=400, result=INVALID_AMOUNT, message=message
-        )
-    card = await campus(request).create_card(
+        bad = refused(Form.ISSUE, FormRefusal.INVALID_CARD_NO)
+    elif pin is not None and not PIN.fullmatch(pin):
+        bad = refused(Form.ISSUE, FormRefusal.INVALID_PIN)
+    elif detail is not None:
+        bad = refused(Form.ISSUE, FormRefusal.INVALID_AMOUNT, detail=detail)
+    if bad is not None or card_no is None or isinstance(limit, str) or isinstance(threshold, str):
+        return await _holder_page(request, op, holder_id, status=400, answer=bad)
+    c = campus(request)
+    before = await c.get_card(card_no)  # the same card again is answered unchanged
+    card = await c.create_card(
         card_no=card_no,
         holder_id=holder_id,
         ledger=ledger,
@@ -197,33 +205,41 @@ async def _issue(
         pin=pin,
         pin_threshold=threshold,
     )
-    outcome = card.reason.value if isinstance(card, Refused) else card.status.value
-    await record(request, op, "issue card", f"{holder_id} {card_no}", outcome)
-    return await _holder_page(request, op, holder_id, result=outcome)
+    if isinstance(card, Refused):
+        answer = refused(Form.ISSUE, card.reason)
+    else:
+        answer = carried_out(Form.ISSUE, card.status.value, changed=before is None)
+    await record(request, op, "issue card", f"{holder_id} {card_no}", answer.status)
+    return await _holder_page(request, op, holder_id, answer=answer)
 
 
 async def _card_action(
-    request: Request[Any, Any, Any], op: Operator, holder_id: str, card: Card, action: str
+    request: Request[Any, Any, Any], op: Operator, holder_id: str, card: Card, form: Form
 ) -> Response[bytes]:
     c = campus(request)
     target = f"{holder_id} {card.card_no}"
     done: Card | Refused
-    if action == "replace":
+    if form is Form.REPLACE:
         new_no = _card_no(await request.form(), "new_card_no")
         if new_no is None:
-            return await _holder_page(request, op, holder_id, status=400, result=INVALID_CARD_NO)
+            bad = refused(form, FormRefusal.INVALID_CARD_NO)
+            return await _holder_page(request, op, holder_id, status=400, answer=bad)
         replaced = await c.replace_card(card.card_no, new_no)
         done = replaced if isinstance(replaced, Refused) else replaced.new
         target += f" -> {new_no}"
-    elif action == "report-lost":
+    elif form is Form.REPORT_LOST:
         done = await c.report_lost(card.card_no)
-    elif action == "found":
+    elif form is Form.FOUND:
         done = await c.card_found(card.card_no)
     else:
         done = await c.close_card(card.card_no)
-    outcome = done.reason.value if isinstance(done, Refused) else done.status.value
-    await record(request, op, f"card {action}", target, outcome)
-    return await _holder_page(request, op, holder_id, result=outcome)
+    if isinstance(done, Refused):
+        answer = refused(form, done.reason)
+    else:
+        changed = card.status is not CARD_FORMS[form]
+        answer = carried_out(form, done.status.value, changed=changed)
+    await record(request, op, f"card {form}", target, answer.status)
+    return await _holder_page(request, op, holder_id, answer=answer)
 
 
 @post("/holders/{holder_id:str}/cards", status_code=200, name="console-issue-card")
@@ -248,13 +264,10 @@ async def card_action(
     op = await require(request, Right.CAMPUS_WRITE)
     ledger = await _holder_ledger(request, holder_id)
     card = await campus(request).get_card(card_no) if CARD_NO.fullmatch(card_no) else None
-    if (
-        action not in CARD_ACTIONS
-        or card is None
-        or (card.ledger, card.holder_id) != (ledger, holder_id)
-    ):
+    form = next((f for f in CARD_FORMS if f.value == action), None)
+    if form is None or card is None or (card.ledger, card.holder_id) != (ledger, holder_id):
         raise WebError(404, Refusal.NOT_FOUND)  # another holder's card is not on this page
-    return await _card_action(request, op, holder_id, card, action)
+    return await _card_action(request, op, holder_id, card, form)
 
 
 @post("/holders/{holder_id:str}/activation", status_code=200, name="console-activation")
@@ -265,9 +278,14 @@ async def activation(request: Request[Any, Any, Any], holder_id: FromPath[str]) 
     issued = await issue_activation(request.app.state.engine.store.pool, holder_id)
     if isinstance(issued, AccessRefused):
         await record(request, op, "activation", holder_id, issued.reason)
-        raise WebError(404, Refusal.NOT_FOUND)
+        if issued.not_found:
+            raise WebError(404, Refusal.NOT_FOUND)
+        # an id in several ledgers: self-service cannot tell its holders apart
+        answer = refused(Form.ACTIVATION, CampusRefusal(issued.reason))
+        return await _holder_page(request, op, holder_id, answer=answer)
     await record(request, op, "activation", holder_id, "created")  # never the code itself
-    return await _holder_page(request, op, holder_id, result="created", activation=issued)
+    answer = carried_out(Form.ACTIVATION, "created", changed=True)
+    return await _holder_page(request, op, holder_id, answer=answer, activation=issued)
 
 
 HANDLERS: Final[list[HTTPRouteHandler]] = [
