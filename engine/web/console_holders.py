@@ -5,8 +5,13 @@ activation code).
 Each form is the same operation as its JSON API route (``Campus`` for cards,
 ``issue_activation`` for codes) and is recorded in the operator log with the operator's
 name, its target and outcome. A form's answer is the holder's page again with ``#result``
-(``data-status`` = the outcome); a new activation code is shown there once, in
+(``data-status`` = the outcome; its words: console_results); a new activation code is shown
+there once, in
 ``#activation-code``, and stored only hashed.
+
+Holder ids are unique within a ledger, not across ledgers: a page or form names its holder by
+id and ``?ledger=`` (the search's links and the page's forms always carry it). Without it, an
+id that several ledgers have answers a page to choose the ledger and changes nothing.
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ from __future__ import annotations
 import re
 from typing import Any, Final
 
+import msgspec
 from litestar import Request, Response, get, post
 from litestar.datastructures import FormMultiDict
 from litestar.handlers import HTTPRouteHandler
-from litestar.params import FromPath
+from litestar.params import FromPath, FromQuery
 
 from engine import limits
-from engine.access.holders import Activation, issue_activation, resolve_holder
+from engine.access.holders import Activation, issue_activation
 from engine.access.operators import Operator
 from engine.access.refused import Refused as AccessRefused
 from engine.access.roles import Right
@@ -31,6 +37,7 @@ from engine.campus.model import Refusal as CampusRefusal
 from engine.web import render
 from engine.web.console_auth import may, record, require
 from engine.web.console_results import Answer, Form, FormRefusal, carried_out, refused
+from engine.web.console_search import Found, holders_with_id
 from engine.web.errors import Refusal, WebError
 from engine.web.i18n import N_
 from engine.web.login import form_field
@@ -89,26 +96,47 @@ def campus(request: Request[Any, Any, Any]) -> Campus:
     return found
 
 
-async def _holder_ledger(request: Request[Any, Any, Any], holder_id: str) -> int:
+class Target(msgspec.Struct, frozen=True):
+    """The holder a page or form is about; ``elsewhere``: holders with the same id in other
+    ledgers (self-service, which knows only the id, cannot tell them apart)."""
+
+    ledger: int
+    holder_id: str
+    elsewhere: list[Found]
+
+
+async def _target(
+    request: Request[Any, Any, Any], holder_id: str, ledger: int | None
+) -> Target | Response[bytes]:
+    """The holder ``holder_id`` of ``ledger`` (``?ledger=``). Without one: the only holder with
+    this id, or when several ledgers have it, the page to choose one (409 for a form: nothing
+    was done). 404 when there is no such holder."""
     async with request.app.state.engine.store.pool.acquire(
         timeout=limits.DB_ACQUIRE_TIMEOUT_S
     ) as conn:
-        ledger = await resolve_holder(conn, holder_id)
-    if isinstance(ledger, AccessRefused):
+        same = await holders_with_id(conn, holder_id)
+    if ledger is None and len(same) > 1:
+        status = 200 if request.method == "GET" else 409
+        return render.page(
+            request, "console/holder_choice.html", status=status, holder_id=holder_id, found=same
+        )
+    if ledger is None and same:
+        ledger = same[0].ledger
+    if ledger is None or all(h.ledger != ledger for h in same):
         raise WebError(404, Refusal.NOT_FOUND)
-    return ledger
+    return Target(ledger, holder_id, [h for h in same if h.ledger != ledger])
 
 
 async def _holder_page(
     request: Request[Any, Any, Any],
     op: Operator,
-    holder_id: str,
+    target: Target,
     *,
     status: int = 200,
     answer: Answer | None = None,
     activation: Activation | None = None,
 ) -> Response[bytes]:
-    ledger = await _holder_ledger(request, holder_id)
+    ledger, holder_id = target.ledger, target.holder_id
     pool = request.app.state.engine.store.pool
     async with pool.acquire(timeout=limits.DB_ACQUIRE_TIMEOUT_S) as conn:
         holder = await conn.fetchrow(SQL_HOLDER, ledger, holder_id)
@@ -136,6 +164,7 @@ async def _holder_page(
         total=sum(p["available"] for p in purses),
         answer=answer,
         activation=activation,
+        elsewhere=target.elsewhere,
     )
 
 
@@ -154,10 +183,16 @@ async def home(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 
 @get("/holders/{holder_id:str}", name="console-holder")
-async def holder(request: Request[Any, Any, Any], holder_id: FromPath[str]) -> Response[bytes]:
-    """A holder's purses, cards and latest transfers, with the card forms."""
+async def holder(
+    request: Request[Any, Any, Any], holder_id: FromPath[str], ledger: FromQuery[int | None] = None
+) -> Response[bytes]:
+    """A holder's purses, cards and latest transfers, with the card forms (``?ledger=`` for an
+    id that several ledgers have)."""
     op = await require(request, Right.READ)
-    return await _holder_page(request, op, holder_id)
+    target = await _target(request, holder_id, ledger)
+    if isinstance(target, Response):
+        return target
+    return await _holder_page(request, op, target)
 
 
 def _amount(form: FormMultiDict, name: str) -> int | str | None:
@@ -178,9 +213,7 @@ def _card_no(form: FormMultiDict, name: str) -> str | None:
     return text if CARD_NO.fullmatch(text) else None
 
 
-async def _issue(
-    request: Request[Any, Any, Any], op: Operator, holder_id: str, ledger: int
-) -> Response[bytes]:
+async def _issue(request: Request[Any, Any, Any], op: Operator, target: Target) -> Response[bytes]:
     form = await request.form()
     card_no = _card_no(form, "card_no")
     pin = (form_field(form, "pin") or "").strip() or None
@@ -194,13 +227,13 @@ async def _issue(
     elif detail is not None:
         bad = refused(Form.ISSUE, FormRefusal.INVALID_AMOUNT, detail=detail)
     if bad is not None or card_no is None or isinstance(limit, str) or isinstance(threshold, str):
-        return await _holder_page(request, op, holder_id, status=400, answer=bad)
+        return await _holder_page(request, op, target, status=400, answer=bad)
     c = campus(request)
     before = await c.get_card(card_no)  # the same card again is answered unchanged
     card = await c.create_card(
         card_no=card_no,
-        holder_id=holder_id,
-        ledger=ledger,
+        holder_id=target.holder_id,
+        ledger=target.ledger,
         daily_limit=limit,
         pin=pin,
         pin_threshold=threshold,
@@ -209,24 +242,24 @@ async def _issue(
         answer = refused(Form.ISSUE, card.reason)
     else:
         answer = carried_out(Form.ISSUE, card.status.value, changed=before is None)
-    await record(request, op, "issue card", f"{holder_id} {card_no}", answer.status)
-    return await _holder_page(request, op, holder_id, answer=answer)
+    await record(request, op, "issue card", f"{target.holder_id} {card_no}", answer.status)
+    return await _holder_page(request, op, target, answer=answer)
 
 
 async def _card_action(
-    request: Request[Any, Any, Any], op: Operator, holder_id: str, card: Card, form: Form
+    request: Request[Any, Any, Any], op: Operator, target: Target, card: Card, form: Form
 ) -> Response[bytes]:
     c = campus(request)
-    target = f"{holder_id} {card.card_no}"
+    logged = f"{target.holder_id} {card.card_no}"
     done: Card | Refused
     if form is Form.REPLACE:
         new_no = _card_no(await request.form(), "new_card_no")
         if new_no is None:
             bad = refused(form, FormRefusal.INVALID_CARD_NO)
-            return await _holder_page(request, op, holder_id, status=400, answer=bad)
+            return await _holder_page(request, op, target, status=400, answer=bad)
         replaced = await c.replace_card(card.card_no, new_no)
         done = replaced if isinstance(replaced, Refused) else replaced.new
-        target += f" -> {new_no}"
+        logged += f" -> {new_no}"
     elif form is Form.REPORT_LOST:
         done = await c.report_lost(card.card_no)
     elif form is Form.FOUND:
@@ -238,15 +271,20 @@ async def _card_action(
     else:
         changed = card.status is not CARD_FORMS[form]
         answer = carried_out(form, done.status.value, changed=changed)
-    await record(request, op, f"card {form}", target, answer.status)
-    return await _holder_page(request, op, holder_id, answer=answer)
+    await record(request, op, f"card {form}", logged, answer.status)
+    return await _holder_page(request, op, target, answer=answer)
 
 
 @post("/holders/{holder_id:str}/cards", status_code=200, name="console-issue-card")
-async def issue_card(request: Request[Any, Any, Any], holder_id: FromPath[str]) -> Response[bytes]:
+async def issue_card(
+    request: Request[Any, Any, Any], holder_id: FromPath[str], ledger: FromQuery[int | None] = None
+) -> Response[bytes]:
     """Issue a card (as ``POST /v1/cards``)."""
     op = await require(request, Right.CAMPUS_WRITE)
-    return await _issue(request, op, holder_id, await _holder_ledger(request, holder_id))
+    target = await _target(request, holder_id, ledger)
+    if isinstance(target, Response):
+        return target
+    return await _issue(request, op, target)
 
 
 @post(
@@ -259,33 +297,40 @@ async def card_action(
     holder_id: FromPath[str],
     card_no: FromPath[str],
     action: FromPath[str],
+    ledger: FromQuery[int | None] = None,
 ) -> Response[bytes]:
     """Report lost, found, replace or close one of the holder's cards (as the API's routes)."""
     op = await require(request, Right.CAMPUS_WRITE)
-    ledger = await _holder_ledger(request, holder_id)
+    target = await _target(request, holder_id, ledger)
+    if isinstance(target, Response):
+        return target
     card = await campus(request).get_card(card_no) if CARD_NO.fullmatch(card_no) else None
     form = next((f for f in CARD_FORMS if f.value == action), None)
-    if form is None or card is None or (card.ledger, card.holder_id) != (ledger, holder_id):
+    if form is None or card is None or (card.ledger, card.holder_id) != (target.ledger, holder_id):
         raise WebError(404, Refusal.NOT_FOUND)  # another holder's card is not on this page
-    return await _card_action(request, op, holder_id, card, form)
+    return await _card_action(request, op, target, card, form)
 
 
 @post("/holders/{holder_id:str}/activation", status_code=200, name="console-activation")
-async def activation(request: Request[Any, Any, Any], holder_id: FromPath[str]) -> Response[bytes]:
-    """A new activation code (as ``POST /v1/holders/{holder_id}/activation``), shown once."""
+async def activation(
+    request: Request[Any, Any, Any], holder_id: FromPath[str], ledger: FromQuery[int | None] = None
+) -> Response[bytes]:
+    """A new activation code (as ``POST /v1/holders/{holder_id}/activation``), shown once.
+    Self-service knows a holder by id alone: an id in several ledgers gets none."""
     op = await require(request, Right.CAMPUS_WRITE)
-    await _holder_ledger(request, holder_id)
+    target = await _target(request, holder_id, ledger)
+    if isinstance(target, Response):
+        return target
     issued = await issue_activation(request.app.state.engine.store.pool, holder_id)
     if isinstance(issued, AccessRefused):
         await record(request, op, "activation", holder_id, issued.reason)
         if issued.not_found:
             raise WebError(404, Refusal.NOT_FOUND)
-        # an id in several ledgers: self-service cannot tell its holders apart
         answer = refused(Form.ACTIVATION, CampusRefusal(issued.reason))
-        return await _holder_page(request, op, holder_id, answer=answer)
+        return await _holder_page(request, op, target, answer=answer)
     await record(request, op, "activation", holder_id, "created")  # never the code itself
     answer = carried_out(Form.ACTIVATION, "created", changed=True)
-    return await _holder_page(request, op, holder_id, answer=answer, activation=issued)
+    return await _holder_page(request, op, target, answer=answer, activation=issued)
 
 
 HANDLERS: Final[list[HTTPRouteHandler]] = [

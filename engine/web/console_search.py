@@ -26,6 +26,10 @@ SELECT ledger, id, name, kind FROM holders
 WHERE lower(name) COLLATE "C" >= $1 AND lower(name) COLLATE "C" < $2
 ORDER BY lower(name) COLLATE "C", ledger, id LIMIT $3
 """
+# Every holder with exactly this id (one per ledger at most): the holders_id index.
+SQL_SAME_ID: Final = """
+SELECT ledger, id, name, kind FROM holders WHERE id = $1 ORDER BY ledger LIMIT $2
+"""
 SQL_SEARCH_CARD: Final = """
 SELECT h.ledger, h.id, h.name, h.kind FROM cards c
 JOIN holders h ON h.ledger = c.ledger AND h.id = c.holder_id
@@ -63,6 +67,12 @@ async def search_holders(conn: asyncpg.Connection[Any] | Any, text: str) -> list
         for r in await conn.fetch(sql, low, high, rows_limit):
             found.setdefault((r["ledger"], r["id"]), Found(*r))
     return list(found.values())[:rows_limit]
+
+
+async def holders_with_id(conn: asyncpg.Connection[Any] | Any, holder_id: str) -> list[Found]:
+    """The holders whose id is ``holder_id``, one per ledger that has it, by ledger."""
+    rows = await conn.fetch(SQL_SAME_ID, holder_id, limits.CONSOLE_SEARCH_ROWS)
+    return [Found(*r) for r in rows]
 
 
 @get("/holders", name="console-holders")
