@@ -6,8 +6,7 @@ Each form is the same operation as its JSON API route (``Campus`` for cards,
 ``issue_activation`` for codes) and is recorded in the operator log with the operator's
 name, its target and outcome. A form's answer is the holder's page again with ``#result``
 (``data-status`` = the outcome; its words: console_results); a new activation code is shown
-there once, in
-``#activation-code``, and stored only hashed.
+there once, in ``#activation-code``, and stored only hashed.
 
 Holder ids are unique within a ledger, not across ledgers: a page or form names its holder by
 id and ``?ledger=`` (the search's links and the page's forms always carry it). Without it, an
