@@ -27,55 +27,63 @@ from engine.web.gate import current_session
 from engine.web.i18n import N_
 from engine.web.login import form_field
 from engine.web.money import AMOUNT_MESSAGES, AmountError, parse_yuan, plain_yuan
+from engine.web.results import Words, pick
 from engine.web.self_pages import CARD_STATUS, holder_of, own_room_id
 from engine.web.sessions import SessionKind
 from engine.web.state import web_state
 
 # #result: a heading and a sentence for each data-status (msgids).
-RESULTS: Final[dict[str, tuple[str, str]]] = {
-    "wrong_password": (N_("Wrong password"), N_("Nothing was changed. Check your password.")),
-    "locked": (N_("Too many failed attempts"),
-               N_("Nothing was changed. Your id is locked for a while; try again later.")),
-    "lost:done": (N_("Card reported lost"),
-                  N_("Your card is blocked: nobody can pay with it. Your money is safe.")),
-    "lost:unchanged": (N_("Already reported lost"), N_("Your card was already blocked.")),
-    "found:done": (N_("Card active again"), N_("You can pay with your card again.")),
-    "found:unchanged": (N_("Card already active"), N_("Your card was not reported lost.")),
-    "no_card": (N_("No card"), N_("You have no card this applies to.")),
-    "refused": (N_("Not possible"), N_("This cannot be done with your card. Ask the card office.")),
-    "changed": (N_("PIN changed"), N_("Use your new PIN from now on.")),
-    "wrong_pin": (N_("Wrong PIN"), N_("The current PIN is not right. The PIN was not changed.")),
-    "pin_tries_exceeded": (N_("Too many wrong PINs today"),
-                           N_("The PIN cannot be checked again today. Ask the card office.")),
-    "invalid_pin": (N_("Not a PIN"), N_("A new PIN has 4 to 6 digits.")),
-    "limit_set": (N_("Daily limit set"), N_("Your own daily limit is in effect from now on.")),
-    "limit_removed": (N_("Daily limit removed"),
-                      N_("Only the card office's limit applies (if there is one).")),
+RESULTS: Final[dict[str, Words]] = {
+    "wrong_password": Words(N_("Wrong password"), N_("Nothing was changed. Check your password.")),
+    "locked": Words(
+        N_("Too many failed attempts"),
+        N_("Nothing was changed. Your id is locked for a while; try again later.")),
+    "lost:done": Words(
+        N_("Card reported lost"),
+        N_("Your card is blocked: nobody can pay with it. Your money is safe.")),
+    "lost:unchanged": Words(N_("Already reported lost"), N_("Your card was already blocked.")),
+    "found:done": Words(N_("Card active again"), N_("You can pay with your card again.")),
+    "found:unchanged": Words(N_("Card already active"), N_("Your card was not reported lost.")),
+    "no_card": Words(N_("No card"), N_("You have no card this applies to.")),
+    "refused": Words(
+        N_("Not possible"), N_("This cannot be done with your card. Ask the card office.")),
+    "changed": Words(N_("PIN changed"), N_("Use your new PIN from now on.")),
+    "wrong_pin": Words(
+        N_("Wrong PIN"), N_("The current PIN is not right. The PIN was not changed.")),
+    "pin_tries_exceeded": Words(
+        N_("Too many wrong PINs today"),
+        N_("The PIN cannot be checked again today. Ask the card office.")),
+    "invalid_pin": Words(N_("Not a PIN"), N_("A new PIN has 4 to 6 digits.")),
+    "limit_set": Words(
+        N_("Daily limit set"), N_("Your own daily limit is in effect from now on.")),
+    "limit_removed": Words(
+        N_("Daily limit removed"), N_("Only the card office's limit applies (if there is one).")),
 }
 # The electricity purchase's data-status is the transfer status; these have their own words.
-PURCHASES: Final[dict[str, tuple[str, str]]] = {
-    "created": (N_("Electricity bought"), N_("The money is in your room's electricity purse.")),
-    "exists": (N_("Already bought"),
-               N_("This purchase was already made; it was not made a second time.")),
-    "exceeds_credits": (N_("Not enough money"),
-                        N_("Your cash purse does not hold enough. Nothing was paid.")),
-    "debit_account_frozen": (N_("Card reported lost"),
-                             N_("Your purses are blocked while the card is lost.")),
-    "card_not_active": (N_("No active card"), N_("You need an active card to pay.")),
-    "daily_limit_exceeded": (N_("Daily limit reached"),
-                             N_("This would go over today's limit. Nothing was paid.")),
+PURCHASES: Final[dict[str, Words]] = {
+    "created": Words(
+        N_("Electricity bought"), N_("The money is in your room's electricity purse.")),
+    "exists": Words(
+        N_("Already bought"),
+        N_("This purchase was already made; it was not made a second time.")),
+    "exceeds_credits": Words(
+        N_("Not enough money"), N_("Your cash purse does not hold enough. Nothing was paid.")),
+    "debit_account_frozen": Words(
+        N_("Card reported lost"), N_("Your purses are blocked while the card is lost.")),
+    "card_not_active": Words(N_("No active card"), N_("You need an active card to pay.")),
+    "daily_limit_exceeded": Words(
+        N_("Daily limit reached"), N_("This would go over today's limit. Nothing was paid.")),
 }
-_PURCHASE_OTHER: Final = (N_("Not bought"), N_("The purchase was refused. Nothing was paid."))
+_PURCHASE_OTHER: Final = Words(
+    N_("Not bought"), N_("The purchase was refused. Nothing was paid."))
 
 
 def _result(
-    request: Request[Any, Any, Any], status: str, key: str, *, words: tuple[str, str],
+    request: Request[Any, Any, Any], status: str, key: str, *, words: Words,
     http_status: int = 200, **context: Any,
 ) -> Response[bytes]:
-    title, message = words
     return render.page(request, "self_result.html", status=http_status, result=status,
-                       key=key, title=title, message=message, card_status=CARD_STATUS,
-                       **context)
+                       key=key, words=words, card_status=CARD_STATUS, **context)
 
 
 async def _form(request: Request[Any, Any, Any]) -> FormMultiDict:
@@ -120,7 +128,7 @@ async def _card_change(request: Request[Any, Any, Any], *, lost: bool) -> Respon
     change = await (service.report_lost(ref, card_no=card_no) if lost
                     else service.report_found(ref, card_no=card_no))
     key = f"{'lost' if lost else 'found'}:{change}"
-    return _result(request, change.value, key, words=RESULTS.get(key) or RESULTS[change.value])
+    return _result(request, change.value, key, words=pick(RESULTS, key, change.value))
 
 
 @post("/report-lost", name="self-report-lost")
@@ -205,7 +213,8 @@ async def buy_electricity(request: Request[Any, Any, Any]) -> Response[bytes]:
         raise WebError(404, Refusal.NOT_FOUND)
     bought = await service.buy_electricity(ref, room, amount, form_key)
     status = bought.status.value
-    return _result(request, status, "purchase", words=PURCHASES.get(status, _PURCHASE_OTHER),
+    words = pick(PURCHASES, status, default=_PURCHASE_OTHER)
+    return _result(request, status, "purchase", words=words,
                    room_id=room.room_id, room_available=bought.room_available,
                    amount_fen=amount)
 

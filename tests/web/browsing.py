@@ -38,9 +38,14 @@ def _gone(old: Any) -> Any:
 
 def follow(driver: Any, element_id: str) -> None:
     """Click a link or a button and wait until the next page has replaced this one."""
+    click_through(driver, by_id(driver, element_id))
+
+
+def click_through(driver: Any, element: Any) -> None:
+    """Click ``element`` (a link or a button of the page) and wait for the next page."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.wait import WebDriverWait
 
     old = driver.find_element(By.TAG_NAME, "html")
-    by_id(driver, element_id).click()
+    element.click()
     WebDriverWait(driver, NEXT_PAGE_TIMEOUT_S).until(_gone(old))

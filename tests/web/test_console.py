@@ -17,8 +17,8 @@ import pytest
 from engine.access import oplog
 from engine.access.operators import add_operator
 from engine.access.roles import Role
-from engine.web.console_holders import SQL_SEARCH_CARD, SQL_SEARCH_ID, SQL_SEARCH_NAME, prefix_range
 from engine.web.console_login import operator_verifier
+from engine.web.console_search import SQL_SEARCH_CARD, SQL_SEARCH_ID, SQL_SEARCH_NAME, prefix_range
 from engine.web.portal import CONSOLE
 from engine.web.sessions import SessionKind
 from engine.web.state import web_state
@@ -150,7 +150,8 @@ async def test_the_card_counter(web: WebServer, pool: asyncpg.Pool, operators_lo
         issued = await client.post(f"/console/holders/{hid}/cards", data={
             "card_no": first, "daily_limit_yuan": "50.00", "pin": "1234",
             "pin_threshold_yuan": "20", "csrf": token})
-        assert issued.status_code == 200 and 'id="result" data-status="active"' in issued.text
+        assert issued.status_code == 200
+        assert parse(issued.text).ids["result"]["data-status"] == "active"
         assert _rows(issued.text, "data-card-no") == {first: "active"}
         by_card = await client.get("/console/holders", params={"q": first[:9]})
         assert f'data-holder-id="{hid}"' in by_card.text

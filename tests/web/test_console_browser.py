@@ -21,7 +21,7 @@ from engine.access.roles import Role
 from engine.calendar import campus_tz
 from engine.campus.accounts import holder_account_ids
 from engine.web.portal import CONSOLE
-from tests.web.browsing import by_id, follow
+from tests.web.browsing import by_id, click_through, follow
 from tests.web.conftest import WebServer, screenshot
 from tests.web.test_console import (  # noqa: F401  (fixtures)
     ADMIN,
@@ -32,6 +32,7 @@ from tests.web.test_console import (  # noqa: F401  (fixtures)
     pool,
 )
 from tests.web.test_console_finance import _top_ups
+from tests.web.test_console_holders import same_id_in_two_ledgers
 
 pytestmark = pytest.mark.browser
 
@@ -108,6 +109,14 @@ async def _funded_holder(web: WebServer, fen: int) -> tuple[int, str]:
     return ledger, hid
 
 
+def _result(browser: Any) -> tuple[str, str]:
+    """#result's data-status and heading."""
+    from selenium.webdriver.common.by import By
+
+    shown = by_id(browser, "result")
+    return str(shown.get_attribute("data-status")), shown.find_element(By.TAG_NAME, "h2").text
+
+
 def _card_status(browser: Any, card_no: str) -> str:
     [row] = _rows(browser, f'tr[data-card-no="{card_no}"]')
     return str(row.get_attribute("data-status"))
@@ -130,11 +139,13 @@ async def test_the_card_counter_in_a_browser(
     assert _card_status(browser, card) == "active"
     follow(browser, f"report-lost-{card}")
     assert _card_status(browser, card) == "lost"
+    assert _result(browser) == ("lost", "卡已挂失")
     by_id(browser, f"new-card-no-{card}").send_keys(new_card)
     screenshot(browser, "console-holder-lost-zh")
     follow(browser, f"replace-{card}")
     assert (_card_status(browser, card), _card_status(browser, new_card)) == ("replaced",
                                                                               "active")
+    assert _result(browser) == ("active", "补卡成功")
     screenshot(browser, "console-holder-replaced-zh")
     async with httpx.AsyncClient(base_url=web.base_url, timeout=30, headers=ADMIN) as api:
         balance = (await api.get(f"/v1/cards/{new_card}/balance")).json()
@@ -150,3 +161,20 @@ async def test_the_card_counter_in_a_browser(
     assert browser.current_url.startswith(web.base_url + "/self/login")
     login = await check_holder_password(pool, hid, "a new pw 123")
     assert login.outcome is LoginOutcome.OK
+
+
+async def test_an_id_in_two_ledgers_in_a_browser(
+    browser: Any, web: WebServer, pool: asyncpg.Pool, operators_login: None  # noqa: F811
+) -> None:
+    """The holder page of an id two ledgers have asks which; its link opens that holder, whose
+    page links to the other one."""
+    hid, first, second = await same_id_in_two_ledgers(web)
+    _log_in(browser, web, await operator(pool, Role.CARD_OFFICE))
+    browser.get(f"{web.base_url}/console/holders/{hid}?lang=en")
+    assert by_id(browser, "holder-choice").get_attribute("data-holder-id") == hid
+    screenshot(browser, "console-holder-choice-en")
+    [link] = _rows(browser, f'table#holders tr[data-ledger="{second}"] a')
+    click_through(browser, link)
+    assert by_id(browser, "holder").get_attribute("data-ledger") == str(second)
+    assert _rows(browser, f'#same-id a[data-ledger="{first}"]')
+    screenshot(browser, "console-holder-same-id-en")
