@@ -11,6 +11,7 @@ verifier kept by the tests (the console's pages also need the subject to be an o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import os
 import re
@@ -136,6 +137,13 @@ TEST_PAGES = [_bump, _boom, _db_away]
 @pytest.fixture(scope="session")
 def web(dsn: str) -> Iterator[WebServer]:
     """The app (API and pages) on a free port, served from its own thread."""
+    with serving(dsn) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def serving(dsn: str) -> Iterator[WebServer]:
+    """The app over the database ``dsn`` on a free port, served from its own thread."""
     clock, book = MovableClock(), PasswordBook()
     ready: dict[str, Any] = {}
     started, stop = threading.Event(), threading.Event()

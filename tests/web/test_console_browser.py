@@ -23,6 +23,7 @@ from engine.campus.accounts import holder_account_ids
 from engine.web.portal import CONSOLE
 from tests.web.browsing import by_id, click_through, follow
 from tests.web.conftest import WebServer, screenshot
+from tests.web.own_database import own_dsn, own_web  # noqa: F401  (this module's database)
 from tests.web.test_console import (  # noqa: F401  (fixtures)
     ADMIN,
     PASSWORD,

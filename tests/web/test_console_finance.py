@@ -23,6 +23,7 @@ from engine.access.roles import Role
 from engine.calendar import campus_tz
 from engine.campus.accounts import holder_account_ids
 from tests.web.conftest import WebServer, csrf_of
+from tests.web.own_database import own_dsn, own_web  # noqa: F401  (this module's database)
 from tests.web.test_console import (  # noqa: F401  (fixtures)
     ADMIN,
     console_as,

@@ -14,6 +14,7 @@ from engine.access import oplog
 from engine.access.roles import Role
 from engine.web.portal import CONSOLE
 from tests.web.conftest import WebServer, csrf_of, html_lang, log_in
+from tests.web.own_database import own_dsn, own_web  # noqa: F401  (this module's database)
 from tests.web.test_console import (  # noqa: F401  (fixtures)
     _N,
     console_as,
