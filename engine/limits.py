@@ -340,3 +340,7 @@ SELF_HOLDER_ID_MAX_CHARS: Final = 64
 # Holder id -> (ledger, purses) never changes; this many are remembered per process (a
 # campus has tens of thousands of holders; beyond the bound the oldest are forgotten).
 SELF_MAX_CACHED_HOLDERS: Final = 262_144
+
+# Labelled latency histograms kept at hand by the HTTP timing middleware (per method, route
+# template, status); a client sending odd methods cannot grow the cache past this.
+HTTP_TIMING_CHILDREN: Final = 512

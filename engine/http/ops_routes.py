@@ -63,6 +63,10 @@ async def metrics_route(request: Request[Any, Any, Any]) -> bytes:
 
 def timing(app: ASGIApp) -> ASGIApp:
     """Middleware: request latency by route template and status."""
+    # The labelled child per (method, route, status), looked up once rather than per request
+    # (``labels`` takes a lock and builds a tuple key each call); routes are the app's
+    # templates, so the cache is as bounded as the routes and statuses.
+    children: dict[tuple[str, str, int], Any] = {}
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
@@ -82,9 +86,12 @@ def timing(app: ASGIApp) -> ASGIApp:
         finally:
             route = str(scope.get("path_template") or "unmatched")
             method = str(scope.get("method", "-"))
-            metrics.HTTP_SECONDS.labels(method, route, str(status)).observe(
-                time.perf_counter() - t0
-            )
+            child = children.get((method, route, status))
+            if child is None:
+                child = metrics.HTTP_SECONDS.labels(method, route, str(status))
+                if len(children) < limits.HTTP_TIMING_CHILDREN:
+                    children[(method, route, status)] = child
+            child.observe(time.perf_counter() - t0)
 
     return middleware
 

@@ -649,6 +649,22 @@ async def test_metrics(http: httpx.AsyncClient, api: Api, world: World) -> None:
     assert created_count(r.text) == n0 + 3
 
 
+async def test_request_latency_is_counted_per_route_and_status(http: httpx.AsyncClient) -> None:
+    # the timing middleware keeps each labelled child: every request still counts, by status
+    def count(text: str, status: str) -> float:
+        for line in text.splitlines():
+            if line.startswith("onecard_http_request_seconds_count{") and (
+                'route="/healthz"' in line and f'status="{status}"' in line
+            ):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = count((await http.get("/metrics")).text, "200")
+    for _ in range(3):
+        assert (await http.get("/healthz")).status_code == 200
+    assert count((await http.get("/metrics")).text, "200") == before + 3
+
+
 async def test_healthz(http: httpx.AsyncClient) -> None:
     r = await http.get("/healthz")
     assert r.status_code == 200
