@@ -32,6 +32,7 @@ from engine.campus.model import (
     Terminal,
 )
 from engine.campus.secrets import payment_pin, terminal_row
+from engine.campus.unique import terminal_ledgers
 from engine.db.coalesce import Coalescer, Connection
 from ledger.types import INT64_MAX, NIL_UUID, TransferCode, TransferFlags
 
@@ -138,11 +139,11 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, v.origi
 FROM reversals v WHERE v.ledger = $1 AND v.original_key = ANY($3::uuid[])
 """
 
-# Terminal ids are unique across ledgers; should two ledgers ever hold one, the lowest wins.
+# Terminals of one ledger by id: their ledgers come first from terminal_ids (unique across
+# ledgers, engine/campus/unique.py), so no read visits a ledger a terminal is not in.
 SQL_TERMINALS = """
-SELECT DISTINCT ON (terminal_id) terminal_id, merchant_id, ledger, kind, account_id, mac_key,
-       mac_key_enc
-FROM terminals WHERE terminal_id = ANY($1::text[]) ORDER BY terminal_id, ledger
+SELECT terminal_id, merchant_id, ledger, kind, account_id, mac_key, mac_key_enc
+FROM terminals WHERE ledger = $1 AND terminal_id = ANY($2::text[])
 """
 
 
@@ -434,7 +435,11 @@ async def _read_after(conn: Connection, ledger: int, qs: list[AfterQuery]) -> li
 
 async def _read_terminals(box: SecretBox, conn: Connection, _: int, terminal_ids: list[str]
                           ) -> list[Terminal | None]:
-    rows = await conn.fetch(SQL_TERMINALS, list(set(terminal_ids)))
+    owners = await terminal_ledgers(conn, terminal_ids)
+    rows = []
+    for ledger in sorted(set(owners.values())):
+        ids = [t for t, owner in owners.items() if owner == ledger]
+        rows += await conn.fetch(SQL_TERMINALS, ledger, ids)
     found = {}
     for r in rows:
         try:

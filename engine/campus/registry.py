@@ -1,27 +1,27 @@
 """The campus registry (contract §2, used by the HTTP API): holders and their purses, cards
-and their state machine, terminals, dorm rooms. Each operation answers its result or a
-:class:`~engine.campus.model.Refused` with the reason; creating the same thing again is
-idempotent (derived account ids, ``exists`` answers).
+and their state machine (terminals and dorm rooms: engine/campus/sites.py). Each operation
+answers its result or a :class:`~engine.campus.model.Refused` with the reason; creating the
+same thing again is idempotent (derived account ids, ``exists`` answers).
 
 Card changes run in one transaction under the holder's row lock and re-derive the purses'
 frozen flag in it: the purses are frozen exactly while the holder has a lost card and no
-active one, and a lost card with unfrozen purses is never visible.
+active one, and a lost card with unfrozen purses is never visible. Card numbers are claimed
+and locked in engine/campus/unique.py (unique across ledgers), always before the holder's
+row: one lock order for every change.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Final
 
 import asyncpg
 import msgspec
 
-from engine.access.secretbox import SecretBox, seal_mac_key, seal_pin
-from engine.campus.accounts import fund_account_id, holder_account_ids, room_account_id
+from engine.access.secretbox import SecretBox, seal_pin
+from engine.campus.accounts import fund_account_id, holder_account_ids
 from engine.campus.model import (
     FUND_CODE,
     PURSE_CODE,
-    ROOM_CODE,
     SUBSIDY_CODE,
     Card,
     CardBalance,
@@ -34,30 +34,22 @@ from engine.campus.model import (
     Refused,
     RegistryStatus,
     Replacement,
-    Room,
-    Terminal,
-    TerminalKind,
 )
 from engine.campus.pin import SQL_RESET_PIN_TRIES
-from engine.campus.secrets import card_pin, same_terminal, terminal_row
+from engine.campus.secrets import card_pin
 from engine.campus.shared import connection
+from engine.campus.unique import (
+    card_ledger,
+    claim_card,
+    lock_cards,
+    unclaim_card,
+)
 from engine.service import Engine
 from ledger.account import Account
 from ledger.status import AccountStatus
 from ledger.types import AccountFlag, AccountFlags, AccountKind
 
-# Lock classes for pg_advisory_xact_lock(int, int): the two-key space never meets the store's
-# one-key account-id locks.
-_CARD_LOCK: Final = 0x0CA4D
-_TERMINAL_LOCK: Final = 0x7E4A1
-
-
 # -- SQL ---------------------------------------------------------------------------------------
-
-SQL_TERMINAL = """
-SELECT terminal_id, merchant_id, ledger, kind, account_id, mac_key, mac_key_enc
-FROM terminals WHERE terminal_id = $1 ORDER BY ledger LIMIT 1
-"""
 
 SQL_HOLDER = """
 SELECT id, ledger, name, kind, purse_account_id, subsidy_account_id
@@ -70,13 +62,11 @@ RETURNING id
 """
 SQL_HOLDER_LEDGERS = "SELECT ledger FROM holders WHERE id = $1 ORDER BY ledger LIMIT 2"
 SQL_LOCK_HOLDER = "SELECT id FROM holders WHERE ledger = $1 AND id = $2 FOR UPDATE"
-# Serialise creators of the same card number / terminal id across ledgers (no global index).
-SQL_ADVISORY_LOCK = "SELECT pg_advisory_xact_lock($1, hashtext(x)) FROM unnest($2::text[]) x"
 _CARD_COLS = (
     "c.card_no, c.ledger, c.holder_id, c.status, c.daily_limit, c.pin, c.pin_enc, "
     "c.pin_threshold, c.replaced_by"
 )
-SQL_CARD_BY_NO = f"SELECT {_CARD_COLS} FROM cards c WHERE c.card_no = $1 ORDER BY c.ledger"
+SQL_CARD = f"SELECT {_CARD_COLS} FROM cards c WHERE c.ledger = $1 AND c.card_no = $2"
 SQL_ACTIVE_CARD = """
 SELECT card_no FROM cards WHERE ledger = $1 AND holder_id = $2 AND status = 'active'
 """
@@ -117,16 +107,6 @@ FROM holders h JOIN accounts a
   ON a.ledger = h.ledger AND a.id IN (h.purse_account_id, h.subsidy_account_id)
 WHERE h.ledger = $1 AND h.id = $2
 ORDER BY a.kind = 'subsidy', a.id
-"""
-SQL_ACCOUNT_KIND = "SELECT kind FROM accounts WHERE ledger = $1 AND id = $2"
-SQL_INSERT_TERMINAL = """
-INSERT INTO terminals (ledger, terminal_id, merchant_id, kind, account_id, mac_key_enc,
-                       created_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
-"""
-SQL_INSERT_ROOM = """
-INSERT INTO rooms (ledger, room_id, account_id, created_at) VALUES ($1, $2, $3, $4)
-ON CONFLICT (ledger, room_id) DO NOTHING
 """
 
 
@@ -215,7 +195,6 @@ async def create_card(
     to the same holder again answers the stored card unchanged; a holder with an active
     card gets HOLDER_HAS_ACTIVE_CARD (use ``replace_card``)."""
     async with connection(engine) as conn, conn.transaction():
-        await conn.execute(SQL_ADVISORY_LOCK, _CARD_LOCK, [card_no])
         if ledger is None:
             ledgers = [r["ledger"] for r in await conn.fetch(SQL_HOLDER_LEDGERS, holder_id)]
             if not ledgers:
@@ -224,11 +203,15 @@ async def create_card(
                 return Refused(Refusal.AMBIGUOUS_HOLDER,
                                f"holder {holder_id!r} exists in several ledgers; name one")
             ledger = ledgers[0]
+        owner = await claim_card(conn, card_no, ledger)
         if await conn.fetchval(SQL_LOCK_HOLDER, ledger, holder_id) is None:
+            if owner is None:
+                await unclaim_card(conn, card_no, ledger)
             return Refused(Refusal.HOLDER_NOT_FOUND,
                            f"no holder {holder_id!r} in ledger {ledger}")
-        r = await conn.fetchrow(SQL_CARD_BY_NO, card_no)
-        if r is not None:
+        if owner is not None:  # the number is taken: by this very card, or another
+            r = await conn.fetchrow(SQL_CARD, owner, card_no)
+            assert r is not None, f"card {card_no} claimed by ledger {owner} but not there"
             card = _card(r, box)
             if (card.ledger, card.holder_id) != (ledger, holder_id):
                 return Refused(Refusal.CARD_NUMBER_TAKEN,
@@ -236,6 +219,7 @@ async def create_card(
             return card
         active = await conn.fetchval(SQL_ACTIVE_CARD, ledger, holder_id)
         if active is not None:
+            await unclaim_card(conn, card_no, ledger)
             return Refused(Refusal.HOLDER_HAS_ACTIVE_CARD,
                            f"holder {holder_id!r} already has active card {active}")
         sealed = None if pin is None else seal_pin(box, ledger, card_no, pin)
@@ -248,7 +232,7 @@ async def create_card(
 async def get_card(engine: Engine, box: SecretBox, card_no: str) -> Card | None:
     """The card with this number, or None."""
     async with connection(engine) as conn:
-        r = await conn.fetchrow(SQL_CARD_BY_NO, card_no)
+        r = await _card_row(conn, card_no)
     return None if r is None else _card(r, box)
 
 async def _transition(
@@ -261,10 +245,11 @@ async def _transition(
     """Move a card to ``target`` (already there: answered unchanged) and re-derive the
     purses' frozen flag, all in one transaction under the holder's row lock."""
     async with connection(engine) as conn, conn.transaction():
-        await conn.execute(SQL_ADVISORY_LOCK, _CARD_LOCK, [card_no])
-        r = await conn.fetchrow(SQL_CARD_BY_NO, card_no)
-        if r is None:
+        ledger = (await lock_cards(conn, [card_no])).get(card_no)
+        if ledger is None:
             return Refused(Refusal.CARD_NOT_FOUND, f"no card {card_no}")
+        r = await conn.fetchrow(SQL_CARD, ledger, card_no)
+        assert r is not None, f"card {card_no} claimed by ledger {ledger} but not there"
         card = _card(r, box)
         await conn.fetchval(SQL_LOCK_HOLDER, card.ledger, card.holder_id)
         if card.status is target:
@@ -308,24 +293,26 @@ async def replace_card(
     limits and PIN. The purses (and their balance) stay; no money moves; they are
     unfrozen. Repeating the same replacement answers it again."""
     async with connection(engine) as conn, conn.transaction():
-        await conn.execute(SQL_ADVISORY_LOCK, _CARD_LOCK, sorted({card_no, new_card_no}))
-        r = await conn.fetchrow(SQL_CARD_BY_NO, card_no)
-        if r is None:
+        locked = await lock_cards(conn, [card_no, new_card_no])
+        if card_no not in locked:
             return Refused(Refusal.CARD_NOT_FOUND, f"no card {card_no}")
+        r = await conn.fetchrow(SQL_CARD, locked[card_no], card_no)
+        assert r is not None, f"card {card_no} claimed but not there"
         old = _card(r, box)
         await conn.fetchval(SQL_LOCK_HOLDER, old.ledger, old.holder_id)
-        r = await conn.fetchrow(SQL_CARD_BY_NO, new_card_no)
         if old.status is CardStatus.REPLACED and old.replaced_by == new_card_no:
+            r = await conn.fetchrow(SQL_CARD, old.ledger, new_card_no)
             assert r is not None
             return Replacement(old, _card(r, box))
         if old.status not in (CardStatus.ACTIVE, CardStatus.LOST):
             return Refused(Refusal.INVALID_TRANSITION,
                            f"card {card_no} is {old.status}; only an active or lost card "
                            "can be replaced")
-        if r is not None or new_card_no == card_no:
+        if new_card_no == card_no or await claim_card(conn, new_card_no, old.ledger) is not None:
             return Refused(Refusal.CARD_NUMBER_TAKEN, f"card {new_card_no} already exists")
         active = await conn.fetchval(SQL_ACTIVE_CARD, old.ledger, old.holder_id)
         if active is not None and active != card_no:
+            await unclaim_card(conn, new_card_no, old.ledger)
             return Refused(Refusal.HOLDER_HAS_ACTIVE_CARD,
                            f"holder {old.holder_id!r} already has active card {active}")
         now = time.time_ns()
@@ -345,7 +332,7 @@ async def reset_pin_tries(engine: Engine, box: SecretBox, card_no: str) -> Card 
     """The card office's reset: the card's wrong PINs are forgotten (every day's), so the
     right PIN gets in again at once. The card itself is unchanged."""
     async with connection(engine) as conn:
-        r = await conn.fetchrow(SQL_CARD_BY_NO, card_no)
+        r = await _card_row(conn, card_no)
         if r is None:
             return Refused(Refusal.CARD_NOT_FOUND, f"no card {card_no}")
         card = _card(r, box)
@@ -355,7 +342,7 @@ async def reset_pin_tries(engine: Engine, box: SecretBox, card_no: str) -> Card 
 async def card_balance(engine: Engine, box: SecretBox, card_no: str) -> CardBalance | None:
     """The card and its holder's purses (whatever the card's state), or None."""
     async with connection(engine) as conn:
-        r = await conn.fetchrow(SQL_CARD_BY_NO, card_no)
+        r = await _card_row(conn, card_no)
         if r is None:
             return None
         card = _card(r, box)
@@ -364,56 +351,11 @@ async def card_balance(engine: Engine, box: SecretBox, card_no: str) -> CardBala
               for r in rows]
     return CardBalance(card, purses, sum(p.available for p in purses))
 
-# -- terminals and rooms -----------------------------------------------------------------------
-
-async def register_terminal(
-    engine: Engine,
-    box: SecretBox,
-    *,
-    terminal_id: str,
-    merchant_id: str,
-    ledger: int,
-    kind: TerminalKind,
-    account_id: int,
-    mac_key: bytes,
-) -> RegistryStatus | Refused:
-    """Register a terminal. It will credit only ``account_id``, which must be a merchant or
-    utility account of the same ledger. Terminal ids are unique across ledgers; a
-    registered terminal never changes (a different request answers
-    ``exists_with_different_fields``)."""
-    want = Terminal(terminal_id, merchant_id, ledger, kind, account_id, mac_key)
-    async with connection(engine) as conn, conn.transaction():
-        await conn.execute(SQL_ADVISORY_LOCK, _TERMINAL_LOCK, [terminal_id])
-        r = await conn.fetchrow(SQL_TERMINAL, terminal_id)
-        if r is not None:
-            if same_terminal(terminal_row(r, box), want):
-                return RegistryStatus.EXISTS
-            return RegistryStatus.EXISTS_WITH_DIFFERENT_FIELDS
-        account_kind = await conn.fetchval(SQL_ACCOUNT_KIND, ledger, account_id)
-        if account_kind is None:
-            return Refused(Refusal.ACCOUNT_NOT_FOUND,
-                           f"no account {account_id} in ledger {ledger}")
-        if account_kind not in (AccountKind.MERCHANT, AccountKind.UTILITY):
-            return Refused(Refusal.ACCOUNT_NOT_CREDITABLE,
-                           f"account {account_id} is a {account_kind} account; a terminal "
-                           "credits a merchant or utility account")
-        sealed_key = seal_mac_key(box, ledger, terminal_id, mac_key)
-        await conn.execute(SQL_INSERT_TERMINAL, ledger, terminal_id, merchant_id, str(kind),
-                           account_id, sealed_key, time.time_ns())
-    return RegistryStatus.CREATED
-
-async def create_room(engine: Engine, *, room_id: str, ledger: int) -> Room | Refused:
-    """Create (idempotently) a dorm room and its ``room`` purse (no overdraft)."""
-    account_id = room_account_id(ledger, room_id)
-    [st] = await engine.store.create_accounts([
-        Account(id=account_id, ledger=ledger, kind=AccountKind.ROOM, code=ROOM_CODE,
-                flags=(AccountFlag.DEBITS_MUST_NOT_EXCEED_CREDITS,), name=room_id)
-    ])
-    if st not in (AccountStatus.CREATED, AccountStatus.EXISTS):
-        return Refused(Refusal.ACCOUNT_ID_TAKEN, f"account {account_id} exists: {st}")
-    async with connection(engine) as conn:
-        await conn.execute(SQL_INSERT_ROOM, ledger, room_id, account_id, time.time_ns())
-    return Room(room_id, ledger, account_id)
+async def _card_row(conn: asyncpg.pool.PoolConnectionProxy, card_no: str
+                    ) -> asyncpg.Record | None:
+    """The card with this number, read from its own ledger, or None."""
+    ledger = await card_ledger(conn, card_no)
+    return None if ledger is None else await conn.fetchrow(SQL_CARD, ledger, card_no)
 
 async def _sync_freeze(conn: asyncpg.pool.PoolConnectionProxy, ledger: int, holder_id: str) -> None:
     await conn.execute(SQL_LOCK_PURSES, ledger, holder_id)

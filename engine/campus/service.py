@@ -19,6 +19,7 @@ import engine.campus.electricity as electricity
 import engine.campus.payments as payments
 import engine.campus.registry as registry
 import engine.campus.reversals as reversals
+import engine.campus.sites as sites
 import engine.campus.water as water
 from engine import limits
 from engine.access.secretbox import SecretBox, default_box
@@ -264,7 +265,7 @@ class Campus:
         """
         return await reversals.withdraw(self._s, ledger, key, hold_key)
 
-    # -- registry (registry.py) -----------------------------------------------------------------
+    # -- registry (registry.py, sites.py) ---------------------------------------------------
 
     async def create_holder(
         self, *, holder_id: str, ledger: int, name: str, kind: HolderKind
@@ -336,12 +337,12 @@ class Campus:
         mac_key: bytes,
     ) -> RegistryStatus | Refused:
         """Register a terminal that will credit only ``account_id`` (a merchant or utility
-        account of its ledger); see :func:`engine.campus.registry.register_terminal`."""
-        return await registry.register_terminal(
+        account of its ledger); see :func:`engine.campus.sites.register_terminal`."""
+        return await sites.register_terminal(
             self.engine, self.secrets, terminal_id=terminal_id, merchant_id=merchant_id,
             ledger=ledger, kind=kind, account_id=account_id, mac_key=mac_key,
         )
 
     async def create_room(self, *, room_id: str, ledger: int) -> Room | Refused:
         """Create (idempotently) a dorm room and its ``room`` purse (no overdraft)."""
-        return await registry.create_room(self.engine, room_id=room_id, ledger=ledger)
+        return await sites.create_room(self.engine, room_id=room_id, ledger=ledger)
