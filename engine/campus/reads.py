@@ -69,6 +69,9 @@ WHERE c.ledger = $1 AND c.card_no = ANY($2::text[])
 # a scan of every transfer of the day.
 # The daily limit is the lower of the card office's and the holder's own (holder_limits, set
 # at /self/limit): a holder can only ever tighten it.
+# Every table is bound to the ledger by `= $1` itself, never only through a join (`hd.ledger =
+# t.ledger` would reach $1 through the kept subquery only): that is what lets Citus send the
+# whole statement to the one worker owning the ledger (tests/citus/test_router.py).
 SQL_CARD_STATES = f"""
 SELECT q.i, c.status, least(c.daily_limit, hl.daily_limit) AS daily_limit, c.pin, c.pin_enc,
        c.pin_threshold,
@@ -103,7 +106,7 @@ LEFT JOIN LATERAL (
           AND t.flags & {_VOID} = 0
         OFFSET 0  -- kept a subquery: scanned per purse, never hoisted into a ledger scan
     ) t
-    LEFT JOIN holds hd ON hd.ledger = t.ledger AND hd.id = t.id
+    LEFT JOIN holds hd ON hd.ledger = $1 AND hd.id = t.id
     WHERE q.want_spent AND coalesce(c.daily_limit, hl.daily_limit) IS NOT NULL
       AND (t.flags & {_PENDING} = 0 OR hd.state = 'pending')
       AND NOT EXISTS (
