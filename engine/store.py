@@ -35,6 +35,7 @@ import msgspec
 from asyncpg.pool import PoolAcquireContext, PoolConnectionProxy
 
 from engine import limits
+from engine.db.delegated import Delegated
 from engine.loading import SQL_FOREIGN_ACCOUNTS, SQL_LOAD_TRANSFERS, load
 from engine.rows import (
     ACCOUNT_COLS,
@@ -123,6 +124,12 @@ SQL_COMMIT_PREPARED = (
     )
     + "SELECT count(*) FROM clk"
 )
+
+# On a Citus cluster both writes run as a function on the worker owning the ledger
+# (engine/db/delegated.py): one call, one worker, whatever the batch's size.
+WRITE_BATCH: Final = Delegated("write_batch", SQL_WRITE_BATCH)
+COMMIT_PREPARED: Final = Delegated("commit_prepared", SQL_COMMIT_PREPARED)
+DELEGATED: Final = (WRITE_BATCH, COMMIT_PREPARED)
 
 SQL_ACCOUNTS_BY_ID = f"SELECT {ACCOUNT_COLS} FROM accounts WHERE id = ANY($1::bigint[])"
 SQL_LOCK_ACCOUNT_IDS = (
@@ -308,10 +315,24 @@ def now_ns() -> int:
 
 
 class Store:
-    """The ledger's PostgreSQL store over an asyncpg pool."""
+    """The ledger's PostgreSQL store over an asyncpg pool.
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    ``distributed``: the database is a Citus coordinator (engine/db/distribute.py). A batch
+    then reads only its own ledger's transfers and writes through the delegated functions,
+    so its transaction is on the one worker owning the ledger; everything else is the same
+    statements. A read of transfer ids across ledgers would visit every shard on every
+    worker for every batch, and stop every ledger's batches while any worker is down: on a
+    cluster a transfer id is therefore checked within its ledger (the same id sent to another
+    ledger is a transfer of that ledger, not ``exists_with_different_ledger``; a
+    ``pending_id`` of another ledger's hold is ``pending_transfer_not_found``). Accounts
+    named from another ledger are still found (``accounts_must_have_the_same_ledger``): only
+    a request that names one pays for that read."""
+
+    def __init__(self, pool: asyncpg.Pool, *, distributed: bool = False) -> None:
         self.pool = pool
+        self.distributed = distributed
+        self._write_sql = WRITE_BATCH.call if distributed else SQL_WRITE_BATCH
+        self._commit_sql = COMMIT_PREPARED.call if distributed else SQL_COMMIT_PREPARED
 
     def _acquire(self) -> PoolAcquireContext:
         # Every wait is bounded: a pool exhausted for this long answers 503 (or, for a batch,
@@ -416,7 +437,9 @@ class Store:
             # ledger's first accounts commit between the two reads, the batch would create
             # something: the clock exists by then (same transaction as the accounts), so it
             # is posted the ordinary way.
-            accounts, transfers, _ = await load(conn, ledger, batch, known=None, due_before=None)
+            accounts, transfers, _ = await load(
+                conn, ledger, batch, known=None, due_before=None, one_ledger=self.distributed
+            )
             outcome = _answer_unclocked(ledger, batch, request_ends, accounts, transfers)
             if outcome is not None:
                 return outcome, None
@@ -425,14 +448,15 @@ class Store:
         first: int = clock["first"]
         prev_head: str = clock["chain_head"]
         accounts, transfers, holds = await load(
-            conn, ledger, batch, known=None, due_before=first if expire_due else None
+            conn, ledger, batch, known=None, due_before=first if expire_due else None,
+            one_ledger=self.distributed,
         )
         outcome, args, head = _apply(
             ledger, batch, request_ends, accounts, transfers, holds, first, prev_head
         )
         tip = Tip(ledger, first + slots - 1, head, accounts, transfers, holds)
         if args is not None:
-            await _send(conn, SQL_WRITE_BATCH, args, on_write)
+            await _send(conn, self._write_sql, args, on_write)
         return outcome, tip
 
     # -- the next batch, prepared while the previous one commits -------------------------------
@@ -456,7 +480,8 @@ class Store:
         seen: set[tuple[int, str]] = set()
         async with self._acquire() as conn:
             accounts, transfers, holds = await load(
-                conn, ledger, batch, known=tip, due_before=None, clocks=seen
+                conn, ledger, batch, known=tip, due_before=None, clocks=seen,
+                one_ledger=self.distributed,
             )
         if tip is None:
             if len(seen) != 1:
@@ -497,7 +522,7 @@ class Store:
                     SQL_ADVANCE, p.tip.ledger, p.after, p.after_head, p.tip.last
                 )
                 return advanced is not None
-            n = await _send(conn, SQL_COMMIT_PREPARED, [*p.args, p.tip.last, p.after], on_write)
+            n = await _send(conn, self._commit_sql, [*p.args, p.tip.last, p.after], on_write)
         assert n in (0, 1), n
         return n == 1
 
@@ -555,7 +580,10 @@ class Store:
         aids.discard(0)
         async with self._acquire() as conn:
             # ledger 0 never exists: no hold joins (a clockless ledger has none of its own)
-            rows = await conn.fetch(SQL_LOAD_TRANSFERS, pg_array(list(ids)), 0) if ids else []
+            # ids across ledgers; on a cluster a transfer id names a transfer of its own ledger
+            # only (Store's docstring), and a ledger without a clock has none
+            rows = (await conn.fetch(SQL_LOAD_TRANSFERS, pg_array(list(ids)), 0)
+                    if ids and not self.distributed else [])
             arows = await conn.fetch(SQL_FOREIGN_ACCOUNTS, list(aids)) if aids else []
         stored: dict[UUID, StoredTransfer] = {}
         for r in rows:
