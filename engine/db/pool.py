@@ -11,9 +11,20 @@ from engine import limits
 log = logging.getLogger(__name__)
 
 
+# On a Citus node every query of pg_class is filtered through relation_is_a_known_shard() to
+# hide shards from applications; asyncpg's type introspection (run once per connection for
+# each array or composite type it meets) then took 7-10 s on a coordinator. The engine never
+# lists relations, so its sessions see them unfiltered. A no-op where the setting is unknown
+# (a plain PostgreSQL): current_setting(..., true) is NULL there.
+SQL_SHOW_SHARDS = """
+SELECT set_config('citus.override_table_visibility', 'off', false)
+WHERE current_setting('citus.override_table_visibility', true) IS NOT NULL
+"""
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # The engine never relies on the server's zone; campus days are computed in Python.
-    await conn.execute("SET TIME ZONE 'UTC'")
+    await conn.execute("SET TIME ZONE 'UTC';" + SQL_SHOW_SHARDS)
 
 
 async def _reset_connection(conn: asyncpg.Connection) -> None:
