@@ -36,6 +36,7 @@ from asyncpg.pool import PoolAcquireContext, PoolConnectionProxy
 
 from engine import limits
 from engine.db.delegated import Delegated
+from engine.faults import RETRYABLE
 from engine.loading import SQL_FOREIGN_ACCOUNTS, SQL_LOAD_TRANSFERS, load
 from engine.rows import (
     ACCOUNT_COLS,
@@ -233,6 +234,15 @@ SQL_DUE_LEDGERS = """
 SELECT DISTINCT ledger FROM holds
 WHERE state = 'pending' AND expires_at > 0 AND expires_at <= $1
 ORDER BY ledger
+"""
+# The same question on a Citus cluster with a worker down (the statement above then fails as
+# a whole): asked of each shard on its own, the unreachable ones answering nothing, so the
+# ledgers on the other workers still get their holds released. Each answer is a list.
+SQL_DUE_LEDGERS_REACHABLE = """
+SELECT result FROM run_command_on_placements('holds', format(
+    'SELECT string_agg(DISTINCT ledger::text, '','') FROM %%s '
+    'WHERE state = ''pending'' AND expires_at > 0 AND expires_at <= %s', $1::bigint))
+WHERE success AND result <> ''
 """
 
 
@@ -555,9 +565,16 @@ class Store:
 
     async def ledgers_with_due_holds(self, at: int) -> list[int]:
         """The ledgers that have a pending hold past its timeout at ``at``: one indexed
-        statement for all ledgers (the expirer asks it every second)."""
+        statement for all ledgers (the expirer asks it every second). On a cluster with a
+        worker down: those of the reachable workers."""
         async with self._acquire() as conn:
-            return [r["ledger"] for r in await conn.fetch(SQL_DUE_LEDGERS, at)]
+            try:
+                return [r["ledger"] for r in await conn.fetch(SQL_DUE_LEDGERS, at)]
+            except RETRYABLE:
+                if not self.distributed:
+                    raise
+                rows = await conn.fetch(SQL_DUE_LEDGERS_REACHABLE, at)
+        return sorted({int(x) for r in rows for x in r["result"].split(",")})
 
     async def clocked(self, ledgers: Iterable[int]) -> set[int]:
         """Which of ``ledgers`` have a clock row, i.e. accounts (rows are never deleted)."""
