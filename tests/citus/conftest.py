@@ -22,8 +22,10 @@ CITUS_DSN_VAR = "ONECARD_CITUS_DSN"
 
 
 def with_schema(dsn: str, schema: str) -> str:
-    """``dsn`` with every connection's ``search_path`` set to ``schema``."""
-    return f"{dsn}{'&' if '?' in dsn else '?'}search_path={schema}"
+    """``dsn`` with every connection's ``search_path`` set to ``schema`` (and the tests' own
+    connections seeing relations unfiltered, as the engine's do: engine/db/pool.py)."""
+    sep = "&" if "?" in dsn else "?"
+    return f"{dsn}{sep}search_path={schema}&citus.override_table_visibility=off"
 
 
 @pytest.fixture(scope="session")
