@@ -11,13 +11,20 @@ from engine import limits
 log = logging.getLogger(__name__)
 
 
-# On a Citus node every query of pg_class is filtered through relation_is_a_known_shard() to
-# hide shards from applications; asyncpg's type introspection (run once per connection for
-# each array or composite type it meets) then took 7-10 s on a coordinator. The engine never
-# lists relations, so its sessions see them unfiltered. A no-op where the setting is unknown
-# (a plain PostgreSQL): current_setting(..., true) is NULL there.
+# Two session settings on a Citus node; a no-op where they are unknown (a plain PostgreSQL:
+# current_setting(..., true) is NULL there).
+# - Every query of pg_class is filtered through relation_is_a_known_shard() to hide shards from
+#   applications; asyncpg's type introspection (once per connection for each array or
+#   composite type it meets) then took 7-10 s on a coordinator. The engine never lists
+#   relations: its sessions see them unfiltered.
+# - A statement that visits every shard (a lookup by account id alone, an admin listing) may
+#   open up to 16 connections to each worker by default, per session: a few engines' pools
+#   then exhausted the workers' connection slots and every session waited for one (four
+#   simulated campuses could not even create their holders). The engine's statements are
+#   small: one connection per worker and session runs them.
 SQL_SHOW_SHARDS = """
-SELECT set_config('citus.override_table_visibility', 'off', false)
+SELECT set_config('citus.override_table_visibility', 'off', false),
+       set_config('citus.max_adaptive_executor_pool_size', '1', false)
 WHERE current_setting('citus.override_table_visibility', true) IS NOT NULL
 """
 
