@@ -61,6 +61,10 @@ VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (ledger, id) DO NOTHING
 RETURNING id
 """
 SQL_HOLDER_LEDGERS = "SELECT ledger FROM holders WHERE id = $1 ORDER BY ledger LIMIT 2"
+SQL_HAS_FUND = """
+SELECT EXISTS (SELECT FROM accounts
+               WHERE ledger = $1 AND id = $2 AND kind = 'fund' AND code = $3 AND flags = 0)
+"""
 SQL_LOCK_HOLDER = "SELECT id FROM holders WHERE ledger = $1 AND id = $2 FOR UPDATE"
 _CARD_COLS = (
     "c.card_no, c.ledger, c.holder_id, c.status, c.daily_limit, c.pin, c.pin_enc, "
@@ -147,22 +151,27 @@ async def create_holder(
     (the campus's subsidy budget: subsidies only ever pay from it, they never create it).
     Idempotent: the same holder again answers ``exists``; one whose name or kind differs
     ``exists_with_different_fields``."""
+    fund_id = fund_account_id(ledger)
     async with connection(engine) as conn:
         r = await conn.fetchrow(SQL_HOLDER, ledger, holder_id)
+        # Every holder of a ledger names the one fund: once it is there, creating it again
+        # would only make every holder creation of the ledger wait on its id's lock.
+        has_fund = r is None and await conn.fetchval(SQL_HAS_FUND, ledger, fund_id, FUND_CODE)
     if r is not None:
         return _holder_result(_holder(r), name, kind)
     purse_id, subsidy_id = holder_account_ids(ledger, holder_id)
-    fund_id = fund_account_id(ledger)
     no_overdraft = (AccountFlag.DEBITS_MUST_NOT_EXCEED_CREDITS,)
-    statuses = await engine.store.create_accounts([
+    accounts = [
         Account(id=purse_id, ledger=ledger, kind=AccountKind.PURSE, code=PURSE_CODE,
                 flags=no_overdraft, holder_id=holder_id, name=name),
         Account(id=subsidy_id, ledger=ledger, kind=AccountKind.SUBSIDY, code=SUBSIDY_CODE,
                 flags=no_overdraft, holder_id=holder_id, name=name),
-        Account(id=fund_id, ledger=ledger, kind=AccountKind.FUND, code=FUND_CODE,
-                name="subsidy fund"),
-    ])
-    for aid, st in zip((purse_id, subsidy_id, fund_id), statuses, strict=True):
+    ]
+    if not has_fund:
+        accounts.append(Account(id=fund_id, ledger=ledger, kind=AccountKind.FUND,
+                                code=FUND_CODE, name="subsidy fund"))
+    statuses = await engine.store.create_accounts(accounts)
+    for aid, st in zip((purse_id, subsidy_id, fund_id), statuses, strict=False):
         if st not in (AccountStatus.CREATED, AccountStatus.EXISTS):
             return Refused(Refusal.ACCOUNT_ID_TAKEN, f"account {aid} exists: {st}")
     async with connection(engine) as conn:
