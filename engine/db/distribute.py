@@ -55,13 +55,15 @@ SQL_STARTED: Final = """
 SELECT EXISTS (SELECT FROM pg_dist_partition WHERE logicalrelid = to_regclass($1)::oid)
 """
 # The schema's tables, with how Citus holds each now (NULL: a plain table) and whether it has
-# the distribution column.
+# the distribution column. The engine's sessions see shards (engine/db/pool.py): the
+# coordinator holds a placement of every reference table, which is not a table of its own.
 SQL_TABLES: Final = """
 SELECT c.oid, c.relname AS name, p.partmethod::text,
        EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = $1
                AND NOT a.attisdropped) AS has_ledger
 FROM pg_class c LEFT JOIN pg_dist_partition p ON p.logicalrelid = c.oid
 WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r'
+  AND relation_is_a_known_shard(c.oid) IS NOT TRUE  -- a shard placed on this node
 ORDER BY c.relname
 """
 SQL_FOREIGN_KEYS: Final = """
@@ -79,6 +81,10 @@ SQL_DISTRIBUTE: Final = (
 SQL_REFERENCE: Final = "SELECT create_reference_table($1::oid::regclass)"
 SQL_QUALIFIED: Final = "SELECT $1::oid::regclass::text"
 SQL_FUNCTION_EXISTS: Final = "SELECT to_regproc($1)"
+SQL_FUNCTION_DISTRIBUTED: Final = """
+SELECT EXISTS (SELECT FROM pg_dist_object
+               WHERE classid = 'pg_proc'::regclass AND objid = to_regproc($1)::oid)
+"""
 SQL_TYPE_NAME: Final = "SELECT format_type($1::oid, NULL)"
 SQL_DISTRIBUTE_FUNCTION: Final = """
 SELECT create_distributed_function($1::regprocedure, '$1', colocate_with => $2,
@@ -166,10 +172,15 @@ async def distribute(conn: Connection) -> list[str]:
 async def delegate(
     conn: Connection, statements: tuple[Delegated, ...], *, colocate_with: str
 ) -> None:
-    """(Re)create the delegated function of each statement, distributed by its first
-    argument, and drop those of statements no longer used."""
+    """Create the delegated function of each statement that lacks one, distributed by its
+    first argument, and drop those of statements no longer used (an engine of the previous
+    version still running would then fail its writes: upgrade the engines, then migrate)."""
     wanted = {d.function for d in statements}
     for d in statements:
+        # its name is its text's digest: a distributed function of that name is this one
+        # (DDL on every engine's start would take locks the running engines' batches need)
+        if await conn.fetchval(SQL_FUNCTION_DISTRIBUTED, d.function):
+            continue
         async with conn.transaction():
             signature = await define(conn, d)
             await conn.execute(SQL_DISTRIBUTE_FUNCTION, signature, colocate_with)

@@ -33,6 +33,7 @@ SELECT c.relname AS name, p.partmethod::text, p.colocationid,
            AS column
 FROM pg_class c LEFT JOIN pg_dist_partition p ON p.logicalrelid = c.oid
 WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r'
+  AND relation_is_a_known_shard(c.oid) IS NOT TRUE
 """
 SQL_SHARD_NODES = """
 SELECT DISTINCT n.nodeport FROM pg_dist_shard s JOIN pg_dist_placement p USING (shardid)
