@@ -13,11 +13,11 @@ and deletes each scope's oldest rows past the window, ``RETENTION_BATCH_ROWS`` p
 with a pause in between, so it never holds many row locks nor a long transaction beside the
 hot path. ``onecard_pruned_rows_total{table}`` counts what it deleted.
 
-On a Citus cluster (``cluster=True``) the same deletes are made shard by shard: a table with
-a ``ledger`` column one ledger at a time (the ledgers with a clock, and 0, the
-installation's), every statement then routed to one worker, where physical row addresses
-mean something; a replicated table without one (the web sessions) by its key, since each
-copy has its own row addresses. The loose index scan, a recursive statement, is not run there.
+On a Citus cluster (``cluster=True``) rows are deleted by their primary key, not their row
+address (Citus refuses a delete by ``ctid`` through a subquery, and a replicated table's
+copies each have their own), and a table with a ``ledger`` column one ledger at a time (those
+with a clock, and 0, the installation's): each statement is routed to one worker. The loose
+index scan, a recursive statement Citus cannot run, is left out.
 
 Nothing ``onecard verify`` or the exports read is ever pruned (transfers, holds, accounts,
 audit batches, snapshots). A retransmission whose remembered answer was pruned is answered
@@ -71,14 +71,17 @@ WHERE ctid = ANY (ARRAY(
         ORDER BY {time} LIMIT $3))
   AND {time} < now() - $2::interval
 """
-# A replicated table's oldest rows by their key (each copy has its own row addresses).
+# On a cluster: the oldest rows by their primary key ({key}: its columns but the ledger), of
+# one ledger ($1) where the table has one ({ledger}: "ledger = $1 AND"), else of the table.
+# Ordered in full, key last: each copy of a replicated table runs the statement itself and
+# must choose the same rows.
 SQL_PRUNE_BY_KEY: Final = """
 DELETE FROM {table}
-WHERE {key} = ANY (ARRAY(
+WHERE {ledger} ({key}) IN (
         SELECT {key} FROM {table}
-        WHERE {time} < now() - $1::interval
-        ORDER BY {time} LIMIT $2))
-  AND {time} < now() - $1::interval
+        WHERE {ledger} {time} < now() - $W::interval
+        ORDER BY {time}, {key} LIMIT $B)
+  AND {time} < now() - $W::interval
 """
 # On a cluster, the ledgers a table's rows may belong to: those with a clock, and 0.
 SQL_LEDGERS: Final = "SELECT ledger FROM ledgers"
@@ -100,7 +103,7 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True):
     default_days: int
     sql_scopes: str | None  # the scope values (None: the table has no scope column)
     sql_prune: str  # ($scope,) $window, $batch -> "DELETE n"
-    # on a Citus cluster: per ledger ($ledger, $window, $batch) if ``by_ledger``, else by key
+    # on a Citus cluster, by key: per ledger ($ledger, $window, $batch) if ``by_ledger``
     by_ledger: bool
     sql_prune_cluster: str
 
@@ -122,20 +125,23 @@ def rule(
     env: str,
     default_days: int,
     nanoseconds: bool = False,
-    key: str | None = None,
+    key: tuple[str, ...] = ("ctid",),
+    by_ledger: bool = False,
 ) -> Rule:
     """A rule and its statements, assembled once, at import time, from plain identifiers.
     ``time_column``: one column, or several whose latest counts; ``nanoseconds``: they are
-    engine nanoseconds (``bigint``), not ``timestamptz``; ``key``: the primary key of a table
-    without a ``ledger`` column (on a cluster such a table is replicated: deleted by key)."""
+    engine nanoseconds (``bigint``), not ``timestamptz``; ``key``: the primary key's columns
+    (but ``ledger``) and ``by_ledger``: the table has a ``ledger`` column, for a cluster."""
     columns = (time_column,) if isinstance(time_column, str) else time_column
-    for name in (table, *columns, scope_column or "x", key or "x"):
+    for name in (table, *columns, scope_column or "x", *key):
         if _IDENTIFIER.fullmatch(name) is None:
             raise ValueError(f"not a plain SQL identifier: {name!r}")
     time = columns[0] if len(columns) == 1 else f"greatest({', '.join(columns)})"
     scoped = scope_column is not None
-    cluster = SQL_PRUNE_SCOPED if key is None else SQL_PRUNE_BY_KEY
-    names = {"table": table, "time": time, "scope": scope_column or "ledger", "key": key}
+    names = {"table": table, "time": time, "scope": scope_column, "key": ", ".join(key),
+             "ledger": "ledger = $1 AND" if by_ledger else ""}
+    window, size = ("$2", "$3") if by_ledger else ("$1", "$2")
+    cluster = SQL_PRUNE_BY_KEY.replace("$W", window).replace("$B", size)
     return Rule(
         table=table,
         env=env,
@@ -143,8 +149,8 @@ def rule(
         sql_scopes=SQL_SCOPES.format(**names) if scoped else None,
         sql_prune=_cutoff(SQL_PRUNE_SCOPED if scoped else SQL_PRUNE, scoped,
                           nanoseconds).format(**names),
-        by_ledger=key is None,
-        sql_prune_cluster=_cutoff(cluster, key is None, nanoseconds).format(**names),
+        by_ledger=by_ledger,
+        sql_prune_cluster=_cutoff(cluster, by_ledger, nanoseconds).format(**names),
     )
 
 
@@ -165,6 +171,8 @@ RULES: Final[tuple[Rule, ...]] = (
         scope_column="ledger",
         env=ANSWER_RETENTION_ENV,
         default_days=limits.ANSWER_RETENTION_DAYS,
+        key=("key",),
+        by_ledger=True,
     ),
     # the web pages' sessions (migrations/0015): idle ones are over after 30 minutes already
     rule(
@@ -173,7 +181,7 @@ RULES: Final[tuple[Rule, ...]] = (
         scope_column=None,
         env=SESSION_RETENTION_ENV,
         default_days=limits.SESSION_RETENTION_DAYS,
-        key="id_hash",
+        key=("id_hash",),
     ),
     # failed logins (migrations/0013): a lockout lasts 15 minutes
     rule(
@@ -183,6 +191,8 @@ RULES: Final[tuple[Rule, ...]] = (
         env=ATTEMPT_RETENTION_ENV,
         default_days=limits.ATTEMPT_RETENTION_DAYS,
         nanoseconds=True,
+        key=("realm", "subject"),
+        by_ledger=True,
     ),
     # wrong PINs per card and campus day (migrations/0006): they count for one day
     rule(
@@ -192,6 +202,8 @@ RULES: Final[tuple[Rule, ...]] = (
         env=ATTEMPT_RETENTION_ENV,
         default_days=limits.ATTEMPT_RETENTION_DAYS,
         nanoseconds=True,
+        key=("card_no", "day"),
+        by_ledger=True,
     ),
 )
 
