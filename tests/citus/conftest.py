@@ -96,3 +96,19 @@ async def ledgers_apart(conn: asyncpg.Connection, fresh: Callable[[], int], n: i
         if len(found) == n:
             return list(found.values())
     raise AssertionError(f"the cluster has fewer than {n} workers with shards")
+
+
+# -- the single-server suites, run here ------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _one_server_only(request: pytest.FixtureRequest) -> None:
+    """Skip a test a module lists in ``ONE_SERVER_ONLY`` (name, or name[param]: the reason):
+    the suites of tests/engine, tests/campus and tests/terminals run here as they are, but a
+    few of their tests check what a cluster does differently by design, or reach past the SQL
+    interface (a plan's shape, a trigger switched off in one session)."""
+    reasons: dict[str, str] = getattr(request.module, "ONE_SERVER_ONLY", {})
+    node = request.node
+    reason = reasons.get(node.name) or reasons.get(getattr(node, "originalname", ""))
+    if reason:
+        pytest.skip(f"one server only: {reason}")
