@@ -99,12 +99,12 @@ class Campus1:
         assert await self.top_up(100_000)
         return self
 
-    async def top_up(self, amount: int) -> bool:
+    async def top_up(self, amount: int, tid: uuid.UUID | None = None) -> bool:
         """Whether the top-up is in the ledger: ``created``, or ``exists`` when the request
         shared a batch with the stopped worker's ledger (its ledger's part committed, the
         batch failed, the retry of that part found it: the idempotent answer)."""
         [r] = await self.engine.batcher.submit([Transfer(
-            id=uuid.uuid4(), ledger=self.ledger, debit_account_id=self.bank,
+            id=tid or uuid.uuid4(), ledger=self.ledger, debit_account_id=self.bank,
             credit_account_id=self.purse, amount=amount, code=TransferCode.TOP_UP)])
         done = r.status in (TransferStatus.CREATED, TransferStatus.EXISTS)
         if done:
@@ -159,7 +159,8 @@ async def test_a_ledger_keeps_posting_while_another_ledgers_worker_is_down(
             async with stopped(node_ctl, worker_b):
                 # the other ledger's traffic goes on beside it, and gets nowhere
                 b_created: list[int] = []
-                b_tries = asyncio.create_task(_keep_trying(b, b_created))
+                b_tried: list[uuid.UUID] = []
+                b_tries = asyncio.create_task(_keep_trying(b, b_created, b_tried))
                 try:
                     for i in range(10):
                         assert await a.top_up(10 + i)
@@ -179,6 +180,10 @@ async def test_a_ledger_keeps_posting_while_another_ledgers_worker_is_down(
                             break
                     await asyncio.sleep(1)
             assert await _pay(pos, a, 30) == "00"
+            # what ledger b was sent while down is posted exactly once by sending it again (an
+            # attempt whose caller gave up may have committed once the worker was back)
+            for tid in b_tried:
+                assert await b.top_up(1, tid)
     finally:
         await gateway.stop()
     for c in (a, b):
@@ -187,10 +192,13 @@ async def test_a_ledger_keeps_posting_while_another_ledgers_worker_is_down(
     assert report.ok, report.first()
 
 
-async def _keep_trying(b: Campus1, created: list[int]) -> None:
-    """Top up ledger b over and over while its worker is down (noting any that succeed)."""
+async def _keep_trying(b: Campus1, created: list[int], tried: list[uuid.UUID]) -> None:
+    """Top up ledger b over and over while its worker is down (noting every attempt, and any
+    that succeeds)."""
     while True:
+        tid = uuid.uuid4()
+        tried.append(tid)
         with contextlib.suppress(Exception):
-            if await b.top_up(1):
+            if await b.top_up(1, tid):
                 created.append(1)
         await asyncio.sleep(0.2)
