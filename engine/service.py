@@ -81,6 +81,8 @@ class Engine:
                     log.info("applied migrations: %s", ", ".join(applied))
         async with self._pool.acquire() as conn:
             distributed = await is_distributed(conn)
+        if distributed:
+            log.info("on a Citus cluster: each batch is written on the worker of its ledger")
         self._store = Store(self._pool, distributed=distributed)
         self._batcher = Batcher(self._store)
         self._batcher.start()

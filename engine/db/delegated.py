@@ -9,7 +9,8 @@ runs there against its local shards. On a plain PostgreSQL the statement runs as
 functions exist only on a cluster (engine/db/distribute.py creates them).
 
 A function's name carries a digest of its statement, so an engine never calls a function
-made from another version of it; ``distribute`` drops the versions no engine names anymore.
+made from another version of it, and the versions of engines still running during an upgrade
+stay in place (``distribute`` adds, never replaces).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from typing import Final
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from engine.db.delegated import PREFIX, Delegated
+from engine.db.delegated import Delegated
 from engine.store import DELEGATED
 
 # The distribution column and the table every distributed table is co-located with.
@@ -91,11 +91,6 @@ SELECT create_distributed_function($1::regprocedure, '$1', colocate_with => $2,
                                    force_delegation => true)
 """
 SQL_SIGNATURE: Final = "SELECT $1::regproc::oid::regprocedure::text"
-# Delegated functions of this schema (every version of every statement).
-SQL_DELEGATED_FUNCTIONS: Final = """
-SELECT p.oid::regprocedure::text AS signature, p.proname AS name FROM pg_proc p
-WHERE p.pronamespace = current_schema()::regnamespace AND starts_with(p.proname, $1)
-"""
 
 Connection = asyncpg.Connection | PoolConnectionProxy
 
@@ -173,9 +168,8 @@ async def delegate(
     conn: Connection, statements: tuple[Delegated, ...], *, colocate_with: str
 ) -> None:
     """Create the delegated function of each statement that lacks one, distributed by its
-    first argument, and drop those of statements no longer used (an engine of the previous
-    version still running would then fail its writes: upgrade the engines, then migrate)."""
-    wanted = {d.function for d in statements}
+    first argument. The functions of earlier versions stay: an engine of the previous version
+    still running during an upgrade goes on calling its own."""
     for d in statements:
         # its name is its text's digest: a distributed function of that name is this one
         # (DDL on every engine's start would take locks the running engines' batches need)
@@ -184,9 +178,6 @@ async def delegate(
         async with conn.transaction():
             signature = await define(conn, d)
             await conn.execute(SQL_DISTRIBUTE_FUNCTION, signature, colocate_with)
-    for r in await conn.fetch(SQL_DELEGATED_FUNCTIONS, PREFIX):
-        if r["name"] not in wanted:
-            await conn.execute(f"DROP FUNCTION {r['signature']}")
 
 
 async def _allow_guards(conn: Connection, oid: int, name: str) -> None:
