@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Final
 
 import asyncpg
 
@@ -29,9 +30,12 @@ WHERE current_setting('citus.override_table_visibility', true) IS NOT NULL
 """
 
 
+# The engine never relies on the server's zone; campus days are computed in Python.
+SQL_SESSION: Final = "SET TIME ZONE 'UTC';" + SQL_SHOW_SHARDS
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    # The engine never relies on the server's zone; campus days are computed in Python.
-    await conn.execute("SET TIME ZONE 'UTC';" + SQL_SHOW_SHARDS)
+    await conn.execute(SQL_SESSION)
 
 
 async def _reset_connection(conn: asyncpg.Connection) -> None:
