@@ -60,6 +60,16 @@ async def dsn(citus_dsn: str) -> AsyncIterator[str]:
         await conn.close()
 
 
+@pytest.fixture
+async def conn(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of its own to the session's schema on the cluster."""
+    c = await asyncpg.connect(dsn)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
 # -- the cluster's layout --------------------------------------------------------------------
 
 SQL_WORKER_OF = """

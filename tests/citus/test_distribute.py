@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Final
 
 import asyncpg
@@ -18,14 +17,11 @@ from engine.db.migrate import migrate, migration_files
 from engine.finance.verify import verify
 from engine.service import Engine
 from engine.store import DELEGATED
-from ledger.status import TransferStatus
-from ledger.transfer import Transfer
-from ledger.types import TransferCode
 from tests.citus.conftest import with_schema
+from tests.db.test_upgrade import FIXTURE, buy_a_meal
 
 pytestmark = pytest.mark.citus
 
-FIXTURE: Final = Path(__file__).parents[1] / "db" / "fixtures" / "release-abc9096.sql"
 # How Citus holds each table of the schema: 'h' hash-distributed, 'n' reference.
 SQL_LAYOUT = """
 SELECT c.relname AS name, p.partmethod::text, p.colocationid,
@@ -45,15 +41,6 @@ FROM pg_dist_object o JOIN pg_proc p ON o.classid = 'pg_proc'::regclass AND o.ob
 WHERE p.pronamespace = current_schema()::regnamespace
 """
 NO_LEDGER: Final = frozenset({"web_sessions", "web_keys"})
-
-
-@pytest.fixture
-async def conn(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(dsn)
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 @pytest.fixture
@@ -187,16 +174,7 @@ async def test_an_existing_database_is_distributed_with_its_rows(
     try:
         report = await verify(engine.store.pool)
         assert report.ok, report.first()
-        async with engine.store.pool.acquire() as c:
-            purse = await c.fetchrow(
-                "SELECT ledger, id FROM accounts WHERE kind = 'purse' "
-                "AND credits_posted - debits_posted - debits_pending >= 100 ORDER BY id LIMIT 1")
-            canteen = await c.fetchval("SELECT id FROM accounts WHERE kind = 'merchant'")
-        assert purse is not None
-        [r] = await engine.batcher.submit([Transfer(
-            id=uuid.uuid4(), ledger=purse["ledger"], debit_account_id=purse["id"],
-            credit_account_id=canteen, amount=100, code=TransferCode.MEAL)])
-        assert r.status is TransferStatus.CREATED
+        await buy_a_meal(engine)
         after = await verify(engine.store.pool)
     finally:
         await engine.stop()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import asyncpg
 import pytest
@@ -99,15 +99,6 @@ class Ledger:
 @pytest.fixture
 async def book(engine: Engine, ids: Ids) -> Ledger:
     return await Ledger(engine, ids).setup()
-
-
-@pytest.fixture
-async def conn(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(dsn)
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 def _one_call(plan: Plan, function: str, worker: Node) -> None:
