@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
+import msgspec
 import pytest
 
 from engine.db.delegated import PREFIX, Delegated
@@ -33,12 +34,15 @@ SELECT (SELECT array_agg((id, debits_posted, credits_posted, debits_pending, cre
 """
 
 
-def test_a_function_is_named_by_its_statement() -> None:
-    a = Delegated("write", "SELECT $1::int + $3::int, $2::text")
+def test_a_function_is_named_by_its_statement_and_body() -> None:
+    a = Delegated(name="write", sql="SELECT $1::int + $3::int, $2::text", steps=("SELECT 1",))
     assert a.arity == 3
     assert a.call == f"SELECT {a.function}($1, $2, $3)"
     assert a.function.startswith(PREFIX + "write_")
-    assert Delegated("write", a.sql + " ").function != a.function  # another text, another name
+    # another text, another name: an engine never calls another version's function
+    assert msgspec.structs.replace(a, sql=a.sql + " ").function != a.function
+    assert msgspec.structs.replace(a, steps=("SELECT 2",)).function != a.function
+    assert msgspec.structs.replace(a, guard="SELECT 1").function != a.function
     assert len({d.function for d in DELEGATED}) == len(DELEGATED)
     assert WRITE_BATCH.sql is SQL_WRITE_BATCH
 
@@ -89,11 +93,17 @@ async def _day(store: Store, ledger: int, ids: list[uuid.UUID]) -> list[Transfer
     p = await store.prepare(ledger, second)  # the prepared path
     assert p is not None
     assert await store.commit_prepared(p)
+    # one prepared on a clock that moves before it commits writes nothing at all
+    stale = await store.prepare(ledger, [t(5, bank, purse, 1)])
+    assert stale is not None
+    await store.post_locked(ledger, [t(6, bank, purse, 2)])
+    assert not await store.commit_prepared(stale)
+    assert await store.get_transfer(ids[5]) is None
     return statuses + list(p.outcome.statuses)
 
 
 async def test_the_delegated_path_writes_what_the_statement_writes(pool: asyncpg.Pool) -> None:
-    ids = [uuid.uuid4() for _ in range(5)]
+    ids = [uuid.uuid4() for _ in range(7)]
     plain = await _day(Store(pool), 31, ids)
     cluster = await _day(Store(pool, distributed=True), 32, [uuid.uuid4() for _ in ids])
     assert plain == cluster == [
