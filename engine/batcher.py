@@ -338,20 +338,25 @@ class Batcher:
             for g in flight.batch.groups:
                 self._unknown(g.ledger)
             taken = flight.batch.requests
-            if isinstance(e, Unavailable) or len(taken) == 1:
+            outage = isinstance(e, Unavailable)
+            if len(taken) == 1 or (outage and not self.store.distributed):
                 log.exception("batch failed", exc_info=e)
                 fail(taken, e)
                 return None
             # Not a database outage: one request may be poison (an error only it causes).
-            # Commit each alone so only the guilty one fails; a request whose ledger did
-            # commit answers `exists` the second time.
-            log.warning("batch of %d requests failed (%s); one by one", len(taken), e)
-            for r in taken:
+            # Commit each alone so only the guilty one fails. On a Citus cluster an outage may
+            # be one worker's: each ledger's requests commit apart, so the ledgers on the
+            # other workers go on. A request whose ledger did commit answers `exists` the
+            # second time.
+            parts = _by_ledger(taken) if outage else [[r] for r in taken]
+            log.warning("batch of %d requests failed (%s); in %d parts", len(taken), e,
+                        len(parts))
+            for part in parts:
                 try:
-                    (await self._commit_batch(Batch.of([r]))).deliver()
+                    (await self._commit_batch(Batch.of(part))).deliver()
                 except Exception as e1:
                     log.exception("request failed")
-                    fail([r], e1)
+                    fail(part, e1)
             return None
 
     async def _commit_batch(self, batch: Batch, *, pending: Answers | None = None) -> Answers:
@@ -426,3 +431,15 @@ class Batcher:
             metrics.BATCH_SIZE.observe(len(g.transfers))
             return outcome, tip
         raise AssertionError("unreachable")
+
+
+def _by_ledger(requests: list[Request]) -> list[list[Request]]:
+    """The requests in parts of one ledger each (one naming several ledgers goes alone)."""
+    parts: dict[int, list[Request]] = {}
+    alone: list[list[Request]] = []
+    for r in requests:
+        if r.ledger is None:
+            alone.append([r])
+        else:
+            parts.setdefault(r.ledger, []).append(r)
+    return [*parts.values(), *alone]

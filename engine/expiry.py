@@ -36,10 +36,22 @@ async def expire_due_holds(store: Store) -> int:
     """
     released = 0
     for ledger in await store.ledgers_with_due_holds(now_ns()):
-        while True:
-            outcome = await store.post_batch(ledger, (), expire_due=True)
-            metrics.HOLDS_EXPIRED.inc(len(outcome.expired))
-            released += len(outcome.expired)
-            if len(outcome.expired) < limits.MAX_EXPIRED_PER_RUN:
-                break
+        try:
+            released += await _expire_ledger(store, ledger)
+        except RETRYABLE as e:
+            if not store.distributed:
+                raise  # the one server is away: every other ledger would fail the same way
+            # on a cluster, one worker away: the ledgers on the others go on
+            log.warning("expirer: ledger %d unavailable (%s)", ledger, e)
     return released
+
+
+async def _expire_ledger(store: Store, ledger: int) -> int:
+    """Release the ledger's overdue holds, a bounded batch at a time; how many."""
+    released = 0
+    while True:
+        outcome = await store.post_batch(ledger, (), expire_due=True)
+        metrics.HOLDS_EXPIRED.inc(len(outcome.expired))
+        released += len(outcome.expired)
+        if len(outcome.expired) < limits.MAX_EXPIRED_PER_RUN:
+            return released

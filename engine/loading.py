@@ -45,6 +45,12 @@ SELECT {TRANSFER_COLS}, {HOLD_COLS}
 FROM transfers t LEFT JOIN holds h ON h.id = t.id AND h.ledger = t.ledger AND h.ledger = $2
 WHERE t.id = ANY(ARRAY(SELECT unnest($1::text::uuid[])))
 """
+# The same, of one ledger only: on a Citus cluster a read by id alone visits every shard.
+SQL_LOAD_LEDGER_TRANSFERS = f"""
+SELECT {TRANSFER_COLS}, {HOLD_COLS}
+FROM transfers t LEFT JOIN holds h ON h.id = t.id AND h.ledger = $2
+WHERE t.ledger = $2 AND t.id = ANY(ARRAY(SELECT unnest($1::text::uuid[])))
+"""
 SQL_DUE_HOLDS = f"""
 SELECT {HOLD_COLS} FROM holds h
 WHERE h.ledger = $1 AND h.state = 'pending' AND h.expires_at > 0 AND h.expires_at <= $2
@@ -63,6 +69,11 @@ SELECT x.*, c.last_timestamp AS clock_last, c.chain_head AS clock_head
 FROM ledgers c LEFT JOIN LATERAL ({SQL_LOAD_TRANSFERS}) x ON true
 WHERE c.ledger = $2
 """
+SQL_PEEK_LEDGER_TRANSFERS = f"""
+SELECT x.*, c.last_timestamp AS clock_last, c.chain_head AS clock_head
+FROM ledgers c LEFT JOIN LATERAL ({SQL_LOAD_LEDGER_TRANSFERS}) x ON true
+WHERE c.ledger = $2
+"""
 SQL_PEEK_ACCOUNTS = f"""
 SELECT a.*, c.last_timestamp AS clock_last, c.chain_head AS clock_head
 FROM ledgers c LEFT JOIN LATERAL (
@@ -74,6 +85,13 @@ WHERE c.ledger = $1
 # Accounts named by a batch but living in another ledger: read (never written) so the batch
 # can answer accounts_must_have_the_same_ledger rather than *_not_found.
 SQL_FOREIGN_ACCOUNTS = f"SELECT {ACCOUNT_COLS} FROM accounts WHERE id = ANY($1::bigint[])"
+# (peek, one ledger) -> the read of a batch's transfers by id
+_TRANSFER_READS = {
+    (False, False): SQL_LOAD_TRANSFERS,
+    (True, False): SQL_PEEK_TRANSFERS,
+    (False, True): SQL_LOAD_LEDGER_TRANSFERS,
+    (True, True): SQL_PEEK_LEDGER_TRANSFERS,
+}
 
 
 
@@ -85,19 +103,21 @@ async def load(
     known: Known | None,
     due_before: int | None,
     clocks: set[tuple[int, str]] | None = None,
+    one_ledger: bool = False,
 ) -> tuple[dict[int, AccountState], dict[UUID, StoredTransfer], dict[UUID, Hold]]:
     """Every account, transfer and hold ``batch`` names (by id, pending_id, account and the
     holds' accounts). Without ``clocks``: read in the batch's transaction, this ledger's
     accounts locked in id order. With ``known`` (a previous batch's tip): the transfers and
     holds it holds are taken from it, the rest read; accounts are all read, with the balances
     it holds. ``due_before``: also the holds overdue then. ``clocks``: read without
-    locks, collecting the ledger's clock (last timestamp, chain head) as each read saw it."""
+    locks, collecting the ledger's clock (last timestamp, chain head) as each read saw it.
+    ``one_ledger``: transfers are read from this ledger only (a Citus cluster)."""
     ids = {t.id for t in batch}
     ids.update(t.pending_id for t in batch if t.pending_id is not None)
     transfers, holds = _from_known(ids, known)
     if ids:
-        sql = SQL_LOAD_TRANSFERS if clocks is None else SQL_PEEK_TRANSFERS
-        for r in await conn.fetch(sql, pg_array(list(ids)), ledger):
+        for r in await conn.fetch(_TRANSFER_READS[clocks is not None, one_ledger],
+                                  pg_array(list(ids)), ledger):
             if clocks is not None:
                 clocks.add((r["clock_last"], r["clock_head"]))
                 if r["id"] is None:

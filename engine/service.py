@@ -14,6 +14,7 @@ import asyncpg
 
 from engine import limits, metrics
 from engine.batcher import Batcher
+from engine.db.distribute import is_distributed
 from engine.db.migrate import migrate
 from engine.db.pool import create_pool
 from engine.expiry import run_expirer
@@ -70,14 +71,19 @@ class Engine:
         return self._batcher
 
     async def start(self, *, run_migrations: bool = True) -> None:
-        """Connect, migrate, start the committer and the expirer."""
+        """Connect, migrate, start the committer and the expirer. On a Citus coordinator
+        the store takes the cluster's paths (engine/db/distribute.py)."""
         self._pool = await create_pool(self.dsn)
         if run_migrations:
             async with self._pool.acquire() as conn:
                 applied = await migrate(conn)
                 if applied:
                     log.info("applied migrations: %s", ", ".join(applied))
-        self._store = Store(self._pool)
+        async with self._pool.acquire() as conn:
+            distributed = await is_distributed(conn)
+        if distributed:
+            log.info("on a Citus cluster: each batch is written on the worker of its ledger")
+        self._store = Store(self._pool, distributed=distributed)
         self._batcher = Batcher(self._store)
         self._batcher.start()
         store = self._store

@@ -34,10 +34,20 @@ from uuid import UUID
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from engine.faults import RETRYABLE
 from engine.loading import SQL_FOREIGN_ACCOUNTS, SQL_LOAD_TRANSFERS, load
 from engine.lookups import Lookups
 from engine.rows import ACCOUNT_COLS, account_of, pg_array, transfer_of
-from engine.writing import SQL_COMMIT_PREPARED, SQL_WRITE_BATCH, Prepared, Tip, apply_loaded, send
+from engine.writing import (
+    COMMIT_PREPARED,
+    SQL_COMMIT_PREPARED,
+    SQL_WRITE_BATCH,
+    WRITE_BATCH,
+    Prepared,
+    Tip,
+    apply_loaded,
+    send,
+)
 from ledger.account import Account, AccountState, create_accounts
 from ledger.apply import BatchOutcome, apply_transfers, timestamps_needed
 from ledger.status import AccountStatus
@@ -100,6 +110,15 @@ SELECT DISTINCT ledger FROM holds
 WHERE state = 'pending' AND expires_at > 0 AND expires_at <= $1
 ORDER BY ledger
 """
+# The same question on a Citus cluster with a worker down (the statement above then fails as
+# a whole): asked of each shard on its own, the unreachable ones answering nothing, so the
+# ledgers on the other workers still get their holds released. Each answer is a list.
+SQL_DUE_LEDGERS_REACHABLE = """
+SELECT result FROM run_command_on_placements('holds', format(
+    'SELECT string_agg(DISTINCT ledger::text, '','') FROM %%s '
+    'WHERE state = ''pending'' AND expires_at > 0 AND expires_at <= %s', $1::bigint))
+WHERE success AND result <> ''
+"""
 
 
 def now_ns() -> int:
@@ -109,7 +128,24 @@ def now_ns() -> int:
 
 class Store(Lookups):
     """The ledger's PostgreSQL store over an asyncpg pool: accounts, batches, snapshots, and
-    (from :class:`~engine.lookups.Lookups`) the reads the HTTP API answers with."""
+    (from :class:`~engine.lookups.Lookups`) the reads the HTTP API answers with.
+
+    ``distributed``: the database is a Citus coordinator (engine/db/distribute.py). A batch
+    then reads only its own ledger's transfers and writes through the delegated functions,
+    so its transaction is on the one worker owning the ledger; everything else is the same
+    statements. A read of transfer ids across ledgers would visit every shard on every
+    worker for every batch, and stop every ledger's batches while any worker is down: on a
+    cluster a transfer id is therefore checked within its ledger (the same id sent to another
+    ledger is a transfer of that ledger, not ``exists_with_different_ledger``; a
+    ``pending_id`` of another ledger's hold is ``pending_transfer_not_found``). Accounts
+    named from another ledger are still found (``accounts_must_have_the_same_ledger``): only
+    a request that names one pays for that read."""
+
+    def __init__(self, pool: asyncpg.Pool, *, distributed: bool = False) -> None:
+        super().__init__(pool)
+        self.distributed = distributed
+        self._write_sql = WRITE_BATCH.call if distributed else SQL_WRITE_BATCH
+        self._commit_sql = COMMIT_PREPARED.call if distributed else SQL_COMMIT_PREPARED
 
     # -- accounts ------------------------------------------------------------------------------
 
@@ -199,7 +235,9 @@ class Store(Lookups):
             # ledger's first accounts commit between the two reads, the batch would create
             # something: the clock exists by then (same transaction as the accounts), so it
             # is posted the ordinary way.
-            accounts, transfers, _ = await load(conn, ledger, batch, known=None, due_before=None)
+            accounts, transfers, _ = await load(
+                conn, ledger, batch, known=None, due_before=None, one_ledger=self.distributed
+            )
             outcome = _answer_unclocked(ledger, batch, request_ends, accounts, transfers)
             if outcome is not None:
                 return outcome, None
@@ -208,14 +246,15 @@ class Store(Lookups):
         first: int = clock["first"]
         prev_head: str = clock["chain_head"]
         accounts, transfers, holds = await load(
-            conn, ledger, batch, known=None, due_before=first if expire_due else None
+            conn, ledger, batch, known=None, due_before=first if expire_due else None,
+            one_ledger=self.distributed,
         )
         outcome, args, head = apply_loaded(
             ledger, batch, request_ends, accounts, transfers, holds, first, prev_head
         )
         tip = Tip(ledger, first + slots - 1, head, accounts, transfers, holds)
         if args is not None:
-            await send(conn, SQL_WRITE_BATCH, args, on_write)
+            await send(conn, self._write_sql, args, on_write)
         return outcome, tip
 
     # -- the next batch, prepared while the previous one commits -------------------------------
@@ -239,7 +278,8 @@ class Store(Lookups):
         seen: set[tuple[int, str]] = set()
         async with self._acquire() as conn:
             accounts, transfers, holds = await load(
-                conn, ledger, batch, known=tip, due_before=None, clocks=seen
+                conn, ledger, batch, known=tip, due_before=None, clocks=seen,
+                one_ledger=self.distributed,
             )
         if tip is None:
             if len(seen) != 1:
@@ -280,7 +320,7 @@ class Store(Lookups):
                     SQL_ADVANCE, p.tip.ledger, p.after, p.after_head, p.tip.last
                 )
                 return advanced is not None
-            n = await send(conn, SQL_COMMIT_PREPARED, [*p.args, p.tip.last, p.after], on_write)
+            n = await send(conn, self._commit_sql, [*p.args, p.tip.last, p.after], on_write)
         assert n in (0, 1), n
         return n == 1
 
@@ -288,9 +328,16 @@ class Store(Lookups):
 
     async def ledgers_with_due_holds(self, at: int) -> list[int]:
         """The ledgers that have a pending hold past its timeout at ``at``: one indexed
-        statement for all ledgers (the expirer asks it every second)."""
+        statement for all ledgers (the expirer asks it every second). On a cluster with a
+        worker down: those of the reachable workers."""
         async with self._acquire() as conn:
-            return [r["ledger"] for r in await conn.fetch(SQL_DUE_LEDGERS, at)]
+            try:
+                return [r["ledger"] for r in await conn.fetch(SQL_DUE_LEDGERS, at)]
+            except RETRYABLE:
+                if not self.distributed:
+                    raise
+                rows = await conn.fetch(SQL_DUE_LEDGERS_REACHABLE, at)
+        return sorted({int(x) for r in rows for x in r["result"].split(",")})
 
     async def clocked(self, ledgers: Iterable[int]) -> set[int]:
         """Which of ``ledgers`` have a clock row, i.e. accounts (rows are never deleted)."""
@@ -313,7 +360,10 @@ class Store(Lookups):
         aids.discard(0)
         async with self._acquire() as conn:
             # ledger 0 never exists: no hold joins (a clockless ledger has none of its own)
-            rows = await conn.fetch(SQL_LOAD_TRANSFERS, pg_array(list(ids)), 0) if ids else []
+            # ids across ledgers; on a cluster a transfer id names a transfer of its own ledger
+            # only (Store's docstring), and a ledger without a clock has none
+            rows = (await conn.fetch(SQL_LOAD_TRANSFERS, pg_array(list(ids)), 0)
+                    if ids and not self.distributed else [])
             arows = await conn.fetch(SQL_FOREIGN_ACCOUNTS, list(aids)) if aids else []
         stored: dict[UUID, StoredTransfer] = {}
         for r in rows:

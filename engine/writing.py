@@ -21,6 +21,7 @@ import asyncpg
 import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
+from engine.db.delegated import Delegated
 from engine.rows import pg_array
 from ledger import audit
 from ledger.account import AccountState
@@ -31,22 +32,23 @@ from ledger.transfer import Hold, StoredTransfer, Transfer
 
 # Array parameters of numbers and UUIDs travel as array literals (text, see engine.rows.pg_array);
 # only the free-text columns (user_data, hold state) use asyncpg's binary arrays.
-_WRITE_CTES = """
-ins AS (
+# The batch's writes: one statement's CTEs here, a delegated function's steps on a cluster.
+_WRITES = (
+    ("ins", """
     INSERT INTO transfers (ledger, id, debit_account_id, credit_account_id, amount, pending_id,
                            code, flags, timeout_s, user_data, timestamp)
     SELECT $1, * FROM unnest($2::text::uuid[], $3::text::bigint[], $4::text::bigint[],
                              $5::text::bigint[], $6::text::uuid[], $7::text::int[],
                              $8::text::int[], $9::text::int[], $10::text[], $11::text::bigint[])
-    {where}
-), acc AS (
+    {where}"""),
+    ("acc", """
     UPDATE accounts a
     SET debits_posted = u.dp, credits_posted = u.cp, debits_pending = u.dq,
         credits_pending = u.cq
     FROM unnest($12::text::bigint[], $13::text::bigint[], $14::text::bigint[],
                 $15::text::bigint[], $16::text::bigint[]) AS u(id, dp, cp, dq, cq)
-    WHERE a.ledger = $1 AND a.id = u.id {and_}
-), hld AS (
+    WHERE a.ledger = $1 AND a.id = u.id {and_}"""),
+    ("hld", """
     INSERT INTO holds (ledger, id, debit_account_id, credit_account_id, amount, code,
                        expires_at, created_at, state, resolved_at)
     SELECT $1, * FROM unnest($17::text::uuid[], $18::text::bigint[], $19::text::bigint[],
@@ -54,34 +56,40 @@ ins AS (
                              $23::text::bigint[], $24::text[], $25::text::bigint[])
     {where}
     ON CONFLICT (id, ledger) DO UPDATE
-        SET state = EXCLUDED.state, resolved_at = EXCLUDED.resolved_at
-), aud AS (
+        SET state = EXCLUDED.state, resolved_at = EXCLUDED.resolved_at"""),
+    ("aud", """
     INSERT INTO audit_batches (ledger, first_timestamp, last_timestamp, transfer_count,
                                prev_head, head)
-    SELECT $1, $26, $27, $28, $29, $30 WHERE $28 > 0 {and_}
+    SELECT $1, $26, $27, $28, $29, $30 WHERE $28 > 0 {and_}"""),
 )
-"""
+_WRITE_CTES = ", ".join(f"{name} AS ({sql}\n)" for name, sql in _WRITES)
+_WRITE_STEPS = tuple(sql.format(where="", and_="") for _, sql in _WRITES)
+SQL_SET_HEAD = "UPDATE ledgers SET chain_head = $30 WHERE ledger = $1"
 # The locked path's write, inside the batch's transaction (the clock row is already locked).
-SQL_WRITE_BATCH = (
-    "WITH "
-    + _WRITE_CTES.format(where="", and_="")
-    + "UPDATE ledgers SET chain_head = $30 WHERE ledger = $1"
-)
+SQL_WRITE_BATCH = "WITH " + _WRITE_CTES.format(where="", and_="") + "\n" + SQL_SET_HEAD
 # A prepared batch's commit: one statement, so one round trip and its own transaction. The
 # clock advances only if it still reads what the preparation assumed ($32 and the chain head
 # $29); every write is conditional on that, so a moved clock writes nothing (answers 0). The
 # clock row is locked first (the other parts wait for `clk`): the batches' lock order.
-SQL_COMMIT_PREPARED = (
-    """WITH clk AS (
+SQL_ADVANCE_CLOCK = """
     UPDATE ledgers SET last_timestamp = $31, chain_head = $30
-    WHERE ledger = $1 AND last_timestamp = $32 AND chain_head = $29
-    RETURNING 1
-), """
+    WHERE ledger = $1 AND last_timestamp = $32 AND chain_head = $29"""
+SQL_COMMIT_PREPARED = (
+    f"WITH clk AS ({SQL_ADVANCE_CLOCK}\n    RETURNING 1\n), "
     + _WRITE_CTES.format(
         where="WHERE EXISTS (SELECT FROM clk)", and_="AND EXISTS (SELECT FROM clk)"
     )
-    + "SELECT count(*) FROM clk"
+    + "\nSELECT count(*) FROM clk"
 )
+# On a Citus cluster both writes run as a function on the worker owning the ledger
+# (engine/db/delegated.py): one call, one worker, whatever the batch's size. The prepared
+# commit's function advances the clock first and writes nothing if it had moved.
+WRITE_BATCH: Final = Delegated(
+    name="write_batch", sql=SQL_WRITE_BATCH, steps=(*_WRITE_STEPS, SQL_SET_HEAD))
+COMMIT_PREPARED: Final = Delegated(
+    name="commit_prepared", sql=SQL_COMMIT_PREPARED, guard=SQL_ADVANCE_CLOCK,
+    steps=_WRITE_STEPS)
+DELEGATED: Final = (WRITE_BATCH, COMMIT_PREPARED)
 
 
 class Tip:

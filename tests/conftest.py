@@ -38,6 +38,18 @@ DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 os.environ.setdefault("ONECARD_SECRET_KEY", secrets.token_hex(32))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The Citus suite (tests/citus, marker ``citus``) needs a cluster: it runs only when the
+    marker expression asks for it (``pytest -m citus``), never in a default or ``-m 'not
+    slow'`` run, whatever the environment."""
+    if "citus" in (config.option.markexpr or ""):
+        return
+    cluster = [i for i in items if i.get_closest_marker("citus") is not None]
+    if cluster:
+        config.hook.pytest_deselected(items=cluster)
+        items[:] = [i for i in items if i.get_closest_marker("citus") is None]
+
+
 @pytest.fixture(scope="session")
 def admin_dsn() -> str:
     """DSN of the maintenance database on the test server."""

@@ -32,6 +32,7 @@ from engine.campus.model import (
     Terminal,
 )
 from engine.campus.secrets import payment_pin, terminal_row
+from engine.campus.unique import terminal_ledgers
 from engine.db.coalesce import Coalescer, Connection
 from ledger.types import INT64_MAX, NIL_UUID, TransferCode, TransferFlags
 
@@ -68,6 +69,9 @@ WHERE c.ledger = $1 AND c.card_no = ANY($2::text[])
 # a scan of every transfer of the day.
 # The daily limit is the lower of the card office's and the holder's own (holder_limits, set
 # at /self/limit): a holder can only ever tighten it.
+# Every table is bound to the ledger by `= $1` itself, never only through a join (`hd.ledger =
+# t.ledger` would reach $1 through the kept subquery only): that is what lets Citus send the
+# whole statement to the one worker owning the ledger (tests/citus/test_router.py).
 SQL_CARD_STATES = f"""
 SELECT q.i, c.status, least(c.daily_limit, hl.daily_limit) AS daily_limit, c.pin, c.pin_enc,
        c.pin_threshold,
@@ -102,7 +106,7 @@ LEFT JOIN LATERAL (
           AND t.flags & {_VOID} = 0
         OFFSET 0  -- kept a subquery: scanned per purse, never hoisted into a ledger scan
     ) t
-    LEFT JOIN holds hd ON hd.ledger = t.ledger AND hd.id = t.id
+    LEFT JOIN holds hd ON hd.ledger = $1 AND hd.id = t.id
     WHERE q.want_spent AND coalesce(c.daily_limit, hl.daily_limit) IS NOT NULL
       AND (t.flags & {_PENDING} = 0 OR hd.state = 'pending')
       AND NOT EXISTS (
@@ -138,11 +142,11 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, v.origi
 FROM reversals v WHERE v.ledger = $1 AND v.original_key = ANY($3::uuid[])
 """
 
-# Terminal ids are unique across ledgers; should two ledgers ever hold one, the lowest wins.
+# Terminals of one ledger by id: their ledgers come first from terminal_ids (unique across
+# ledgers, engine/campus/unique.py), so no read visits a ledger a terminal is not in.
 SQL_TERMINALS = """
-SELECT DISTINCT ON (terminal_id) terminal_id, merchant_id, ledger, kind, account_id, mac_key,
-       mac_key_enc
-FROM terminals WHERE terminal_id = ANY($1::text[]) ORDER BY terminal_id, ledger
+SELECT terminal_id, merchant_id, ledger, kind, account_id, mac_key, mac_key_enc
+FROM terminals WHERE ledger = $1 AND terminal_id = ANY($2::text[])
 """
 
 
@@ -434,7 +438,11 @@ async def _read_after(conn: Connection, ledger: int, qs: list[AfterQuery]) -> li
 
 async def _read_terminals(box: SecretBox, conn: Connection, _: int, terminal_ids: list[str]
                           ) -> list[Terminal | None]:
-    rows = await conn.fetch(SQL_TERMINALS, list(set(terminal_ids)))
+    owners = await terminal_ledgers(conn, terminal_ids)
+    rows = []
+    for ledger in sorted(set(owners.values())):
+        ids = [t for t, owner in owners.items() if owner == ledger]
+        rows += await conn.fetch(SQL_TERMINALS, ledger, ids)
     found = {}
     for r in rows:
         try:

@@ -1,52 +1,55 @@
-"""The campus registry (contract §2, used by the HTTP API): holders and their purses,
-terminals, dorm rooms (their cards are in ``engine.campus.cards``). Each operation answers its
-result or a :class:`~engine.campus.model.Refused` with the reason; creating the same thing
-again is idempotent (derived account ids, ``exists`` answers).
+"""The campus registry (contract §2, used by the HTTP API): holders and their purses, cards
+and their state machine (terminals and dorm rooms: engine/campus/sites.py). Each operation
+answers its result or a :class:`~engine.campus.model.Refused` with the reason; creating the
+same thing again is idempotent (derived account ids, ``exists`` answers).
+
+Card changes run in one transaction under the holder's row lock and re-derive the purses'
+frozen flag in it: the purses are frozen exactly while the holder has a lost card and no
+active one, and a lost card with unfrozen purses is never visible. Card numbers are claimed
+and locked in engine/campus/unique.py (unique across ledgers), always before the holder's
+row: one lock order for every change.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Final
 
 import asyncpg
+import msgspec
 
-from engine.access.secretbox import SecretBox, seal_mac_key
-from engine.campus.accounts import fund_account_id, holder_account_ids, room_account_id
+from engine.access.secretbox import SecretBox, seal_pin
+from engine.campus.accounts import fund_account_id, holder_account_ids
 from engine.campus.model import (
     FUND_CODE,
     PURSE_CODE,
-    ROOM_CODE,
     SUBSIDY_CODE,
+    Card,
+    CardBalance,
+    CardStatus,
     Holder,
     HolderKind,
     HolderResult,
+    Purse,
     Refusal,
     Refused,
     RegistryStatus,
-    Room,
-    Terminal,
-    TerminalKind,
+    Replacement,
 )
-from engine.campus.secrets import same_terminal, terminal_row
+from engine.campus.pin import SQL_RESET_PIN_TRIES
+from engine.campus.secrets import card_pin
 from engine.campus.shared import connection
+from engine.campus.unique import (
+    card_ledger,
+    claim_card,
+    lock_cards,
+    unclaim_card,
+)
 from engine.service import Engine
 from ledger.account import Account
 from ledger.status import AccountStatus
-from ledger.types import AccountFlag, AccountKind
-
-# Lock classes for pg_advisory_xact_lock(int, int) (SQL_ADVISORY_LOCK): the two-key space
-# never meets the store's one-key account-id locks. Cards (engine/campus/cards.py) take theirs.
-CARD_LOCK: Final = 0x0CA4D
-TERMINAL_LOCK: Final = 0x7E4A1
-
+from ledger.types import AccountFlag, AccountFlags, AccountKind
 
 # -- SQL ---------------------------------------------------------------------------------------
-
-SQL_TERMINAL = """
-SELECT terminal_id, merchant_id, ledger, kind, account_id, mac_key, mac_key_enc
-FROM terminals WHERE terminal_id = $1 ORDER BY ledger LIMIT 1
-"""
 
 SQL_HOLDER = """
 SELECT id, ledger, name, kind, purse_account_id, subsidy_account_id
@@ -57,21 +60,74 @@ INSERT INTO holders (ledger, id, name, kind, purse_account_id, subsidy_account_i
 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (ledger, id) DO NOTHING
 RETURNING id
 """
-# Serialise creators of the same card number / terminal id across ledgers (no global index).
-SQL_ADVISORY_LOCK = "SELECT pg_advisory_xact_lock($1, hashtext(x)) FROM unnest($2::text[]) x"
-SQL_ACCOUNT_KIND = "SELECT kind FROM accounts WHERE ledger = $1 AND id = $2"
-SQL_INSERT_TERMINAL = """
-INSERT INTO terminals (ledger, terminal_id, merchant_id, kind, account_id, mac_key_enc,
-                       created_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+SQL_HOLDER_LEDGERS = "SELECT ledger FROM holders WHERE id = $1 ORDER BY ledger LIMIT 2"
+SQL_HAS_FUND = """
+SELECT EXISTS (SELECT FROM accounts
+               WHERE ledger = $1 AND id = $2 AND kind = 'fund' AND code = $3 AND flags = 0)
 """
-SQL_INSERT_ROOM = """
-INSERT INTO rooms (ledger, room_id, account_id, created_at) VALUES ($1, $2, $3, $4)
-ON CONFLICT (ledger, room_id) DO NOTHING
+SQL_LOCK_HOLDER = "SELECT id FROM holders WHERE ledger = $1 AND id = $2 FOR UPDATE"
+_CARD_COLS = (
+    "c.card_no, c.ledger, c.holder_id, c.status, c.daily_limit, c.pin, c.pin_enc, "
+    "c.pin_threshold, c.replaced_by"
+)
+SQL_CARD = f"SELECT {_CARD_COLS} FROM cards c WHERE c.ledger = $1 AND c.card_no = $2"
+SQL_ACTIVE_CARD = """
+SELECT card_no FROM cards WHERE ledger = $1 AND holder_id = $2 AND status = 'active'
+"""
+SQL_INSERT_CARD = """
+INSERT INTO cards (ledger, card_no, holder_id, status, daily_limit, pin_enc, pin_threshold,
+                   created_at, updated_at)
+VALUES ($1, $2, $3, 'active', $4, $5, $6, $7, $7)
+"""
+SQL_SET_CARD_STATUS = """
+UPDATE cards SET status = $3, replaced_by = $4, updated_at = $5
+WHERE ledger = $1 AND card_no = $2
+"""
+# The purses are frozen exactly while the holder has a lost card and no active one. Run in the
+# card change's own transaction: a lost card and unfrozen purses are never visible together.
+# The purse rows are locked first, in id order like every batch does, so the two cannot deadlock.
+SQL_LOCK_PURSES = """
+SELECT a.id FROM holders h
+JOIN accounts a ON a.ledger = h.ledger AND a.id IN (h.purse_account_id, h.subsidy_account_id)
+WHERE h.ledger = $1 AND h.id = $2
+ORDER BY a.id FOR UPDATE OF a
+"""
+SQL_SYNC_FREEZE = f"""
+UPDATE accounts a
+SET flags = CASE WHEN f.frozen THEN a.flags | {int(AccountFlags.FROZEN)}
+                 ELSE a.flags & ~{int(AccountFlags.FROZEN)} END
+FROM (SELECT EXISTS (SELECT 1 FROM cards WHERE ledger = $1 AND holder_id = $2
+                     AND status = 'lost')
+         AND NOT EXISTS (SELECT 1 FROM cards WHERE ledger = $1 AND holder_id = $2
+                         AND status = 'active') AS frozen) f,
+     holders h
+WHERE h.ledger = $1 AND h.id = $2 AND a.ledger = $1
+  AND a.id IN (h.purse_account_id, h.subsidy_account_id)
+"""
+SQL_PURSES = """
+SELECT a.id, a.kind, a.credits_posted - a.debits_posted AS balance,
+       a.credits_posted - a.debits_posted - a.debits_pending AS available
+FROM holders h JOIN accounts a
+  ON a.ledger = h.ledger AND a.id IN (h.purse_account_id, h.subsidy_account_id)
+WHERE h.ledger = $1 AND h.id = $2
+ORDER BY a.kind = 'subsidy', a.id
 """
 
 
 # -- rows --------------------------------------------------------------------------------------
+
+
+def _card(r: asyncpg.Record, box: SecretBox) -> Card:
+    return Card(
+        card_no=r["card_no"],
+        ledger=r["ledger"],
+        holder_id=r["holder_id"],
+        status=CardStatus(r["status"]),
+        daily_limit=r["daily_limit"],
+        pin=card_pin(box, r["ledger"], r["card_no"], r),
+        pin_threshold=r["pin_threshold"],
+        replaced_by=r["replaced_by"],
+    )
 
 
 def _holder(r: asyncpg.Record) -> Holder:
@@ -85,13 +141,6 @@ def _holder(r: asyncpg.Record) -> Holder:
     )
 
 
-def _holder_result(h: Holder, name: str, kind: HolderKind) -> HolderResult:
-    same = h.name == name and h.kind == kind
-    return HolderResult(
-        RegistryStatus.EXISTS if same else RegistryStatus.EXISTS_WITH_DIFFERENT_FIELDS, h
-    )
-
-
 # -- holders -----------------------------------------------------------------------------------
 
 async def create_holder(
@@ -102,22 +151,27 @@ async def create_holder(
     (the campus's subsidy budget: subsidies only ever pay from it, they never create it).
     Idempotent: the same holder again answers ``exists``; one whose name or kind differs
     ``exists_with_different_fields``."""
+    fund_id = fund_account_id(ledger)
     async with connection(engine) as conn:
         r = await conn.fetchrow(SQL_HOLDER, ledger, holder_id)
+        # Every holder of a ledger names the one fund: once it is there, creating it again
+        # would only make every holder creation of the ledger wait on its id's lock.
+        has_fund = r is None and await conn.fetchval(SQL_HAS_FUND, ledger, fund_id, FUND_CODE)
     if r is not None:
         return _holder_result(_holder(r), name, kind)
     purse_id, subsidy_id = holder_account_ids(ledger, holder_id)
-    fund_id = fund_account_id(ledger)
     no_overdraft = (AccountFlag.DEBITS_MUST_NOT_EXCEED_CREDITS,)
-    statuses = await engine.store.create_accounts([
+    accounts = [
         Account(id=purse_id, ledger=ledger, kind=AccountKind.PURSE, code=PURSE_CODE,
                 flags=no_overdraft, holder_id=holder_id, name=name),
         Account(id=subsidy_id, ledger=ledger, kind=AccountKind.SUBSIDY, code=SUBSIDY_CODE,
                 flags=no_overdraft, holder_id=holder_id, name=name),
-        Account(id=fund_id, ledger=ledger, kind=AccountKind.FUND, code=FUND_CODE,
-                name="subsidy fund"),
-    ])
-    for aid, st in zip((purse_id, subsidy_id, fund_id), statuses, strict=True):
+    ]
+    if not has_fund:
+        accounts.append(Account(id=fund_id, ledger=ledger, kind=AccountKind.FUND,
+                                code=FUND_CODE, name="subsidy fund"))
+    statuses = await engine.store.create_accounts(accounts)
+    for aid, st in zip((purse_id, subsidy_id, fund_id), statuses, strict=False):
         if st not in (AccountStatus.CREATED, AccountStatus.EXISTS):
             return Refused(Refusal.ACCOUNT_ID_TAKEN, f"account {aid} exists: {st}")
     async with connection(engine) as conn:
@@ -132,53 +186,193 @@ async def create_holder(
         Holder(holder_id, ledger, name, kind, purse_id, subsidy_id),
     )
 
-# -- terminals and rooms -----------------------------------------------------------------------
+# -- cards -------------------------------------------------------------------------------------
 
-async def register_terminal(
+async def create_card(
     engine: Engine,
     box: SecretBox,
     *,
-    terminal_id: str,
-    merchant_id: str,
-    ledger: int,
-    kind: TerminalKind,
-    account_id: int,
-    mac_key: bytes,
-) -> RegistryStatus | Refused:
-    """Register a terminal. It will credit only ``account_id``, which must be a merchant or
-    utility account of the same ledger. Terminal ids are unique across ledgers; a
-    registered terminal never changes (a different request answers
-    ``exists_with_different_fields``)."""
-    want = Terminal(terminal_id, merchant_id, ledger, kind, account_id, mac_key)
+    card_no: str,
+    holder_id: str,
+    ledger: int | None = None,
+    daily_limit: int | None = None,
+    pin: str | None = None,
+    pin_threshold: int | None = None,
+) -> Card | Refused:
+    """Issue an active card to a holder (``ledger`` may be left out when the holder id is
+    unique across ledgers). Card numbers are unique across ledgers. Issuing the same card
+    to the same holder again answers the stored card unchanged; a holder with an active
+    card gets HOLDER_HAS_ACTIVE_CARD (use ``replace_card``)."""
     async with connection(engine) as conn, conn.transaction():
-        await conn.execute(SQL_ADVISORY_LOCK, TERMINAL_LOCK, [terminal_id])
-        r = await conn.fetchrow(SQL_TERMINAL, terminal_id)
-        if r is not None:
-            if same_terminal(terminal_row(r, box), want):
-                return RegistryStatus.EXISTS
-            return RegistryStatus.EXISTS_WITH_DIFFERENT_FIELDS
-        account_kind = await conn.fetchval(SQL_ACCOUNT_KIND, ledger, account_id)
-        if account_kind is None:
-            return Refused(Refusal.ACCOUNT_NOT_FOUND,
-                           f"no account {account_id} in ledger {ledger}")
-        if account_kind not in (AccountKind.MERCHANT, AccountKind.UTILITY):
-            return Refused(Refusal.ACCOUNT_NOT_CREDITABLE,
-                           f"account {account_id} is a {account_kind} account; a terminal "
-                           "credits a merchant or utility account")
-        sealed_key = seal_mac_key(box, ledger, terminal_id, mac_key)
-        await conn.execute(SQL_INSERT_TERMINAL, ledger, terminal_id, merchant_id, str(kind),
-                           account_id, sealed_key, time.time_ns())
-    return RegistryStatus.CREATED
+        if ledger is None:
+            ledgers = [r["ledger"] for r in await conn.fetch(SQL_HOLDER_LEDGERS, holder_id)]
+            if not ledgers:
+                return Refused(Refusal.HOLDER_NOT_FOUND, f"no holder {holder_id!r}")
+            if len(ledgers) > 1:
+                return Refused(Refusal.AMBIGUOUS_HOLDER,
+                               f"holder {holder_id!r} exists in several ledgers; name one")
+            ledger = ledgers[0]
+        owner = await claim_card(conn, card_no, ledger)
+        if await conn.fetchval(SQL_LOCK_HOLDER, ledger, holder_id) is None:
+            if owner is None:
+                await unclaim_card(conn, card_no, ledger)
+            return Refused(Refusal.HOLDER_NOT_FOUND,
+                           f"no holder {holder_id!r} in ledger {ledger}")
+        if owner is not None:  # the number is taken: by this very card, or another
+            r = await conn.fetchrow(SQL_CARD, owner, card_no)
+            assert r is not None, f"card {card_no} claimed by ledger {owner} but not there"
+            card = _card(r, box)
+            if (card.ledger, card.holder_id) != (ledger, holder_id):
+                return Refused(Refusal.CARD_NUMBER_TAKEN,
+                               f"card {card_no} belongs to another holder")
+            return card
+        active = await conn.fetchval(SQL_ACTIVE_CARD, ledger, holder_id)
+        if active is not None:
+            await unclaim_card(conn, card_no, ledger)
+            return Refused(Refusal.HOLDER_HAS_ACTIVE_CARD,
+                           f"holder {holder_id!r} already has active card {active}")
+        sealed = None if pin is None else seal_pin(box, ledger, card_no, pin)
+        await conn.execute(SQL_INSERT_CARD, ledger, card_no, holder_id, daily_limit, sealed,
+                           pin_threshold, time.time_ns())
+        await _sync_freeze(conn, ledger, holder_id)
+    return Card(card_no, ledger, holder_id, CardStatus.ACTIVE, daily_limit, pin,
+                pin_threshold)
 
-async def create_room(engine: Engine, *, room_id: str, ledger: int) -> Room | Refused:
-    """Create (idempotently) a dorm room and its ``room`` purse (no overdraft)."""
-    account_id = room_account_id(ledger, room_id)
-    [st] = await engine.store.create_accounts([
-        Account(id=account_id, ledger=ledger, kind=AccountKind.ROOM, code=ROOM_CODE,
-                flags=(AccountFlag.DEBITS_MUST_NOT_EXCEED_CREDITS,), name=room_id)
-    ])
-    if st not in (AccountStatus.CREATED, AccountStatus.EXISTS):
-        return Refused(Refusal.ACCOUNT_ID_TAKEN, f"account {account_id} exists: {st}")
+async def get_card(engine: Engine, box: SecretBox, card_no: str) -> Card | None:
+    """The card with this number, or None."""
     async with connection(engine) as conn:
-        await conn.execute(SQL_INSERT_ROOM, ledger, room_id, account_id, time.time_ns())
-    return Room(room_id, ledger, account_id)
+        r = await _card_row(conn, card_no)
+    return None if r is None else _card(r, box)
+
+async def _transition(
+    engine: Engine,
+    box: SecretBox,
+    card_no: str,
+    target: CardStatus,
+    allowed: frozenset[CardStatus],
+) -> Card | Refused:
+    """Move a card to ``target`` (already there: answered unchanged) and re-derive the
+    purses' frozen flag, all in one transaction under the holder's row lock."""
+    async with connection(engine) as conn, conn.transaction():
+        ledger = (await lock_cards(conn, [card_no])).get(card_no)
+        if ledger is None:
+            return Refused(Refusal.CARD_NOT_FOUND, f"no card {card_no}")
+        r = await conn.fetchrow(SQL_CARD, ledger, card_no)
+        assert r is not None, f"card {card_no} claimed by ledger {ledger} but not there"
+        card = _card(r, box)
+        await conn.fetchval(SQL_LOCK_HOLDER, card.ledger, card.holder_id)
+        if card.status is target:
+            return card
+        if card.status not in allowed:
+            return Refused(Refusal.INVALID_TRANSITION,
+                           f"card {card_no} is {card.status}; it cannot become {target}")
+        if target is CardStatus.ACTIVE:
+            active = await conn.fetchval(SQL_ACTIVE_CARD, card.ledger, card.holder_id)
+            if active is not None:
+                return Refused(Refusal.HOLDER_HAS_ACTIVE_CARD,
+                               f"holder {card.holder_id!r} already has active card {active}")
+        await conn.execute(SQL_SET_CARD_STATUS, card.ledger, card_no, str(target), None,
+                           time.time_ns())
+        await _sync_freeze(conn, card.ledger, card.holder_id)
+    return msgspec.structs.replace(card, status=target)
+
+async def report_lost(engine: Engine, box: SecretBox, card_no: str) -> Card | Refused:
+    """active -> lost: the holder's purses are frozen at once (debits refused by the ledger
+    itself, whoever submits them). Reporting a lost card again changes nothing."""
+    return await _transition(engine, box, card_no, CardStatus.LOST,
+                             frozenset({CardStatus.ACTIVE}))
+
+async def card_found(engine: Engine, box: SecretBox, card_no: str) -> Card | Refused:
+    """lost -> active (the card turned up): unfreezes the purses, unless the holder has
+    been given another active card meanwhile."""
+    return await _transition(engine, box, card_no, CardStatus.ACTIVE,
+                             frozenset({CardStatus.LOST}))
+
+async def close_card(engine: Engine, box: SecretBox, card_no: str) -> Card | Refused:
+    """active|lost -> closed. The purses keep their money (a closure payout is a transfer);
+    they stay frozen only while another card of the holder is lost."""
+    return await _transition(engine, box,
+        card_no, CardStatus.CLOSED, frozenset({CardStatus.ACTIVE, CardStatus.LOST})
+    )
+
+async def replace_card(
+    engine: Engine, box: SecretBox, card_no: str, new_card_no: str
+) -> Replacement | Refused:
+    """active|lost -> replaced, and a new active card for the same holder with the same
+    limits and PIN. The purses (and their balance) stay; no money moves; they are
+    unfrozen. Repeating the same replacement answers it again."""
+    async with connection(engine) as conn, conn.transaction():
+        locked = await lock_cards(conn, [card_no, new_card_no])
+        if card_no not in locked:
+            return Refused(Refusal.CARD_NOT_FOUND, f"no card {card_no}")
+        r = await conn.fetchrow(SQL_CARD, locked[card_no], card_no)
+        assert r is not None, f"card {card_no} claimed but not there"
+        old = _card(r, box)
+        await conn.fetchval(SQL_LOCK_HOLDER, old.ledger, old.holder_id)
+        if old.status is CardStatus.REPLACED and old.replaced_by == new_card_no:
+            r = await conn.fetchrow(SQL_CARD, old.ledger, new_card_no)
+            assert r is not None
+            return Replacement(old, _card(r, box))
+        if old.status not in (CardStatus.ACTIVE, CardStatus.LOST):
+            return Refused(Refusal.INVALID_TRANSITION,
+                           f"card {card_no} is {old.status}; only an active or lost card "
+                           "can be replaced")
+        if new_card_no == card_no or await claim_card(conn, new_card_no, old.ledger) is not None:
+            return Refused(Refusal.CARD_NUMBER_TAKEN, f"card {new_card_no} already exists")
+        active = await conn.fetchval(SQL_ACTIVE_CARD, old.ledger, old.holder_id)
+        if active is not None and active != card_no:
+            await unclaim_card(conn, new_card_no, old.ledger)
+            return Refused(Refusal.HOLDER_HAS_ACTIVE_CARD,
+                           f"holder {old.holder_id!r} already has active card {active}")
+        now = time.time_ns()
+        await conn.execute(SQL_SET_CARD_STATUS, old.ledger, card_no,
+                           str(CardStatus.REPLACED), new_card_no, now)
+        sealed = None if old.pin is None else seal_pin(box, old.ledger, new_card_no, old.pin)
+        await conn.execute(SQL_INSERT_CARD, old.ledger, new_card_no, old.holder_id,
+                           old.daily_limit, sealed, old.pin_threshold, now)
+        await _sync_freeze(conn, old.ledger, old.holder_id)
+    return Replacement(
+        msgspec.structs.replace(old, status=CardStatus.REPLACED, replaced_by=new_card_no),
+        Card(new_card_no, old.ledger, old.holder_id, CardStatus.ACTIVE, old.daily_limit,
+             old.pin, old.pin_threshold),
+    )
+
+async def reset_pin_tries(engine: Engine, box: SecretBox, card_no: str) -> Card | Refused:
+    """The card office's reset: the card's wrong PINs are forgotten (every day's), so the
+    right PIN gets in again at once. The card itself is unchanged."""
+    async with connection(engine) as conn:
+        r = await _card_row(conn, card_no)
+        if r is None:
+            return Refused(Refusal.CARD_NOT_FOUND, f"no card {card_no}")
+        card = _card(r, box)
+        await conn.execute(SQL_RESET_PIN_TRIES, card.ledger, card_no)
+    return card
+
+async def card_balance(engine: Engine, box: SecretBox, card_no: str) -> CardBalance | None:
+    """The card and its holder's purses (whatever the card's state), or None."""
+    async with connection(engine) as conn:
+        r = await _card_row(conn, card_no)
+        if r is None:
+            return None
+        card = _card(r, box)
+        rows = await conn.fetch(SQL_PURSES, card.ledger, card.holder_id)
+    purses = [Purse(r["id"], AccountKind(r["kind"]), r["balance"], r["available"])
+              for r in rows]
+    return CardBalance(card, purses, sum(p.available for p in purses))
+
+async def _card_row(conn: asyncpg.pool.PoolConnectionProxy, card_no: str
+                    ) -> asyncpg.Record | None:
+    """The card with this number, read from its own ledger, or None."""
+    ledger = await card_ledger(conn, card_no)
+    return None if ledger is None else await conn.fetchrow(SQL_CARD, ledger, card_no)
+
+async def _sync_freeze(conn: asyncpg.pool.PoolConnectionProxy, ledger: int, holder_id: str) -> None:
+    await conn.execute(SQL_LOCK_PURSES, ledger, holder_id)
+    await conn.execute(SQL_SYNC_FREEZE, ledger, holder_id)
+
+
+def _holder_result(h: Holder, name: str, kind: HolderKind) -> HolderResult:
+    same = h.name == name and h.kind == kind
+    return HolderResult(
+        RegistryStatus.EXISTS if same else RegistryStatus.EXISTS_WITH_DIFFERENT_FIELDS, h
+    )

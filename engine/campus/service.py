@@ -15,11 +15,11 @@ from uuid import UUID
 
 import asyncpg
 
-import engine.campus.cards as cards
 import engine.campus.electricity as electricity
 import engine.campus.payments as payments
 import engine.campus.registry as registry
 import engine.campus.reversals as reversals
+import engine.campus.sites as sites
 import engine.campus.water as water
 from engine import limits
 from engine.access.secretbox import SecretBox, default_box
@@ -265,7 +265,7 @@ class Campus:
         """
         return await reversals.withdraw(self._s, ledger, key, hold_key)
 
-    # -- registry (registry.py; the cards in cards.py) ------------------------------------------
+    # -- registry (registry.py, sites.py) ---------------------------------------------------
 
     async def create_holder(
         self, *, holder_id: str, ledger: int, name: str, kind: HolderKind
@@ -286,45 +286,45 @@ class Campus:
         pin_threshold: int | None = None,
     ) -> Card | Refused:
         """Issue an active card to a holder (``ledger`` may be left out when the holder id is
-        unique across ledgers); see :func:`engine.campus.cards.create_card`."""
-        return await cards.create_card(
+        unique across ledgers); see :func:`engine.campus.registry.create_card`."""
+        return await registry.create_card(
             self.engine, self.secrets, card_no=card_no, holder_id=holder_id, ledger=ledger,
             daily_limit=daily_limit, pin=pin, pin_threshold=pin_threshold,
         )
 
     async def get_card(self, card_no: str) -> Card | None:
         """The card with this number, or None."""
-        return await cards.get_card(self.engine, self.secrets, card_no)
+        return await registry.get_card(self.engine, self.secrets, card_no)
 
     async def report_lost(self, card_no: str) -> Card | Refused:
         """active -> lost: the holder's purses are frozen at once (debits refused by the ledger
         itself, whoever submits them). Reporting a lost card again changes nothing."""
-        return await cards.report_lost(self.engine, self.secrets, card_no)
+        return await registry.report_lost(self.engine, self.secrets, card_no)
 
     async def card_found(self, card_no: str) -> Card | Refused:
         """lost -> active (the card turned up): unfreezes the purses, unless the holder has
         been given another active card meanwhile."""
-        return await cards.card_found(self.engine, self.secrets, card_no)
+        return await registry.card_found(self.engine, self.secrets, card_no)
 
     async def close_card(self, card_no: str) -> Card | Refused:
         """active|lost -> closed. The purses keep their money (a closure payout is a transfer);
         they stay frozen only while another card of the holder is lost."""
-        return await cards.close_card(self.engine, self.secrets, card_no)
+        return await registry.close_card(self.engine, self.secrets, card_no)
 
     async def replace_card(self, card_no: str, new_card_no: str) -> Replacement | Refused:
         """active|lost -> replaced, and a new active card for the same holder with the same
         limits and PIN; the purses stay, unfrozen; see
-        :func:`engine.campus.cards.replace_card`."""
-        return await cards.replace_card(self.engine, self.secrets, card_no, new_card_no)
+        :func:`engine.campus.registry.replace_card`."""
+        return await registry.replace_card(self.engine, self.secrets, card_no, new_card_no)
 
     async def reset_pin_tries(self, card_no: str) -> Card | Refused:
         """The card office's reset: the card's wrong PINs are forgotten (every day's), so the
         right PIN gets in again at once. The card itself is unchanged."""
-        return await cards.reset_pin_tries(self.engine, self.secrets, card_no)
+        return await registry.reset_pin_tries(self.engine, self.secrets, card_no)
 
     async def card_balance(self, card_no: str) -> CardBalance | None:
         """The card and its holder's purses (whatever the card's state), or None."""
-        return await cards.card_balance(self.engine, self.secrets, card_no)
+        return await registry.card_balance(self.engine, self.secrets, card_no)
 
     async def register_terminal(
         self,
@@ -337,12 +337,12 @@ class Campus:
         mac_key: bytes,
     ) -> RegistryStatus | Refused:
         """Register a terminal that will credit only ``account_id`` (a merchant or utility
-        account of its ledger); see :func:`engine.campus.registry.register_terminal`."""
-        return await registry.register_terminal(
+        account of its ledger); see :func:`engine.campus.sites.register_terminal`."""
+        return await sites.register_terminal(
             self.engine, self.secrets, terminal_id=terminal_id, merchant_id=merchant_id,
             ledger=ledger, kind=kind, account_id=account_id, mac_key=mac_key,
         )
 
     async def create_room(self, *, room_id: str, ledger: int) -> Room | Refused:
         """Create (idempotently) a dorm room and its ``room`` purse (no overdraft)."""
-        return await registry.create_room(self.engine, room_id=room_id, ledger=ledger)
+        return await sites.create_room(self.engine, room_id=room_id, ledger=ledger)

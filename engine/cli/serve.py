@@ -62,9 +62,10 @@ async def serve(dsn: str, args: argparse.Namespace) -> int:
     if sealed.pins or sealed.mac_keys:
         log.info("sealed %d PINs and %d MAC keys under key %s", sealed.pins, sealed.mac_keys,
                  box.key_id)
-    pool = engine.store.pool
+    pool, cluster = engine.store.pool, engine.store.distributed
     pruner = asyncio.create_task(
-        supervise("retention pruner", lambda: run_pruner(pool, windows)), name="onecard-retention"
+        supervise("retention pruner", lambda: run_pruner(pool, windows, cluster=cluster)),
+        name="onecard-retention",
     )
     # One Campus for both doors: its card and terminal caches must see a report-lost made over
     # HTTP before the next swipe at a terminal.

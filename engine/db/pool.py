@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Final
 
 import asyncpg
 
@@ -11,9 +12,30 @@ from engine import limits
 log = logging.getLogger(__name__)
 
 
+# Two session settings on a Citus node; a no-op where they are unknown (a plain PostgreSQL:
+# current_setting(..., true) is NULL there).
+# - Every query of pg_class is filtered through relation_is_a_known_shard() to hide shards from
+#   applications; asyncpg's type introspection (once per connection for each array or
+#   composite type it meets) then took 7-10 s on a coordinator. The engine never lists
+#   relations: its sessions see them unfiltered.
+# - A statement that visits every shard (a lookup by account id alone, an admin listing) may
+#   open up to 16 connections to each worker by default, per session: a few engines' pools
+#   then exhausted the workers' connection slots and every session waited for one (four
+#   simulated campuses could not even create their holders). The engine's statements are
+#   small: one connection per worker and session runs them.
+SQL_SHOW_SHARDS = """
+SELECT set_config('citus.override_table_visibility', 'off', false),
+       set_config('citus.max_adaptive_executor_pool_size', '1', false)
+WHERE current_setting('citus.override_table_visibility', true) IS NOT NULL
+"""
+
+
+# The engine never relies on the server's zone; campus days are computed in Python.
+SQL_SESSION: Final = "SET TIME ZONE 'UTC';" + SQL_SHOW_SHARDS
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    # The engine never relies on the server's zone; campus days are computed in Python.
-    await conn.execute("SET TIME ZONE 'UTC'")
+    await conn.execute(SQL_SESSION)
 
 
 async def _reset_connection(conn: asyncpg.Connection) -> None:

@@ -13,6 +13,12 @@ and deletes each scope's oldest rows past the window, ``RETENTION_BATCH_ROWS`` p
 with a pause in between, so it never holds many row locks nor a long transaction beside the
 hot path. ``onecard_pruned_rows_total{table}`` counts what it deleted.
 
+On a Citus cluster (``cluster=True``) rows are deleted by their primary key, not their row
+address (Citus refuses a delete by ``ctid`` through a subquery, and a replicated table's
+copies each have their own), and a table with a ``ledger`` column one ledger at a time (those
+with a clock, and 0, the installation's): each statement is routed to one worker. The loose
+index scan, a recursive statement Citus cannot run, is left out.
+
 Nothing ``onecard verify`` or the exports read is ever pruned (transfers, holds, accounts,
 audit batches, snapshots). A retransmission whose remembered answer was pruned is answered
 as a request the gateway has not seen: the ledger's derived transfer ids still post nothing
@@ -65,6 +71,20 @@ WHERE ctid = ANY (ARRAY(
         ORDER BY {time} LIMIT $3))
   AND {time} < now() - $2::interval
 """
+# On a cluster: the oldest rows by their primary key ({key}: its columns but the ledger), of
+# one ledger ($1) where the table has one ({ledger}: "ledger = $1 AND"), else of the table.
+# Ordered in full, key last: each copy of a replicated table runs the statement itself and
+# must choose the same rows.
+SQL_PRUNE_BY_KEY: Final = """
+DELETE FROM {table}
+WHERE {ledger} ({key}) IN (
+        SELECT {key} FROM {table}
+        WHERE {ledger} {time} < now() - $W::interval
+        ORDER BY {time}, {key} LIMIT $B)
+  AND {time} < now() - $W::interval
+"""
+# On a cluster, the ledgers a table's rows may belong to: those with a clock, and 0.
+SQL_LEDGERS: Final = "SELECT ledger FROM ledgers"
 SQL_PRUNE: Final = """
 DELETE FROM {table}
 WHERE ctid = ANY (ARRAY(
@@ -83,6 +103,9 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True):
     default_days: int
     sql_scopes: str | None  # the scope values (None: the table has no scope column)
     sql_prune: str  # ($scope,) $window, $batch -> "DELETE n"
+    # on a Citus cluster, by key: per ledger ($ledger, $window, $batch) if ``by_ledger``
+    by_ledger: bool
+    sql_prune_cluster: str
 
     def days(self, environ: Mapping[str, str]) -> int:
         """The window in days: ``env`` if set, else the default; ValueError if not >= 1."""
@@ -102,29 +125,42 @@ def rule(
     env: str,
     default_days: int,
     nanoseconds: bool = False,
+    key: tuple[str, ...] = ("ctid",),
+    by_ledger: bool = False,
 ) -> Rule:
     """A rule and its statements, assembled once, at import time, from plain identifiers.
     ``time_column``: one column, or several whose latest counts; ``nanoseconds``: they are
-    engine nanoseconds (``bigint``), not ``timestamptz``."""
+    engine nanoseconds (``bigint``), not ``timestamptz``; ``key``: the primary key's columns
+    (but ``ledger``) and ``by_ledger``: the table has a ``ledger`` column, for a cluster."""
     columns = (time_column,) if isinstance(time_column, str) else time_column
-    for name in (table, *columns, scope_column or "x"):
+    for name in (table, *columns, scope_column or "x", *key):
         if _IDENTIFIER.fullmatch(name) is None:
             raise ValueError(f"not a plain SQL identifier: {name!r}")
     time = columns[0] if len(columns) == 1 else f"greatest({', '.join(columns)})"
     scoped = scope_column is not None
-    sql = SQL_PRUNE_SCOPED if scoped else SQL_PRUNE
-    if nanoseconds:  # compare with the cutoff as the application stamps it
-        window = "$2" if scoped else "$1"
-        sql = sql.replace(f"{{time}} < now() - {window}::interval",
-                          "{time} < " + _NS_CUTOFF.format(window=window))
-    names = {"table": table, "time": time, "scope": scope_column}
+    names = {"table": table, "time": time, "scope": scope_column, "key": ", ".join(key),
+             "ledger": "ledger = $1 AND" if by_ledger else ""}
+    window, size = ("$2", "$3") if by_ledger else ("$1", "$2")
+    cluster = SQL_PRUNE_BY_KEY.replace("$W", window).replace("$B", size)
     return Rule(
         table=table,
         env=env,
         default_days=default_days,
         sql_scopes=SQL_SCOPES.format(**names) if scoped else None,
-        sql_prune=sql.format(**names),
+        sql_prune=_cutoff(SQL_PRUNE_SCOPED if scoped else SQL_PRUNE, scoped,
+                          nanoseconds).format(**names),
+        by_ledger=by_ledger,
+        sql_prune_cluster=_cutoff(cluster, by_ledger, nanoseconds).format(**names),
     )
+
+
+def _cutoff(sql: str, scoped: bool, nanoseconds: bool) -> str:
+    """``sql`` comparing with the cutoff as the application stamps the time column."""
+    if not nanoseconds:
+        return sql
+    window = "$2" if scoped else "$1"
+    return sql.replace(f"{{time}} < now() - {window}::interval",
+                       "{time} < " + _NS_CUTOFF.format(window=window))
 
 
 RULES: Final[tuple[Rule, ...]] = (
@@ -135,6 +171,8 @@ RULES: Final[tuple[Rule, ...]] = (
         scope_column="ledger",
         env=ANSWER_RETENTION_ENV,
         default_days=limits.ANSWER_RETENTION_DAYS,
+        key=("key",),
+        by_ledger=True,
     ),
     # the web pages' sessions (migrations/0015): idle ones are over after 30 minutes already
     rule(
@@ -143,6 +181,7 @@ RULES: Final[tuple[Rule, ...]] = (
         scope_column=None,
         env=SESSION_RETENTION_ENV,
         default_days=limits.SESSION_RETENTION_DAYS,
+        key=("id_hash",),
     ),
     # failed logins (migrations/0013): a lockout lasts 15 minutes
     rule(
@@ -152,6 +191,8 @@ RULES: Final[tuple[Rule, ...]] = (
         env=ATTEMPT_RETENTION_ENV,
         default_days=limits.ATTEMPT_RETENTION_DAYS,
         nanoseconds=True,
+        key=("realm", "subject"),
+        by_ledger=True,
     ),
     # wrong PINs per card and campus day (migrations/0006): they count for one day
     rule(
@@ -161,6 +202,8 @@ RULES: Final[tuple[Rule, ...]] = (
         env=ATTEMPT_RETENTION_ENV,
         default_days=limits.ATTEMPT_RETENTION_DAYS,
         nanoseconds=True,
+        key=("card_no", "day"),
+        by_ledger=True,
     ),
 )
 
@@ -197,12 +240,18 @@ async def prune(
     *,
     batch: int = limits.RETENTION_BATCH_ROWS,
     pause_s: float = limits.RETENTION_BATCH_PAUSE_S,
+    cluster: bool = False,
 ) -> Pruned:
-    """Delete the rule's rows older than the window, ``batch`` per statement."""
+    """Delete the rule's rows older than the window, ``batch`` per statement (on a Citus
+    cluster with ``cluster``: see the module docstring)."""
     r = window.rule
     counter = metrics.PRUNED_ROWS.labels(r.table)
     scopes: list[tuple[object, ...]] = [()]
-    if r.sql_scopes is not None:
+    sql = r.sql_prune_cluster if cluster else r.sql_prune
+    if cluster and r.by_ledger:
+        async with pool.acquire() as conn:
+            scopes = [(0,), *((row["ledger"],) for row in await conn.fetch(SQL_LEDGERS))]
+    elif r.sql_scopes is not None and not cluster:
         async with pool.acquire() as conn:
             scopes = [(row["v"],) for row in await conn.fetch(r.sql_scopes)]
     rows = statements = 0
@@ -210,7 +259,7 @@ async def prune(
         while True:
             # One connection per statement: the engine's pool is not held between batches.
             async with pool.acquire() as conn:
-                n = _deleted(await conn.execute(r.sql_prune, *scope, window.keep, batch))
+                n = _deleted(await conn.execute(sql, *scope, window.keep, batch))
             rows, statements = rows + n, statements + 1
             counter.inc(n)
             if n < batch:
@@ -224,11 +273,12 @@ async def run_pruner(
     windows: Sequence[Window],
     *,
     interval_s: float = limits.RETENTION_INTERVAL_S,
+    cluster: bool = False,
 ) -> None:
     """Prune every window now and then every ``interval_s``, until cancelled."""
     while True:
         for w in windows:
-            done = await prune(pool, w)
+            done = await prune(pool, w, cluster=cluster)
             if done.rows:
                 log.info("pruned %d rows of %s older than %s", done.rows, w.rule.table, w.keep)
         metrics.PRUNE_LAST_PASS.set(time.time())

@@ -83,21 +83,35 @@ async def scratch(admin_dsn: str) -> AsyncIterator[str]:
         yield url
 
 
-async def test_old_answers_are_pruned_in_batches_newer_kept(scratch: str) -> None:
+async def _clocks(dsn: str, *ledgers: int) -> None:
+    """Clock rows for ``ledgers``: on a cluster the pruner takes its ledgers from them."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.executemany("INSERT INTO ledgers (ledger) VALUES ($1)", [(x,) for x in ledgers])
+    finally:
+        await conn.close()
+
+
+# cluster: the statements a Citus cluster runs (per ledger from the clocks, and ledger 0; a
+# replicated table by its key), on a plain PostgreSQL (tests/citus runs them on a cluster)
+@pytest.mark.parametrize("cluster", [False, True])
+async def test_old_answers_are_pruned_in_batches_newer_kept(scratch: str, cluster: bool) -> None:
     await _add_answers(scratch, 1, timedelta(days=40), 25)
     await _add_answers(scratch, 2, timedelta(days=36), 7)
     await _add_answers(scratch, 1, timedelta(days=34), 5)  # inside the window
     await _add_answers(scratch, 2, timedelta(minutes=1), 5)
+    await _clocks(scratch, 1, 2)
     before = _pruned_total()
+    window = Window(ANSWERS, timedelta(days=35))
     pool = await create_pool(scratch, max_size=2)
     try:
-        done = await prune(pool, Window(ANSWERS, timedelta(days=35)), batch=10, pause_s=0)
-        again = await prune(pool, Window(ANSWERS, timedelta(days=35)), batch=10, pause_s=0)
+        done = await prune(pool, window, batch=10, pause_s=0, cluster=cluster)
+        again = await prune(pool, window, batch=10, pause_s=0, cluster=cluster)
     finally:
         await pool.close()
-    # ledger 1: 10 + 10 + 5, ledger 2: 7
-    assert done == Pruned(rows=32, statements=4)
-    assert again == Pruned(rows=0, statements=2)
+    # ledger 1: 10 + 10 + 5, ledger 2: 7 (and on a cluster one statement for ledger 0)
+    assert done == Pruned(rows=32, statements=5 if cluster else 4)
+    assert again == Pruned(rows=0, statements=3 if cluster else 2)
     assert await _counts(scratch, 1, 2) == [5, 5]
     assert _pruned_total() - before == 32
 
@@ -137,7 +151,8 @@ FROM generate_series(0, 9) g;
 """
 
 
-async def test_sessions_and_login_failures_are_pruned(scratch: str) -> None:
+@pytest.mark.parametrize("cluster", [False, True])
+async def test_sessions_and_login_failures_are_pruned(scratch: str, cluster: bool) -> None:
     by_table = {r.table: r for r in RULES}
     assert {"web_sessions", "login_failures", "pin_tries"} <= set(by_table)
     conn = await asyncpg.connect(scratch)
@@ -145,12 +160,15 @@ async def test_sessions_and_login_failures_are_pruned(scratch: str) -> None:
         await conn.execute(SQL_OLD_ROWS)
     finally:
         await conn.close()
+    await _clocks(scratch, 1)
     windows = {w.rule.table: w for w in windows_from_env(RULES, environ={})}
     pool = await create_pool(scratch, max_size=1)
     try:
-        sessions = await prune(pool, windows["web_sessions"], batch=10, pause_s=0)
-        failures = await prune(pool, windows["login_failures"], batch=10, pause_s=0)
-        tries = await prune(pool, windows["pin_tries"], batch=10, pause_s=0)
+        sessions = await prune(pool, windows["web_sessions"], batch=10, pause_s=0,
+                               cluster=cluster)
+        failures = await prune(pool, windows["login_failures"], batch=10, pause_s=0,
+                               cluster=cluster)
+        tries = await prune(pool, windows["pin_tries"], batch=10, pause_s=0, cluster=cluster)
         async with pool.acquire() as c:
             left = await c.fetch("SELECT subject FROM login_failures ORDER BY subject")
     finally:

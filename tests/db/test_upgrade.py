@@ -51,6 +51,21 @@ async def previous_release(admin_dsn: str) -> AsyncIterator[str]:
         yield url
 
 
+async def buy_a_meal(engine: Engine) -> None:
+    """The release's first purse with money pays its canteen 100 fen: the engine posts on the
+    old rows."""
+    async with engine.store.pool.acquire() as c:
+        purse = await c.fetchrow(
+            "SELECT ledger, id FROM accounts WHERE kind = 'purse' "
+            "AND credits_posted - debits_posted - debits_pending >= 100 ORDER BY id LIMIT 1")
+        canteen = await c.fetchval("SELECT id FROM accounts WHERE kind = 'merchant'")
+    assert purse is not None
+    [r] = await engine.batcher.submit([Transfer(
+        id=uuid.uuid4(), ledger=purse["ledger"], debit_account_id=purse["id"],
+        credit_account_id=canteen, amount=100, code=TransferCode.MEAL)])
+    assert r.status is TransferStatus.CREATED
+
+
 # The previous release's columns of each table: this release adds columns (sealed secrets), and
 # the comparison is of the data that was there.
 SQL_COLUMNS = """
@@ -137,16 +152,7 @@ async def test_this_release_starts_on_the_previous_release_database(
     engine = Engine(previous_release)
     await engine.start()  # as `onecard serve` does: migrations, committer, expirer
     try:
-        async with engine.store.pool.acquire() as c:
-            purse = await c.fetchrow(
-                "SELECT ledger, id FROM accounts WHERE kind = 'purse' "
-                "AND credits_posted - debits_posted - debits_pending >= 100 ORDER BY id LIMIT 1")
-            canteen = await c.fetchval("SELECT id FROM accounts WHERE kind = 'merchant'")
-        assert purse is not None
-        [r] = await engine.batcher.submit([Transfer(
-            id=uuid.uuid4(), ledger=purse["ledger"], debit_account_id=purse["id"],
-            credit_account_id=canteen, amount=100, code=TransferCode.MEAL)])
-        assert r.status is TransferStatus.CREATED
+        await buy_a_meal(engine)
         report = await verify(engine.store.pool)
     finally:
         await engine.stop()
