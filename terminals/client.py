@@ -90,8 +90,11 @@ class TerminalClient:
         tz: str = "Asia/Shanghai",
         max_frame: int = MAX_FRAME_BYTES,
         clock: Callable[[], datetime] = _utc_now,
+        last_stan: int = 0,
     ) -> None:
-        """Configure the client; ``clock`` must return an aware datetime."""
+        """Configure the client; ``clock`` must return an aware datetime. ``last_stan``: the
+        STAN the terminal used last (a terminal that restarts goes on from it; the next
+        message takes the one after)."""
         self.host = host
         self.port = port
         self.terminal_id = terminal_id
@@ -101,7 +104,9 @@ class TerminalClient:
         self._tz = ZoneInfo(tz)
         self._max_frame = max_frame
         self._clock = clock
-        self._stan = 0
+        if not 0 <= last_stan <= _STAN_MAX:
+            raise ValueError(f"last_stan must be 0..{_STAN_MAX}")
+        self._stan = last_stan
         self._lock = asyncio.Lock()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None

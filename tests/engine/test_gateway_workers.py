@@ -10,6 +10,7 @@ really crosses processes.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import signal
@@ -49,6 +50,8 @@ WORKERS: Final = 2
 LISTEN: Final = "0A"
 ESTABLISHED: Final = "01"
 MAX_CONNECTS: Final = 64  # the kernel spreads by a hash of the ports: 2 workers in far fewer
+STANS_PER_CLIENT: Final = 1_000  # no test sends more through one client
+_STANS: Final = itertools.count(1)  # each client of the module a range of STANs of its own
 SQL_BALANCE: Final = """
 SELECT credits_posted - debits_posted FROM accounts WHERE ledger = $1 AND id = $2
 """
@@ -135,8 +138,12 @@ class TwoWorkers(IsoTarget):
         found: dict[int, TerminalClient] = {}
         spare: list[TerminalClient] = []
         for _ in range(MAX_CONNECTS):
+            # Several clients of one terminal within a second: each takes STANs of its own,
+            # as the one terminal would (a repeated STAN in the same second is the same
+            # request, and a different body under it is a 94).
             c = TerminalClient("127.0.0.1", self.port, terminal_id=pos.terminal_id,
-                               merchant_id=pos.merchant_id, mac_key=pos.key, timeout_s=10)
+                               merchant_id=pos.merchant_id, mac_key=pos.key, timeout_s=10,
+                               last_stan=next(_STANS) * STANS_PER_CLIENT)
             await c.connect()
             assert (await c.request(c.sign_on())).response_code == "00"  # accepted by now
             pid = served_by(c, self.port, pids)

@@ -323,3 +323,15 @@ def test_electricity_and_meter() -> None:
         "0220", "410000", "B2-301", 120,
     )  # fmt: skip
     assert meter.card_no is None
+
+
+def test_a_client_goes_on_from_the_last_stan() -> None:
+    c = TerminalClient("127.0.0.1", 1, terminal_id="T1", merchant_id="M1", mac_key=b"k" * 16,
+                       last_stan=41)
+    assert c.sign_on().stan == "000042"
+    wraps = TerminalClient("127.0.0.1", 1, terminal_id="T1", merchant_id="M1",
+                           mac_key=b"k" * 16, last_stan=999_999)
+    assert wraps.sign_on().stan == "000001"
+    with pytest.raises(ValueError):
+        TerminalClient("127.0.0.1", 1, terminal_id="T1", merchant_id="M1", mac_key=b"k" * 16,
+                       last_stan=1_000_000)
