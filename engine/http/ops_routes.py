@@ -64,8 +64,8 @@ async def metrics_route(request: Request[Any, Any, Any]) -> bytes:
 def timing(app: ASGIApp) -> ASGIApp:
     """Middleware: request latency by route template and status."""
     # The labelled child per (method, route, status), looked up once rather than per request
-    # (``labels`` takes a lock and builds a tuple key each call); routes are the app's
-    # templates, so the cache is as bounded as the routes and statuses.
+    # (``labels`` takes a lock and builds a tuple key each call). Routes are the app's
+    # templates, but a client may send any method: HTTP_TIMING_CHILDREN caps the cache.
     children: dict[tuple[str, str, int], Any] = {}
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
